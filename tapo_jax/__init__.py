@@ -1,0 +1,1 @@
+"""TAPO: Trajectory-Augmented Policy Optimization for Qwen-family LLMs in JAX."""

@@ -1,0 +1,23 @@
+"""python -m tapo_jax.bench {verifier,sampler,tapo,train} [flags]: measured side by side with a peer."""
+
+import importlib
+import sys
+
+BENCHMARKS = {
+  "verifier": "tapo_jax.bench.verifier",  # answers/s vs math-verify
+  "sampler": "tapo_jax.bench.sampler",  # tokens/s vs transformers generate
+  "tapo": "tapo_jax.bench.tapo",  # DCS + splice + DAE cost vs rollout time
+  "train": "tapo_jax.bench.train",  # tokens/s, MFU vs transformers fwd+bwd+AdamW
+}
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) < 2 or argv[1] not in BENCHMARKS:
+    print(f"usage: python -m tapo_jax.bench {{{','.join(BENCHMARKS)}}} [flags]", file=sys.stderr)
+    return 2
+  module = importlib.import_module(BENCHMARKS[argv[1]])
+  return module.main(argv[2:]) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -1,0 +1,110 @@
+"""base_config(): every key with its default and a one-line comment. Configs are diffs of it."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full config tree; experiment files in configs/ change a few keys."""
+  c = ml_collections.ConfigDict()
+  c.mode = "rl"  # rl | sft | eval
+  c.algorithm = "tapo"  # grpo | tapo
+  c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
+  c.workdir = ""  # checkpoints, metrics.jsonl, TensorBoard events; --workdir overrides
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)
+  c.model.toy = ""  # name of a built-in toy model (tapo_jax.toy) used when path is empty
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"  # master-weight dtype
+  c.model.remat = False  # rematerialize each decoder block in the backward pass
+  c.model.attention_impl = ""  # "" (XLA) | cudnn
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 fills devices
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_path = ""  # jsonl/json/parquet training problems
+  c.data.layout = "auto"  # auto | dapo | deepscaler | math | aime | hmmt | sft
+  c.data.prompt_template = (
+    "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+  )
+  c.data.use_chat_template = True  # apply the tokenizer's chat template when it has one
+  c.data.max_prompt_tokens = 512  # longer prompts are an error at load time
+  c.data.shuffle = True
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.n = 8  # K: samples per query
+  c.rollout.batch_queries = 8  # Q: queries per RL step
+  c.rollout.max_new_tokens = 1024
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0  # 0 = off
+  c.rollout.slots = 64  # engine's max concurrent decodes
+  c.rollout.prefill_buckets = (64, 128, 256, 512, 1024, 2048)
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.timeout_s = 5.0  # hard per-item kill in the verifier pool
+  c.reward.workers = 2
+
+  c.tapo = ml_collections.ConfigDict()
+  c.tapo.n_pos = 2  # DCS: min correct rollouts for an eligible query
+  c.tapo.n_neg = 4  # DCS: min incorrect rollouts
+  c.tapo.m_max = 4  # DCS: max constructions per eligible query
+  c.tapo.construction = "divergence"  # policy (the paper's) | divergence (rule-based)
+  c.tapo.synthesis_template = ""  # "" = the built-in template (tapo_jax.tapo.construct)
+  c.tapo.synthesis_max_new_tokens = 1024
+  c.tapo.diagnosis_template = "Wait, this step is wrong. Let me redo it.\n"
+  c.tapo.keep_failed = True  # keep constructions that end wrong, with reward 0
+  c.tapo.ref_scope = "batch"  # batch | query: the group G_ref is normalized over
+  c.tapo.lam = 1.0  # λ: weight of the constructed-trajectory loss
+  c.tapo.ots = True  # OOD token suppression on constructed rows
+  c.tapo.ots_min = 0.01
+  c.tapo.ots_max = 10.0
+  c.tapo.max_len = 2048  # padded row length of the trainer's batch (prompt + response)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.eps_low = 0.2
+  c.loss.eps_high = 0.28
+  c.loss.adv_eps = 1e-6  # ε in (r - mean) / (std + ε)
+  c.loss.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+  c.loss.kl_beta = 0.0  # k3 KL to the reference policy (0 = no reference model)
+  c.loss.vocab_chunk = 4096  # logprob/entropy computed this many vocabulary entries at a time
+  c.loss.filter_zero_variance = True  # drop groups whose rewards are all equal
+  c.loss.mask_truncated = False  # zero the loss of responses that hit max_new_tokens
+  c.loss.overlong_penalty = 0.0  # soft penalty factor for long responses (0 = off)
+  c.loss.overlong_buffer = 256  # tokens before max_new_tokens where the penalty ramps up
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0
+  c.optim.micro_batch = 8  # rows per gradient-accumulation micro-batch
+  c.optim.ppo_epochs = 1  # passes over each rollout batch
+  c.optim.minibatches = 1  # optimizer steps per rollout batch and epoch
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.log_every = 1
+  c.train.eval_every = 0  # 0 = no periodic eval during RL
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.path = ""  # jsonl of {prompt, response} or {messages}
+  c.sft.batch_size = 8
+  c.sft.max_len = 2048
+  c.sft.epochs = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.paths = ""  # comma-separated eval files (each in one of the data layouts)
+  c.eval.k = 4  # samples per problem
+  c.eval.temperature = 0.6
+  c.eval.top_p = 0.95
+  c.eval.max_new_tokens = 1024
+  c.eval.pass_ks = (1, 4)  # pass@k values reported (k <= eval.k)
+  c.eval.reflection_markers = ("wait", "let me re", "re-examine", "mistake", "actually,")
+  return c

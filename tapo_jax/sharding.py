@@ -1,0 +1,121 @@
+"""Mesh and the one table from logical axis names to mesh axes.
+
+Parameters and key activations carry logical names ("embed", "heads", ...); `logical_to_spec`
+turns a tuple of names into a `PartitionSpec` through RULES, and `constrain` applies it inside jit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+  "batch": ("data", "fsdp"),
+  "embed": "fsdp",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "mlp": "tensor",
+  "vocab": "tensor",
+  "seq": None,
+  "cache_seq": None,
+  "head_dim": None,
+  "layers": None,
+  "norm": None,
+}
+
+
+def mesh_shape(dims: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves {data, fsdp, tensor} sizes (one may be -1) against the device count."""
+  unknown = set(dims) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = [int(dims.get(a, 1)) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh: {num_devices} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+      f"mesh: product of {dict(zip(MESH_AXES, sizes))} is {math.prod(sizes)}, "
+      f"but there are {num_devices} devices"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(dims: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 fills the remainder."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(dims or {"fsdp": -1}, len(devices))
+  try:
+    arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # noqa: BLE001 - odd topologies (or CPU) fall back to a plain reshape
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Mapping = RULES) -> PartitionSpec:
+  """Logical axis names -> PartitionSpec; two dims on one mesh axis is an error."""
+  if names is None:
+    return PartitionSpec()
+  out, used = [], set()
+  for name in names:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f"no sharding rule for logical axis {name!r}")
+    axes = rules[name]
+    flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    clash = used.intersection(flat)
+    if clash:
+      raise ValueError(f"logical axes {tuple(names)} map two dims onto mesh axis {sorted(clash)}")
+    used.update(flat)
+    out.append(axes if not isinstance(axes, tuple) or len(axes) != 1 else axes[0])
+  return PartitionSpec(*out)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops mesh axes from dims they do not divide (e.g. 2 kv-heads on tensor=4)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    flat = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for a in flat:
+      if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+        kept.append(a)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, names, shape) -> NamedSharding:
+  """NamedSharding for an array of `shape` whose dims carry logical `names`."""
+  return NamedSharding(mesh, fit_spec(logical_to_spec(names), shape, mesh))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names, against the mesh in context (no-op without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  spec = logical_to_spec(names)
+  out = []
+  for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+    flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh.shape[a] for a in flat)
+    out.append(axes if flat and dim % size == 0 else None)
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*out))
