@@ -1,0 +1,30 @@
+r"""TAPO on the built-in toy arithmetic model, on CPU in a few minutes (the default smoke test).
+
+python -m tapo_jax.main --config=configs/tiny.py
+"""
+
+from tapo_jax import config as base
+
+
+def get_config():
+  c = base.base_config()
+  c.workdir = "runs/tiny"
+  c.model.toy = "arith"  # the tiny checkpoint shipped in tapo_jax/toy/arith
+  c.data.prompt_template = "{problem}"
+  c.data.max_prompt_tokens = 64
+  c.rollout.n = 8
+  c.rollout.batch_queries = 4
+  c.rollout.max_new_tokens = 48
+  c.rollout.slots = 32
+  c.rollout.prefill_buckets = (32, 64)
+  c.tapo.construction = "divergence"
+  c.tapo.max_len = 160
+  c.loss.vocab_chunk = 64
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 2
+  c.optim.micro_batch = 16
+  c.train.steps = 6
+  c.train.checkpoint_every = 3
+  c.eval.k = 4
+  c.eval.max_new_tokens = 48
+  return c

@@ -1,0 +1,124 @@
+r"""Entry point: python -m tapo_jax.main --config=configs/<name>.py [--config.key=value] [--workdir=DIR]
+
+Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval. Bad flags or config values
+print one line naming the key and exit with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (overrides config.workdir).")
+
+
+class ConfigError(ValueError):
+  """A bad config value; main() prints it on one line and exits 2."""
+
+
+def _exists(path: str) -> bool:
+  return bool(path) and os.path.exists(path)
+
+
+def validate(cfg, num_devices: int) -> None:
+  """Checks everything that can be checked before any work; raises ConfigError."""
+  from tapo_jax import sharding
+
+  if cfg.mode not in ("rl", "sft", "eval"):
+    raise ConfigError(f"config.mode={cfg.mode!r}: expected one of rl, sft, eval")
+  if cfg.algorithm not in ("grpo", "tapo"):
+    raise ConfigError(f"config.algorithm={cfg.algorithm!r}: expected grpo or tapo")
+  if cfg.tapo.construction not in ("policy", "divergence"):
+    raise ConfigError(
+      f"config.tapo.construction={cfg.tapo.construction!r}: expected policy or divergence"
+    )
+  if cfg.tapo.ref_scope not in ("batch", "query"):
+    raise ConfigError(f"config.tapo.ref_scope={cfg.tapo.ref_scope!r}: expected batch or query")
+  aggs = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+  if cfg.loss.aggregation not in aggs:
+    raise ConfigError(f"config.loss.aggregation={cfg.loss.aggregation!r}: expected one of {aggs}")
+  for key in ("dtype", "param_dtype"):
+    if cfg.model[key] not in ("float32", "bfloat16"):
+      raise ConfigError(f"config.model.{key}={cfg.model[key]!r}: expected float32 or bfloat16")
+  try:
+    sharding.mesh_shape(dict(cfg.mesh), num_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  if cfg.mode == "rl" and cfg.rollout.n < 2:
+    raise ConfigError(f"config.rollout.n={cfg.rollout.n}: GRPO/TAPO need K >= 2 samples per query")
+  if cfg.rollout.batch_queries < 1:
+    raise ConfigError(f"config.rollout.batch_queries={cfg.rollout.batch_queries}: must be >= 1")
+  if cfg.rollout.max_new_tokens < 1:
+    raise ConfigError(f"config.rollout.max_new_tokens={cfg.rollout.max_new_tokens}: must be >= 1")
+  if cfg.train.steps < 0:
+    raise ConfigError(f"config.train.steps={cfg.train.steps}: must be >= 0")
+  if cfg.model.path:
+    if not os.path.isdir(cfg.model.path):
+      raise ConfigError(f"config.model.path={cfg.model.path!r}: no such directory")
+    if not os.path.exists(os.path.join(cfg.model.path, "config.json")):
+      raise ConfigError(f"config.model.path={cfg.model.path!r}: no config.json in it")
+  elif cfg.model.toy != "arith":
+    raise ConfigError("config.model.path is empty: set it to a local Hugging Face model directory")
+  if cfg.mode == "rl" and cfg.data.train_path and not _exists(cfg.data.train_path):
+    raise ConfigError(f"config.data.train_path={cfg.data.train_path!r}: no such file")
+  if cfg.mode == "rl" and not cfg.data.train_path and cfg.model.toy != "arith":
+    raise ConfigError("config.data.train_path is empty: set it to a jsonl/json/parquet file")
+  if cfg.mode == "sft" and not _exists(cfg.sft.path):
+    raise ConfigError(f"config.sft.path={cfg.sft.path!r}: no such file")
+  if cfg.mode == "eval":
+    for path in [p for p in cfg.eval.paths.split(",") if p.strip()]:
+      if not _exists(path.strip()):
+        raise ConfigError(f"config.eval.paths: {path.strip()!r}: no such file")
+    if cfg.eval.k < 1:
+      raise ConfigError(f"config.eval.k={cfg.eval.k}: must be >= 1")
+
+
+def _fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+
+
+def main(argv) -> None:
+  del argv
+  import jax
+
+  cfg = _CONFIG.value
+  if cfg is None:
+    _fail("--config is required, e.g. --config=configs/tiny.py")
+  workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
+  try:
+    validate(cfg, jax.device_count())
+  except ConfigError as e:
+    _fail(str(e))
+  logging.info("mode=%s algorithm=%s workdir=%s", cfg.mode, cfg.algorithm, workdir)
+  if cfg.mode == "rl":
+    from tapo_jax.train import loop
+
+    loop.run(cfg, workdir)
+  elif cfg.mode == "sft":
+    from tapo_jax.train import sft
+
+    sft.run(cfg, workdir)
+  else:
+    from tapo_jax.eval import run as eval_run
+
+    eval_run.run(cfg, workdir)
+
+
+def entry() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  entry()

@@ -1,0 +1,68 @@
+"""The toy arithmetic domain: chained additions with step-by-step solutions and a char tokenizer.
+
+Problems look like "Compute 12+7+30." and solutions like "12+7=19\n19+30=49\n\\boxed{49}", one
+step per line, so the rule-based `divergence` construction has real steps to cut at. The tiny model
+that ships in `tapo_jax/toy/arith/` is trained on these (see `build_checkpoint`) and solves
+roughly half of them: the zone where TAPO has correct and incorrect samples to contrast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import random
+
+CHECKPOINT_DIR = pathlib.Path(__file__).parent / "arith"
+
+SPECIALS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
+CHARS = (
+  "0123456789+-*/=()[].,;:!?'\" \n"
+  "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\{}<>^_$"
+)
+CHAT_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithProblem:
+  problem: str  # "Compute 12+7+30."
+  answer: str  # "49"
+  solution: str  # "12+7=19\n19+30=49\n\\boxed{49}"
+
+
+def make_tokenizer():
+  """A character-level fast tokenizer (saved and loaded like any HF tokenizer)."""
+  import transformers
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+  vocab = {t: i for i, t in enumerate(SPECIALS + tuple(CHARS))}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(list(SPECIALS))
+  fast = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<unk>"
+  )
+  fast.chat_template = CHAT_TEMPLATE
+  return fast
+
+
+def make_problem(rng: random.Random, min_terms: int = 2, max_terms: int = 4) -> ArithProblem:
+  """One chained addition of 2-4 terms of up to two digits."""
+  terms = [rng.randint(1, 99) for _ in range(rng.randint(min_terms, max_terms))]
+  steps, acc = [], terms[0]
+  for t in terms[1:]:
+    steps.append(f"{acc}+{t}={acc + t}")
+    acc += t
+  steps.append(f"\\boxed{{{acc}}}")
+  return ArithProblem(
+    problem=f"Compute {'+'.join(map(str, terms))}.", answer=str(acc), solution="\n".join(steps)
+  )
+
+
+def make_problems(n: int, seed: int = 0, **kw) -> list[ArithProblem]:
+  """`n` problems, deterministic in `seed`."""
+  rng = random.Random(seed)
+  return [make_problem(rng, **kw) for _ in range(n)]

@@ -1,0 +1,51 @@
+"""Orbax checkpoints of the train state plus the data iterator's JSON state; exact resume."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves every `every` steps under `workdir/checkpoints`, keeping the newest `keep`."""
+
+  def __init__(self, workdir: str, every: int, keep: int):
+    self.every = max(1, int(every))
+    self.manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
+    """Saves when `step` is due (or `force`); `extra` is JSON (data iterator, metrics)."""
+    if not force and step % self.every:
+      return False
+    if self.manager.latest_step() == step:
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
+    return self.manager.save(step, args=args, force=True)
+
+  def restore(self, step: int, state_sharding, state_like) -> tuple:
+    """(state, extra) of checkpoint `step`, placed with `state_sharding`."""
+    abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, state_sharding
+    )
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()
+      ),
+    )
+    return out["state"], out["extra"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
