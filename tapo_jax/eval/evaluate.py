@@ -1,0 +1,236 @@
+"""Sample k responses per problem, grade them, write per-problem JSONL and return the metrics.
+
+The sampler and the verifier are injectable (`generate_fn`, `grade_fn`, `extract_fn`); they default
+to tapo_jax.sampling.generate and tapo_jax.rewards.{grade_batch, extract_answer}, imported lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tapo_jax.data.datasets import Problem, load_problems
+from tapo_jax.data.prompts import DEFAULT_TEMPLATE, format_prompts
+from tapo_jax.eval.metrics import Equiv, ProblemResult, summarize
+
+GradeFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]  # (responses, golds) -> scores
+ExtractFn = Callable[[str], "str | None"]
+
+# Qwen end-of-turn / end-of-text tokens, stop tokens by default when the vocabulary has them.
+_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
+
+
+def default_eos_ids(tokenizer: Any) -> list[int]:
+  """The tokenizer's EOS id plus Qwen's <|im_end|> / <|endoftext|> when present."""
+  ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+  vocab = tokenizer.get_vocab()
+  ids += [vocab[t] for t in _QWEN_STOPS if t in vocab and vocab[t] not in ids]
+  return ids
+
+
+def verifier_equiv(a: str, b: str) -> bool:
+  """Answer equivalence by the verifier (in-process, no timeout): an opt-in maj@k `equiv_fn`."""
+  from tapo_jax.rewards import grade
+
+  return grade(f"\\boxed{{{a}}}", b) > 0.5
+
+
+def _default_grade(timeout_s: float, workers: int) -> GradeFn:
+  from tapo_jax.rewards import grade_batch
+
+  return lambda responses, golds: grade_batch(
+    list(responses), list(golds), timeout_s=timeout_s, workers=workers
+  )
+
+
+def _decode(tokenizer: Any, ids: Sequence[int], eos: set[int]) -> str:
+  ids = list(ids)
+  while ids and ids[-1] in eos:
+    ids.pop()
+  return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def sample_and_grade(
+  model: Any,
+  tokenizer: Any,
+  problems: Sequence[Problem],
+  *,
+  k: int,
+  temperature: float,
+  top_p: float,
+  max_new_tokens: int,
+  top_k: int = 0,
+  template: str | None = DEFAULT_TEMPLATE,
+  use_chat_template: bool = True,
+  generate_fn: Callable | None = None,
+  grade_fn: GradeFn | None = None,
+  extract_fn: ExtractFn | None = None,
+  eos_token_ids: Sequence[int] | None = None,
+  seed: int = 0,
+  timeout_s: float = 5.0,
+  workers: int = 2,
+) -> list[ProblemResult]:
+  """k graded samples for each problem."""
+  if generate_fn is None:
+    from tapo_jax.sampling import generate as generate_fn
+  if grade_fn is None:
+    grade_fn = _default_grade(timeout_s, workers)
+  if extract_fn is None:
+    from tapo_jax.rewards import extract_answer as extract_fn
+  eos = list(default_eos_ids(tokenizer) if eos_token_ids is None else eos_token_ids)
+  prompts = format_prompts(problems, template, tokenizer, use_chat_template)
+  out = generate_fn(
+    model,
+    prompts,
+    n=k,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_p=top_p,
+    top_k=top_k,
+    eos_token_ids=eos,
+    seed=seed,
+  )
+  completions = [list(c) for c in out.completions]
+  if len(completions) != k * len(problems):
+    raise ValueError(f"generate returned {len(completions)} completions, want {k * len(problems)}")
+  truncated = getattr(out, "truncated", None)
+  if truncated is None:
+    truncated = [len(c) >= max_new_tokens and not (c and c[-1] in eos) for c in completions]
+  texts = [_decode(tokenizer, c, set(eos)) for c in completions]
+  golds = [p.answer for p in problems for _ in range(k)]
+  scores = list(grade_fn(texts, golds))
+  if len(scores) != len(texts):
+    raise ValueError(f"grade_fn returned {len(scores)} scores for {len(texts)} responses")
+  results = []
+  for i, p in enumerate(problems):
+    s = slice(i * k, (i + 1) * k)
+    results.append(
+      ProblemResult(
+        id=p.id,
+        gold=p.answer,
+        responses=texts[s],
+        answers=[extract_fn(t) for t in texts[s]],
+        correct=[float(x) > 0.5 for x in scores[s]],
+        lengths=[len(c) for c in completions[s]],
+        truncated=[bool(t) for t in truncated[s]],
+      )
+    )
+  return results
+
+
+def write_results(results: Sequence[ProblemResult], path: str | pathlib.Path) -> None:
+  """One JSON object per problem (id, gold, responses, answers, correct, lengths, truncated)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", encoding="utf-8") as f:
+    for r in results:
+      f.write(json.dumps(dataclasses.asdict(r), ensure_ascii=False) + "\n")
+
+
+def evaluate(
+  model: Any,
+  tokenizer: Any,
+  problems: Sequence[Problem],
+  *,
+  k: int,
+  temperature: float,
+  top_p: float,
+  max_new_tokens: int,
+  pass_ks: Sequence[int] = (1,),
+  markers: Sequence[str] = (),
+  generate_fn: Callable | None = None,
+  grade_fn: GradeFn | None = None,
+  extract_fn: ExtractFn | None = None,
+  equiv_fn: Equiv | None = None,
+  seed: int = 0,
+  out_path: str | pathlib.Path | None = None,
+  eos_token_ids: Sequence[int] | None = None,
+  top_k: int = 0,
+  template: str | None = DEFAULT_TEMPLATE,
+  use_chat_template: bool = True,
+  timeout_s: float = 5.0,
+  workers: int = 2,
+) -> dict[str, float]:
+  """Samples k responses per problem, grades them and returns summarize()'s metrics."""
+  results = sample_and_grade(
+    model,
+    tokenizer,
+    problems,
+    k=k,
+    temperature=temperature,
+    top_p=top_p,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    template=template,
+    use_chat_template=use_chat_template,
+    generate_fn=generate_fn,
+    grade_fn=grade_fn,
+    extract_fn=extract_fn,
+    eos_token_ids=eos_token_ids,
+    seed=seed,
+    timeout_s=timeout_s,
+    workers=workers,
+  )
+  if out_path is not None:
+    write_results(results, out_path)
+  return summarize(results, k=k, pass_ks=pass_ks, markers=markers, equiv=equiv_fn)
+
+
+def evaluate_sets(
+  model: Any,
+  tokenizer: Any,
+  sets: Mapping[str, Sequence[Problem]],
+  *,
+  out_dir: str | pathlib.Path | None = None,
+  **kwargs: Any,
+) -> dict[str, float]:
+  """evaluate() on each named set; keys are "<set>/<metric>", results in out_dir/<set>.jsonl."""
+  summary = {}
+  for name, problems in sets.items():
+    out_path = None if out_dir is None else pathlib.Path(out_dir) / f"{name}.jsonl"
+    metrics = evaluate(model, tokenizer, problems, out_path=out_path, **kwargs)
+    summary.update({f"{name}/{key}": v for key, v in metrics.items()})
+  return summary
+
+
+def load_eval_sets(paths: str | Sequence[str], layout: str = "auto") -> dict[str, list[Problem]]:
+  """{file stem: problems} for comma-separated (config eval.paths) or listed files."""
+  if isinstance(paths, str):
+    paths = [p.strip() for p in paths.split(",") if p.strip()]
+  sets = {}
+  for path in paths:
+    name = stem = pathlib.Path(path).stem
+    i = 1
+    while name in sets:
+      i += 1
+      name = f"{stem}_{i}"
+    sets[name] = load_problems(path, layout)
+  return sets
+
+
+def eval_kwargs(cfg: Any) -> dict[str, Any]:
+  """evaluate()'s keyword arguments from a base_config() tree (eval.*, data.*, reward.*)."""
+  return dict(
+    k=cfg.eval.k,
+    temperature=cfg.eval.temperature,
+    top_p=cfg.eval.top_p,
+    max_new_tokens=cfg.eval.max_new_tokens,
+    pass_ks=tuple(cfg.eval.pass_ks),
+    markers=tuple(cfg.eval.reflection_markers),
+    template=cfg.data.prompt_template,
+    use_chat_template=cfg.data.use_chat_template,
+    seed=cfg.seed,
+    timeout_s=cfg.reward.timeout_s,
+    workers=cfg.reward.workers,
+  )
+
+
+def compute_pass_rates(
+  model: Any, tokenizer: Any, problems: Sequence[Problem], **kwargs: Any
+) -> dict[str, float]:
+  """{problem id: share of its k samples correct} for filter_by_pass_rate; sample_and_grade args."""
+  results = sample_and_grade(model, tokenizer, problems, **kwargs)
+  return {r.id: sum(r.correct) / len(r.correct) for r in results}
