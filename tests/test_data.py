@@ -439,3 +439,10 @@ def test_tokenize_sft_plain_appends_eos(tok):
   assert ids == plain.encode("q?") + plain.encode("ab") + [eos]
   assert mask == [False, False, True, True, True]
   assert math.isclose(sum(mask) / len(mask), 0.6)
+
+
+def test_problems_hash_and_compare_without_metadata():
+  a = Problem(id="1", problem="p", answer="1", messages=({"role": "user", "content": "p"},))
+  b = Problem(id="1", problem="p", answer="1", messages=a.messages, metadata={"row": "line 9"})
+  assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+  assert a != Problem(id="1", problem="p", answer="2")

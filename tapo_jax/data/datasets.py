@@ -41,8 +41,9 @@ class Problem:
   id: str
   problem: str  # the bare problem text (no instruction template)
   answer: str  # gold answer string, graded by tapo_jax.rewards
-  messages: tuple[dict[str, str], ...] | None = None  # the file's own chat prompt (dapo)
-  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # The file's own chat prompt (dapo); dicts, so left out of the hash.
+  messages: tuple[dict[str, str], ...] | None = dataclasses.field(default=None, hash=False)
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
