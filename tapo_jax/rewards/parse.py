@@ -582,13 +582,17 @@ def _set_op(op: str, a, b) -> sympy.Set:
 
 def _subs_pm(v, sign: int):
   if isinstance(v, Rel):
-    return Rel(tuple(p.subs(PM, sign) for p in v.parts), v.ops)
+    return Rel(tuple(_subs_pm(p, sign) for p in v.parts), v.ops)
+  if isinstance(v, Seq):
+    return Seq(v.kind, tuple(_subs_pm(p, sign) for p in v.items))
   return v.subs(PM, sign)
 
 
 def _has_pm(v) -> bool:
   if isinstance(v, Rel):
-    return any(p.has(PM) for p in v.parts)
+    return any(_has_pm(p) for p in v.parts)
+  if isinstance(v, Seq):
+    return any(_has_pm(p) for p in v.items)
   return isinstance(v, sympy.Basic) and not isinstance(v, sympy.Set) and v.has(PM)
 
 
@@ -662,8 +666,9 @@ class _Parser:
       parts.append(self.arith())
     if not ops:
       return parts[0]
-    for p in parts:
-      _scalar(p)
+    if any(op != "=" for op in ops):
+      for p in parts:
+        _scalar(p)
     return Rel(tuple(parts), tuple(ops))
 
   def arith(self):
@@ -954,7 +959,9 @@ def _check_depth(s: str) -> None:
 
 
 _CHOICE = re.compile(r"\(?([A-E])\)?")
-_TEXT_WRAP = re.compile(r"\\(?:text|textnormal|textrm|textbf|textit|textup|textsf|mbox|mathrm)\s*")
+_TEXT_WRAP = re.compile(
+  r"\\(?:text|textnormal|textrm|textbf|textit|textup|textsf|mbox|mathrm)(?![A-Za-z])\s*"
+)
 
 
 def normalize_text(s: str) -> str:
