@@ -108,6 +108,13 @@ def _is_symbol_list(v) -> bool:
   return isinstance(v, Seq) and all(isinstance(x, sympy.Symbol) for x in v.items)
 
 
+def _is_name(v, gold_symbols: set) -> bool:
+  """A product of symbols foreign to the gold, like P(A) or f(x) (read as products)."""
+  if not isinstance(v, sympy.Mul) or v.free_symbols <= gold_symbols:
+    return False
+  return all(isinstance(f, sympy.Symbol) for f in v.args)
+
+
 def _rel_value(rel: Rel, gold_symbols: set):
   r"""The value an equation chain asserts (x = 2 + 3 = 5 -> 5), or None if its parts disagree."""
   ops = list(rel.ops)
@@ -117,11 +124,8 @@ def _rel_value(rel: Rel, gold_symbols: set):
   if any(op != "=" for op in ops):
     return None
   # Leading names (x =, P(A) =, (x, y) =) are dropped; what follows must all be equal.
-  while len(parts) > 1:
-    head = parts[0]
-    names = isinstance(head, sympy.Expr) and not head.free_symbols <= gold_symbols
-    if not (_is_symbol_list(head) or names):
-      break
+  # A name has no numeric factor: 5x = 5 asserts x = 1, not 5.
+  while len(parts) > 1 and (_is_symbol_list(parts[0]) or _is_name(parts[0], gold_symbols)):
     parts.pop(0)
   if any(not _equal(parts[0], p, gold_symbols) for p in parts[1:]):
     return None
@@ -186,7 +190,7 @@ def _seq_equal(g: Seq, a, gold_symbols: set) -> bool:
       return _sets_equal(to_set(g), to_set(a))
     except ParseError:
       return False
-  if isinstance(a, Seq) and a.kind in ("list", "or", "set", "pm"):
+  if isinstance(a, Seq) and a.kind in ("list", "or", "and", "set", "pm"):
     return _unordered_equal(list(g.items), list(a.items), gold_symbols)
   if isinstance(a, sympy.FiniteSet):
     return _unordered_equal(list(g.items), list(a.args), gold_symbols)

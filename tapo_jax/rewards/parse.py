@@ -78,6 +78,7 @@ class _Tok:
   kind: str
   val: object = None
   raw: str = ""
+  unit: bool = False  # a letter in \text{}: dropped like a unit word at the end of an item
 
 
 _END = _Tok("END")
@@ -109,38 +110,31 @@ _SPACE_CMDS = set(
   ).split()
 )
 _TEXT_CMDS = set(
-  "text textnormal textrm textbf textit textup textsf texttt mbox mathrm mathsf operatorname".split()
+  "text textnormal textrm textbf textit textup textsf texttt mbox mathrm mathsf "
+  "operatorname".split()
 )
-_SIMPLE_CMDS = {
-  "frac": ("FRAC", None),
-  "dfrac": ("FRAC", None),
-  "tfrac": ("FRAC", None),
-  "cfrac": ("FRAC", None),
+
+
+def _same(names: str, kind: str, val=None) -> dict:
+  return dict.fromkeys(names.split(), (kind, val))
+
+
+_SIMPLE_CMDS = {  # \name -> token (kind, value)
+  **_same("frac dfrac tfrac cfrac", "FRAC"),
+  **_same("binom dbinom tbinom", "BINOM"),
   "sqrt": ("SQRT", None),
-  "binom": ("BINOM", None),
-  "dbinom": ("BINOM", None),
-  "tbinom": ("BINOM", None),
   "pi": ("CONST", sympy.pi),
-  "infty": ("CONST", sympy.oo),
-  "infin": ("CONST", sympy.oo),
-  "emptyset": ("SETCONST", sympy.S.EmptySet),
-  "varnothing": ("SETCONST", sympy.S.EmptySet),
-  "cdot": ("OP", "*"),
-  "times": ("OP", "*"),
-  "ast": ("OP", "*"),
+  **_same("infty infin", "CONST", sympy.oo),
+  **_same("emptyset varnothing", "SETCONST", sympy.S.EmptySet),
+  **_same("cdot times ast", "OP", "*"),
   "div": ("OP", "/"),
   "pm": ("OP", "pm"),
   "mp": ("OP", "mp"),
-  "le": ("REL", "<="),
-  "leq": ("REL", "<="),
-  "leqslant": ("REL", "<="),
-  "ge": ("REL", ">="),
-  "geq": ("REL", ">="),
-  "geqslant": ("REL", ">="),
+  **_same("le leq leqslant", "REL", "<="),
+  **_same("ge geq geqslant", "REL", ">="),
   "lt": ("REL", "<"),
   "gt": ("REL", ">"),
-  "ne": ("REL", "!="),
-  "neq": ("REL", "!="),
+  **_same("ne neq", "REL", "!="),
   "approx": ("REL", "~"),
   "cup": ("SETOP", "cup"),
   "cap": ("SETOP", "cap"),
@@ -149,27 +143,34 @@ _SIMPLE_CMDS = {
   "circ": ("CIRC", None),
   "degree": ("DEG", None),
   "%": ("PCT", None),
-  "{": ("LS", None),
-  "}": ("RS", None),
-  "lbrace": ("LS", None),
-  "rbrace": ("RS", None),
+  **_same("{ lbrace", "LS"),
+  **_same("} rbrace", "RS"),
   "langle": ("LP", None),
   "rangle": ("RP", None),
-  "lvert": ("BAR", None),
-  "rvert": ("BAR", None),
-  "vert": ("BAR", None),
-  "mid": ("BAR", None),
-  "lfloor": ("LFLOOR", None),
-  "rfloor": ("RFLOOR", None),
-  "lceil": ("LCEIL", None),
-  "rceil": ("RCEIL", None),
+  **_same("lvert rvert vert mid", "BAR"),
+  **_same("lfloor", "LFLOOR"),
+  **_same("rfloor", "RFLOOR"),
+  **_same("lceil", "LCEIL"),
+  **_same("rceil", "RCEIL"),
   "\\": ("ROWSEP", None),
-  "$": ("SKIP", None),
-  "(": ("SKIP", None),
-  ")": ("SKIP", None),
-  "[": ("SKIP", None),
-  "]": ("SKIP", None),
+  **_same("$ ( ) [ ]", "SKIP"),  # \$ (currency), \( \) \[ \] (math delimiters)
   " ": ("SKIP", None),
+}
+_SINGLE = {  # plain characters -> token
+  **{c: ("OP", c) for c in "+-*/^"},
+  **{c: ("REL", c) for c in "=<>"},
+  **_same(", ;", "COMMA"),
+  "_": ("SUB", None),
+  "!": ("FACT", None),
+  "%": ("PCT", None),
+  "|": ("BAR", None),
+  "(": ("LP", None),
+  ")": ("RP", None),
+  "[": ("LB", None),
+  "]": ("RB", None),
+  "{": ("LG", None),
+  "}": ("RG", None),
+  "&": ("AMP", None),
 }
 _UNICODE = {
   "−": "-",
@@ -259,12 +260,14 @@ def _text_tokens(cmd: str, content: str, thousands: bool) -> list[_Tok]:
   r"""Tokens for \text{...}-like content: a separator, a unit, or math written in text."""
   c = content.strip()
   low = c.lower().strip(" ,")
-  if not c:
+  if not c.strip("."):
     return []
   if low in ("or", "and"):
     return [_Tok("SEP", low)]
   if cmd == "operatorname":
     return [_Tok("FUNC", c)] if c in _FUNC_NAMES else [_Tok("WORD", c)]
+  if re.fullmatch(r"[A-Za-z]", c) and c not in "ie":  # \text{m}: a unit after a number
+    return [_Tok("ID", c, c, unit=True)]
   if re.fullmatch(r"[A-Za-z]", c) or not re.search(r"[A-Za-z]{2}", c):
     return tokenize(c, thousands)
   return [_Tok("UNIT", low)]
@@ -296,29 +299,6 @@ def tokenize(s: str, thousands: bool = True) -> list[_Tok]:
     s = s.replace(k, v)
   out: list[_Tok] = []
   i, n = 0, len(s)
-  single = {
-    "+": ("OP", "+"),
-    "-": ("OP", "-"),
-    "*": ("OP", "*"),
-    "/": ("OP", "/"),
-    "^": ("OP", "^"),
-    "_": ("SUB", None),
-    "!": ("FACT", None),
-    "%": ("PCT", None),
-    "=": ("REL", "="),
-    "<": ("REL", "<"),
-    ">": ("REL", ">"),
-    ",": ("COMMA", None),
-    ";": ("COMMA", None),
-    "|": ("BAR", None),
-    "(": ("LP", None),
-    ")": ("RP", None),
-    "[": ("LB", None),
-    "]": ("RB", None),
-    "{": ("LG", None),
-    "}": ("RG", None),
-    "&": ("AMP", None),
-  }
   while i < n:
     c = s[i]
     if c.isspace() or c in "$~":
@@ -378,8 +358,8 @@ def tokenize(s: str, thousands: bool = True) -> list[_Tok]:
         out.append(_Tok("ID", name, name))
       else:
         raise ParseError(f"unsupported command \\{name}")
-    elif c in single:
-      kind, val = single[c]
+    elif c in _SINGLE:
+      kind, val = _SINGLE[c]
       if c == "*" and s.startswith("**", i):
         kind, val, i = "OP", "^", i + 1
       out.append(_Tok(kind, val, c))
@@ -739,7 +719,7 @@ class _Parser:
         self.next()
         self.percent = True
         v = _div(v, sympy.Integer(100))
-      elif self.at("UNIT") and self._unit_ends_item():
+      elif (self.at("UNIT") or self.peek().unit) and self._unit_ends_item():
         unit = self.next().val
         if self.at("OP", "^"):  # cm^2
           self.next()
@@ -761,7 +741,7 @@ class _Parser:
   def _unit_ends_item(self) -> bool:
     """A unit word is dropped only at the end of an item (5 cm, 5 \\text{ cm}^2)."""
     j = 1
-    while self.peek(j).kind == "UNIT":
+    while self.peek(j).kind == "UNIT" or self.peek(j).unit:
       j += 1
     if self.at("OP", "^", k=j):
       j += 2 if not self.at("LG", k=j + 1) else 4
@@ -986,7 +966,7 @@ def _as_text(s: str) -> str | None:
 
 def parse(s: str, thousands: bool = True) -> Parsed:
   """Parse one answer; raises ParseError when it is unsupported or too large to handle safely."""
-  s = s.strip()
+  s = re.sub(r"(?<!\.)\.\s*$", "", s.strip())  # a sentence-ending period
   if len(s) > MAX_CHARS:
     raise ParseError("answer too long")
   _check_depth(s)
