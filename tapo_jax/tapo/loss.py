@@ -1,0 +1,194 @@
+"""The TAPO / GRPO loss: chunked logprobs, PPO-clip with OTS, DAE, additive over micro-batches.
+
+Legend: R rows, T tokens, D model, V vocab, C vocabulary chunk.
+
+Alignment: logprobs and entropies are token-aligned like the sampler's, lp[:, t] =
+log p(tokens[t] | tokens[<t]) (predicted from hidden[:, t-1]), H[:, t] the entropy of that same
+distribution, and lp[:, 0] = H[:, 0] = 0.
+
+`prepare_batch` runs once over the whole batch (rewards -> advantages, masks, per-row loss
+scales); `tapo_loss` on any micro-batch of it then returns that micro-batch's share, so the sum
+over micro-batches is the full-batch loss (and the metrics sum to full-batch means):
+  L = L_orig + λ · L_ref,  each aggregated over its own rows (token-mean by default),
+  per token: w_t · max(-A r_t, -A clip(r_t, 1-ε_low, 1+ε_high)) + β · k3(π_ref, π_θ),
+  w_t = clamp(exp(sg(log π_θ(y_t) + H_t)), ots_min, ots_max) on constructed rows (OTS), else 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tapo_jax.tapo import advantages as adv_lib
+from tapo_jax.tapo.batch import Rollouts
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def token_logprobs_and_entropy(
+  hidden_BTD: jax.Array, lm_head_DV: jax.Array, targets_BT: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+  """(log p(targets[b,t] | hidden[b,t]), entropy of that distribution), both [B, T] f32.
+
+  The vocabulary is scanned `chunk` entries at a time with an online logsumexp; the chunk body is
+  rematerialized in the backward pass, so no [B, T, V] array is ever live (forward or backward).
+  """
+  d, v = lm_head_DV.shape
+  chunk = int(min(chunk, v))
+  n_chunks = -(-v // chunk)
+  b, t = targets_BT.shape
+
+  @jax.checkpoint
+  def body(carry, i):
+    m, s, ent_acc, tgt = carry
+    lo = i * chunk
+    start = jnp.minimum(lo, v - chunk)  # the last chunk is shifted back to stay in bounds
+    w = jax.lax.dynamic_slice_in_dim(lm_head_DV, start, chunk, axis=1)
+    logits = jnp.einsum("btd,dc->btc", hidden_BTD, w, preferred_element_type=jnp.float32)
+    col = start + jnp.arange(chunk)
+    new = col >= lo  # columns not already seen by an earlier chunk
+    seen = jnp.where(new, logits, -1e30)
+    m_new = jnp.maximum(m, jax.lax.stop_gradient(seen.max(axis=-1)))
+    e = jnp.exp(seen - m_new[..., None])  # 0 on columns already seen
+    decay = jnp.exp(m - m_new)
+    s = s * decay + e.sum(axis=-1)
+    ent_acc = ent_acc * decay + (e * logits).sum(axis=-1)
+    hit = new & (col == targets_BT[..., None])
+    tgt = tgt + jnp.where(hit, logits, 0.0).sum(axis=-1)
+    return (m_new, s, ent_acc, tgt), None
+
+  zeros = jnp.zeros((b, t), jnp.float32)
+  init = (jnp.full((b, t), -1e30, jnp.float32), zeros, zeros, zeros)
+  (m, s, ent_acc, tgt), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+  lse = m + jnp.log(s)
+  return tgt - lse, lse - ent_acc / s
+
+
+def sequence_logprobs(
+  hidden_BTD: jax.Array, lm_head_DV: jax.Array, tokens_BT: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+  """Token-aligned (logprobs, entropies) [B, T] of `tokens` under the model's hidden states."""
+  lp, ent = token_logprobs_and_entropy(hidden_BTD[:, :-1], lm_head_DV, tokens_BT[:, 1:], chunk)
+  pad = jnp.zeros((tokens_BT.shape[0], 1), jnp.float32)
+  return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
+
+
+def prepare_batch(batch: Rollouts, cfg) -> tuple[Rollouts, dict[str, jax.Array]]:
+  """Whole batch: penalties -> DAE advantages -> filtered loss mask -> per-row loss scales.
+
+  `cfg` is the full config (algorithm, tapo.*, loss.*, rollout.max_new_tokens). grpo ignores
+  constructed rows. The overlong penalty applies to originals only (constructions are not
+  bounded by max_new_tokens). Zero-variance groups (originals' and G_ref alike) and, with
+  loss.mask_truncated, truncated rows keep their place in the statistics but leave the loss.
+  """
+  lc, tc = cfg.loss, cfg.tapo
+  if cfg.algorithm not in ("grpo", "tapo"):
+    raise ValueError(f"algorithm={cfg.algorithm!r}: expected grpo or tapo")
+  if lc.aggregation not in AGGREGATIONS:
+    raise ValueError(f"loss.aggregation={lc.aggregation!r}: expected one of {AGGREGATIONS}")
+  constructed = batch.is_constructed
+  rows = batch.valid & (~constructed if cfg.algorithm == "grpo" else True)
+  rows = adv_lib.included_rows(batch.rewards, constructed, rows, tc.keep_failed)
+  penalty = adv_lib.overlong_penalty(
+    batch.response_lens, cfg.rollout.max_new_tokens, lc.overlong_buffer, lc.overlong_penalty
+  )
+  rewards = batch.rewards + jnp.where(constructed, 0.0, penalty)
+  advantages = adv_lib.decoupled_advantages(
+    rewards, batch.group_ids, constructed, rows, tc.ref_scope, lc.adv_eps
+  )
+  groups = adv_lib.dae_groups(batch.group_ids, constructed, tc.ref_scope)
+  zero_var = adv_lib.zero_variance_rows(rewards, groups, rows)
+  trained = rows
+  if lc.filter_zero_variance:
+    trained = trained & ~zero_var
+  if lc.mask_truncated:
+    trained = trained & ~batch.truncated
+  loss_mask = batch.loss_mask & trained[:, None]
+  n_tok = loss_mask.sum(axis=1).astype(jnp.float32)
+
+  def total(x, part):
+    return jnp.maximum(jnp.sum(jnp.where(part, x, 0.0)), 1.0)
+
+  tokens_in = jnp.where(constructed, total(n_tok, constructed), total(n_tok, ~constructed))
+  has_tok = (n_tok > 0).astype(jnp.float32)
+  seqs_in = jnp.where(constructed, total(has_tok, constructed), total(has_tok, ~constructed))
+  if lc.aggregation == "token-mean":
+    scale = 1.0 / tokens_in
+  elif lc.aggregation == "seq-mean-token-mean":
+    scale = 1.0 / (seqs_in * jnp.maximum(n_tok, 1.0))
+  else:
+    scale = jnp.full(n_tok.shape, 1.0 / cfg.rollout.max_new_tokens) / seqs_in
+  scale = scale * jnp.where(constructed, tc.lam, 1.0) * has_tok
+  ref_rows = rows & constructed
+  metrics = {
+    "loss/rows_trained": trained.sum().astype(jnp.float32),
+    "loss/zero_variance_rows": zero_var.sum().astype(jnp.float32),
+    "tapo/ref_rows": ref_rows.sum().astype(jnp.float32),
+    **adv_lib.ref_stats(advantages, ref_rows),
+  }
+  batch = batch.replace(
+    rewards=rewards,
+    advantages=advantages,
+    loss_mask=loss_mask,
+    loss_scale=scale,
+    token_scale=1.0 / tokens_in,
+  )
+  return batch, metrics
+
+
+def ots_weights(logprobs: jax.Array, entropy: jax.Array, lo: float, hi: float) -> jax.Array:
+  """OOD token suppression: clamp(exp(log π(y_t) + H_t), lo, hi), no gradient."""
+  s = jax.lax.stop_gradient(logprobs + entropy)
+  return jnp.clip(jnp.exp(jnp.minimum(s, 80.0)), lo, hi)
+
+
+def policy_loss(
+  logprobs_RT: jax.Array, entropy_RT: jax.Array, batch: Rollouts, cfg
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The summed, scaled PPO-clip (+ OTS, + k3 KL) loss of `batch` (prepared) and its metrics."""
+  lc, tc = cfg.loss, cfg.tapo
+  mask = batch.loss_mask
+  constructed = batch.is_constructed[:, None]
+  old = jax.lax.stop_gradient(logprobs_RT) if batch.old_logprobs is None else batch.old_logprobs
+  log_ratio = jnp.where(mask, logprobs_RT - old, 0.0)
+  ratio = jnp.exp(log_ratio)
+  a = batch.advantages[:, None]
+  pg_unclipped = -a * ratio
+  pg_clipped = -a * jnp.clip(ratio, 1.0 - lc.eps_low, 1.0 + lc.eps_high)
+  pg = jnp.maximum(pg_unclipped, pg_clipped)
+  w = jnp.ones_like(pg)
+  if tc.ots and cfg.algorithm == "tapo":
+    w = jnp.where(constructed, ots_weights(logprobs_RT, entropy_RT, tc.ots_min, tc.ots_max), 1.0)
+  per_token = w * pg
+  kl = jnp.zeros_like(pg)
+  if lc.kl_beta:
+    if batch.ref_logprobs is None:
+      raise ValueError("loss.kl_beta > 0 needs ref_logprobs in the batch")
+    d = jnp.where(mask, batch.ref_logprobs - logprobs_RT, 0.0)
+    kl = jnp.exp(d) - d - 1.0
+    per_token = per_token + lc.kl_beta * kl
+  scale = batch.loss_scale[:, None] * mask
+  loss = jnp.sum(per_token * scale)
+
+  mean = batch.token_scale[:, None] * mask  # sums to 1 over each part's tokens (whole batch)
+  orig, ref = mean * ~constructed, mean * constructed
+  clipped = (pg_clipped > pg_unclipped).astype(jnp.float32)
+  ent = jax.lax.stop_gradient(entropy_RT)
+  metrics = {
+    "loss/orig": jnp.sum(per_token * scale * ~constructed),
+    "loss/ref": jnp.sum(per_token * scale * constructed),
+    "loss/clip_frac_orig": jnp.sum(clipped * orig),
+    "loss/clip_frac_ref": jnp.sum(clipped * ref),
+    "loss/entropy_orig": jnp.sum(ent * orig),
+    "loss/entropy_ref": jnp.sum(ent * ref),
+    "loss/kl": jnp.sum(jax.lax.stop_gradient(kl) * (orig + ref)),
+    "tapo/ots_weight_mean": jnp.sum(jax.lax.stop_gradient(w) * ref),
+  }
+  return loss, metrics
+
+
+def tapo_loss(model, batch: Rollouts, cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, metrics) of a prepared (micro-)batch under `model` (anything with .hidden/.lm_head)."""
+  hidden = model.hidden(batch.tokens, batch.positions)
+  lp, ent = sequence_logprobs(hidden, model.lm_head(), batch.tokens, cfg.loss.vocab_chunk)
+  return policy_loss(lp, ent, batch, cfg)

@@ -1,0 +1,374 @@
+"""The TAPO/GRPO loss: chunked logprobs, PPO-clip, OTS, aggregation, λ = 0 == GRPO, additivity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tapo_jax import config as config_lib
+from tapo_jax.tapo.batch import Rollouts
+from tapo_jax.tapo.loss import (
+  ots_weights,
+  policy_loss,
+  prepare_batch,
+  sequence_logprobs,
+  tapo_loss,
+  token_logprobs_and_entropy,
+)
+
+
+def make_cfg(**over):
+  c = config_lib.base_config()
+  c.rollout.max_new_tokens = 8
+  c.loss.vocab_chunk = 4
+  c.loss.filter_zero_variance = False
+  for k, v in over.items():
+    section, key = k.split("__") if "__" in k else (None, k)
+    (c[section] if section else c)[key] = v
+  return c
+
+
+def reference_logprobs(hidden, w, targets):
+  logits = jnp.einsum("btd,dv->btv", hidden, w)
+  logp = jax.nn.log_softmax(logits, -1)
+  lp = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return lp, -(jnp.exp(logp) * logp).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [8, 37, 64])  # V = 37: not divisible, exact, larger than V
+def test_chunked_logprobs_and_entropy_match_unchunked_values_and_grads(chunk):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  hidden = jax.random.normal(k1, (2, 5, 6))
+  w = 2.0 * jax.random.normal(k2, (6, 37))
+  targets = jax.random.randint(k3, (2, 5), 0, 37)
+  targets = targets.at[0].set(jnp.asarray([30, 29, 31, 36, 0]))  # in the overlapping last chunk
+  c_lp, c_ent = jax.random.normal(k4, (2, 2, 5))
+
+  def weighted(fn):  # a scalar that mixes logprobs and entropies with random cotangents
+    def f(h, w_):
+      a, b = fn(h, w_, targets)
+      return jnp.sum(a * c_lp) + jnp.sum(b * c_ent)
+
+    return f
+
+  @jax.jit
+  def both(h, w_):
+    chunked = lambda *x: token_logprobs_and_entropy(*x, chunk)  # noqa: E731
+    return (
+      chunked(h, w_, targets),
+      reference_logprobs(h, w_, targets),
+      jax.grad(weighted(chunked), (0, 1))(h, w_),
+      jax.grad(weighted(reference_logprobs), (0, 1))(h, w_),
+    )
+
+  (lp, ent), (rlp, rent), g, rg = both(hidden, w)
+  np.testing.assert_allclose(lp, rlp, atol=1e-5)
+  np.testing.assert_allclose(ent, rent, atol=1e-5)
+  for a, b in zip(g, rg, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def _all_shapes(jaxpr):
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      yield tuple(getattr(v.aval, "shape", ()))
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _all_shapes(inner)
+
+
+def test_no_full_vocabulary_logits_in_forward_or_backward():
+  b, t, d, v = 2, 5, 4, 37
+  targets = jnp.zeros((b, t), jnp.int32)
+
+  def loss(h, w):
+    lp, ent = token_logprobs_and_entropy(h, w, targets, 8)
+    return lp.sum() + ent.sum()
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(jnp.ones((b, t, d)), jnp.ones((d, v)))
+  shapes = list(_all_shapes(jaxpr.jaxpr))
+  assert any(s[-1:] == (8,) and len(s) == 3 for s in shapes)  # chunk logits exist
+  assert not [s for s in shapes if len(s) >= 3 and s[-1] == v], "a [.., T, V] array appeared"
+
+
+def test_sequence_logprobs_alignment():
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  hidden = jax.random.normal(k1, (2, 6, 4))
+  w = jax.random.normal(k2, (4, 9))
+  tokens = jax.random.randint(k3, (2, 6), 0, 9)
+  lp, ent = sequence_logprobs(hidden, w, tokens, 4)
+  logp = jax.nn.log_softmax(hidden @ w, -1)
+  assert (lp[:, 0] == 0).all() and (ent[:, 0] == 0).all()
+  for t in range(1, 6):
+    np.testing.assert_allclose(lp[:, t], logp[jnp.arange(2), t - 1, tokens[:, t]], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- batch fixture
+
+
+class Stub:
+  """hidden = tanh(E[tokens] + pos), lm_head = W: a differentiable stand-in for the model."""
+
+  def __init__(self, params):
+    self.emb, self.w = params
+
+  def hidden(self, tokens, positions):
+    return jnp.tanh(self.emb[tokens] + 0.1 * positions[..., None])
+
+  def lm_head(self):
+    return self.w
+
+
+V, D, T = 11, 5, 8
+
+
+def make_batch(seed=0, n_orig=6, n_cons=3, k=3):
+  rng = np.random.default_rng(seed)
+  r = n_orig + n_cons
+  tokens = rng.integers(0, V, (r, T)).astype(np.int32)
+  plen = np.full(r, 2, np.int32)
+  rlen = rng.integers(2, T - 2, r).astype(np.int32)
+  t = np.arange(T)[None]
+  mask = (t >= plen[:, None]) & (t < (plen + rlen)[:, None])
+  rewards = np.array([1, 0, 0, 1, 1, 0] + [1, 0, 1], np.float32)[:r]
+  q = n_orig // k
+  groups = np.concatenate([np.arange(n_orig) // k, q + np.arange(n_cons) % q]).astype(np.int32)
+  return Rollouts(
+    tokens=jnp.asarray(tokens),
+    positions=jnp.asarray(np.broadcast_to(t, (r, T)).astype(np.int32)),
+    loss_mask=jnp.asarray(mask),
+    sampler_logprobs=jnp.asarray(-rng.random((r, T)).astype(np.float32) * mask),
+    from_learner=jnp.asarray(mask),
+    prompt_lens=jnp.asarray(plen),
+    response_lens=jnp.asarray(rlen),
+    truncated=jnp.zeros(r, bool),
+    rewards=jnp.asarray(rewards),
+    group_ids=jnp.asarray(groups),
+    is_constructed=jnp.asarray(np.arange(r) >= n_orig),
+    valid=jnp.ones(r, bool),
+    old_logprobs=jnp.asarray(-2.5 + rng.normal(size=(r, T)).astype(np.float32)),
+  )
+
+
+def params(seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return (jax.random.normal(k1, (V, D)), jax.random.normal(k2, (D, V)))
+
+
+def rows(batch, idx):
+  return jax.tree.map(lambda x: x[np.asarray(idx)], batch)
+
+
+def loss_and_grad(p, batch, cfg):
+  @jax.jit
+  def run(p, batch):
+    prepared, _ = prepare_batch(batch, cfg)
+    f = lambda p_: tapo_loss(Stub(p_), prepared, cfg)  # noqa: E731
+    (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(p)
+    return loss, g, metrics
+
+  return run(p, batch)
+
+
+def plain_ppo_clip(lp, old, adv, mask, eps_low=0.2, eps_high=0.28):
+  """Per-token PPO-clip in numpy, summed over masked tokens."""
+  ratio = np.exp(lp - old)
+  obj = np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv[:, None])
+  return -(obj * mask).sum()
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_ppo_clip_hand_computed():
+  cfg = make_cfg()
+  lp = jnp.log(jnp.asarray([[1.0, 1.0, 1.0, 1.0]]))  # log 1 = 0
+  old = jnp.log(jnp.asarray([[1.0, 0.5, 1.25, 1.0]]))  # ratios 1, 2, 0.8, 1
+  b = Rollouts(
+    tokens=jnp.zeros((2, 4), jnp.int32),
+    positions=jnp.zeros((2, 4), jnp.int32),
+    loss_mask=jnp.asarray([[0, 1, 1, 1], [0, 1, 1, 0]], bool),
+    sampler_logprobs=jnp.zeros((2, 4)),
+    from_learner=jnp.zeros((2, 4), bool),
+    prompt_lens=jnp.ones(2, jnp.int32),
+    response_lens=jnp.asarray([3, 2]),
+    truncated=jnp.zeros(2, bool),
+    rewards=jnp.zeros(2),
+    group_ids=jnp.zeros(2, jnp.int32),
+    is_constructed=jnp.zeros(2, bool),
+    valid=jnp.ones(2, bool),
+    advantages=jnp.asarray([2.0, -1.0]),
+    loss_scale=jnp.full(2, 1 / 5),
+    token_scale=jnp.full(2, 1 / 5),
+    old_logprobs=jnp.concatenate([old, old]),
+  )
+  loss, m = policy_loss(jnp.concatenate([lp, lp]), jnp.zeros((2, 4)), b, cfg)
+  # row 0 (A=2): ratio 2 -> clipped 1.28 -> -2.56; ratio .8 -> min(1.6, 1.6) -> -1.6; 1 -> -2
+  # row 1 (A=-1): ratio 2 -> max(2, 1.28) unclipped -> 2; ratio .8 -> clipped .8 -> 0.8 ... min
+  # of (-.8, -max(.8, .8)) = -.8 -> loss .8
+  expected = (-2.56 - 1.6 - 2.0 + 2.0 + 0.8) / 5
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  np.testing.assert_allclose(m["loss/clip_frac_orig"], 1 / 5, rtol=1e-6)  # only row 0's ratio 2
+
+
+def test_ots_weights_hand_values():
+  lp = jnp.asarray([-5.0, -1.0, 0.0, -0.1])
+  ent = jnp.asarray([0.0, 1.0, 3.0, 0.1])
+  np.testing.assert_allclose(
+    ots_weights(lp, ent, 0.01, 10.0), [0.01, 1.0, 10.0, 1.0], rtol=1e-6
+  )  # exp(-5) = .0067 -> .01, exp(0) = 1, exp(3) = 20 -> 10
+  g = jax.grad(lambda x: ots_weights(x, ent, 0.01, 10.0).sum())(lp)
+  assert (g == 0).all()  # no gradient through w
+
+
+def test_lambda_zero_equals_grpo_loss_and_grads():
+  batch, p = make_batch(), params()
+  l_tapo, g_tapo, _ = loss_and_grad(p, batch, make_cfg(tapo__lam=0.0))
+  l_grpo, g_grpo, _ = loss_and_grad(p, batch, make_cfg(algorithm="grpo"))
+  l_orig, g_orig, _ = loss_and_grad(p, rows(batch, range(6)), make_cfg(algorithm="grpo"))
+  l_full, _, _ = loss_and_grad(p, batch, make_cfg())
+  np.testing.assert_allclose(l_tapo, l_grpo, rtol=1e-6)
+  np.testing.assert_allclose(l_tapo, l_orig, rtol=1e-6)
+  assert abs(float(l_full) - float(l_tapo)) > 1e-4  # the constructions do matter when λ = 1
+  for a, b, c in zip(
+    jax.tree.leaves(g_tapo), jax.tree.leaves(g_grpo), jax.tree.leaves(g_orig), strict=True
+  ):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, c, atol=1e-6)
+
+
+def test_ots_forced_to_one_gives_plain_ppo_clip_on_constructed_rows():
+  batch, p = make_batch(), params()
+  cfg = make_cfg(tapo__ots_min=1.0, tapo__ots_max=1.0)
+  prepared, _ = prepare_batch(batch, cfg)
+  lp, ent = sequence_logprobs(
+    Stub(p).hidden(batch.tokens, batch.positions), p[1], batch.tokens, cfg.loss.vocab_chunk
+  )
+  _, m = policy_loss(lp, ent, prepared, cfg)
+  cons = np.arange(9) >= 6
+  mask = np.asarray(prepared.loss_mask)[cons]
+  ref = plain_ppo_clip(
+    np.asarray(lp)[cons],
+    np.asarray(batch.old_logprobs)[cons],
+    np.asarray(prepared.advantages)[cons],
+    mask,
+  )
+  np.testing.assert_allclose(m["loss/ref"], ref / mask.sum(), rtol=1e-5)
+  _, m_ots = policy_loss(lp, ent, prepared, make_cfg())
+  assert abs(float(m_ots["loss/ref"]) - float(m["loss/ref"])) > 1e-4  # OTS changes it otherwise
+  w = np.clip(np.exp(np.asarray(lp + ent)), 0.01, 10)[cons]
+  np.testing.assert_allclose(
+    m_ots["tapo/ots_weight_mean"], (w * mask).sum() / mask.sum(), rtol=1e-5
+  )
+
+
+def test_micro_batches_add_up_to_the_full_batch():
+  batch, p = make_batch(), params()
+  cfg = make_cfg(loss__kl_beta=0.1, loss__aggregation="seq-mean-token-mean")
+  batch = batch.replace(ref_logprobs=batch.old_logprobs * 0.9)
+  prepared, _ = prepare_batch(batch, cfg)
+  f = lambda b: tapo_loss(Stub(p), b, cfg)  # noqa: E731
+  loss, metrics = f(prepared)
+  parts = [f(rows(prepared, idx)) for idx in ([0, 4, 7], [1, 2, 3, 5, 6, 8])]
+  np.testing.assert_allclose(sum(x[0] for x in parts), loss, rtol=1e-5)
+  for key in metrics:
+    np.testing.assert_allclose(sum(x[1][key] for x in parts), metrics[key], rtol=1e-5, atol=1e-7)
+
+
+def _two_row_batch(loss_mask, constructed=(False, False)):
+  r = len(loss_mask)
+  return Rollouts(
+    tokens=jnp.zeros((r, 6), jnp.int32),
+    positions=jnp.zeros((r, 6), jnp.int32),
+    loss_mask=jnp.asarray(loss_mask, bool),
+    sampler_logprobs=jnp.zeros((r, 6)),
+    from_learner=jnp.zeros((r, 6), bool),
+    prompt_lens=jnp.ones(r, jnp.int32),
+    response_lens=jnp.asarray(np.sum(loss_mask, 1), jnp.int32),
+    truncated=jnp.asarray([False, True]),
+    rewards=jnp.asarray([1.0, 0.0]),
+    group_ids=jnp.zeros(r, jnp.int32),
+    is_constructed=jnp.asarray(constructed),
+    valid=jnp.ones(r, bool),
+  )
+
+
+@pytest.mark.parametrize(
+  "aggregation,expected",
+  [
+    ("token-mean", (2 * 1 + 4 * 2) / 6),
+    ("seq-mean-token-mean", (1 + 2) / 2),
+    ("seq-mean-token-sum-norm", (2 * 1 + 4 * 2) / (2 * 8)),
+  ],
+)
+def test_aggregations_hand_computed(aggregation, expected):
+  mask = [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]]
+  prepared, _ = prepare_batch(_two_row_batch(mask), make_cfg(loss__aggregation=aggregation))
+  # per-token loss 1 on row 0 and 2 on row 1, via A and ratio 1: loss = -A
+  prepared = prepared.replace(advantages=jnp.asarray([-1.0, -2.0]))
+  loss, _ = policy_loss(jnp.zeros((2, 6)), jnp.zeros((2, 6)), prepared, make_cfg())
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_k3_kl_hand_value():
+  mask = [[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+  cfg = make_cfg(loss__kl_beta=0.5)
+  prepared, _ = prepare_batch(_two_row_batch(mask), cfg)
+  prepared = prepared.replace(advantages=jnp.zeros(2), ref_logprobs=jnp.full((2, 6), -1.0))
+  lp = jnp.full((2, 6), -2.0)  # d = ref - lp = 1: k3 = e - 1 - 1
+  loss, m = policy_loss(lp, jnp.zeros((2, 6)), prepared, cfg)
+  np.testing.assert_allclose(loss, 0.5 * (np.e - 2), rtol=1e-6)
+  np.testing.assert_allclose(m["loss/kl"], np.e - 2, rtol=1e-6)
+
+
+def test_prepare_filters_masks_and_penalties():
+  batch = make_batch()
+  # group 1 (rows 3-5) -> rewards [1, 1, 1]: zero variance
+  batch = batch.replace(
+    rewards=batch.rewards.at[5].set(1.0), truncated=batch.truncated.at[0].set(True)
+  )
+  on, m = prepare_batch(batch, make_cfg(loss__filter_zero_variance=True, loss__mask_truncated=True))
+  kept = np.asarray(on.loss_mask).any(1)
+  np.testing.assert_array_equal(kept, [False, True, True, False, False, False, True, True, True])
+  assert float(m["loss/zero_variance_rows"]) == 3
+  off, _ = prepare_batch(batch, make_cfg())
+  assert np.asarray(off.loss_mask).any(1).all()
+  # grpo: constructed rows leave the loss entirely
+  g, _ = prepare_batch(batch, make_cfg(algorithm="grpo"))
+  assert not np.asarray(g.loss_mask)[6:].any() and not np.asarray(g.advantages)[6:].any()
+  # overlong penalty: originals only
+  long = batch.replace(response_lens=jnp.full(9, 8, jnp.int32))
+  pen, _ = prepare_batch(long, make_cfg(loss__overlong_penalty=0.5, loss__overlong_buffer=4))
+  np.testing.assert_allclose(pen.rewards, np.asarray(batch.rewards) - 0.5 * (np.arange(9) < 6))
+
+
+def test_tapo_loss_with_the_qwen_model_matches_full_logits():
+  from flax import nnx
+
+  from tapo_jax.models.qwen import Qwen, QwenConfig
+
+  qcfg = QwenConfig(
+    vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+  )  # fmt: skip
+  model = Qwen(qcfg, rngs=nnx.Rngs(0))
+  batch = make_batch()
+  cfg = make_cfg()
+
+  @nnx.jit
+  def both(model, batch):
+    prepared, _ = prepare_batch(batch, cfg)
+    loss, _ = tapo_loss(model, prepared, cfg)
+    logp = jax.nn.log_softmax(model(batch.tokens, batch.positions), -1)
+    lp = jnp.take_along_axis(logp[:, :-1], batch.tokens[:, 1:, None], -1)[..., 0]
+    ent = -(jnp.exp(logp) * logp).sum(-1)[:, :-1]
+    pad = jnp.zeros((9, 1))
+    ref, _ = policy_loss(
+      jnp.concatenate([pad, lp], 1), jnp.concatenate([pad, ent], 1), prepared, cfg
+    )
+    return loss, ref
+
+  loss, ref = both(model, batch)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
