@@ -202,6 +202,13 @@ def _lines_equal(g: Rel, a: Rel) -> bool:
   dg, da = g.parts[0] - g.parts[1], a.parts[0] - a.parts[1]
   if dg == 0 or da == 0 or not (dg.free_symbols and da.free_symbols):
     return False
+  symbols = sorted(dg.free_symbols | da.free_symbols, key=str)
+  if dg.is_polynomial(*symbols) and da.is_polynomial(*symbols):  # compare coefficient vectors
+    pg, pa = sympy.Poly(dg, *symbols), sympy.Poly(da, *symbols)
+    if pg.monoms() != pa.monoms():
+      return False
+    k = pg.coeffs()[0] / pa.coeffs()[0]
+    return all(scalars_equal(cg, k * ca) for cg, ca in zip(pg.coeffs(), pa.coeffs(), strict=True))
   ratio = sympy.cancel(sympy.together(dg / da))
   return not ratio.free_symbols and ratio != 0 and bool(ratio.is_finite)
 
@@ -293,8 +300,9 @@ def _free_symbols(v) -> set:
 
 def is_equivalent(gold: str, answer: str | None) -> bool:
   """Whether `answer` (extracted model text) is exactly equivalent to `gold`."""
-  if answer is None or gold is None or not answer.strip():
+  if answer is None or gold is None or not str(answer).strip():
     return False
+  gold, answer = str(gold), str(answer)
   fast = fast_equal(gold, answer)
   if fast is not None:
     return fast

@@ -240,6 +240,13 @@ def _lex_number(s: str, i: int, thousands: bool) -> tuple[_Tok, int]:
     frac, j = s[j + 1 : k], k
   elif s.startswith(".", j) and int_part and not s[j + 1 : j + 2].isdigit():
     j += 1  # "204." and a sentence-ending period
+  m = re.match(r"\\(?:overline|bar|dot)\s*\{(\d{1,50})\}", s[j : j + 70])
+  if m and s[j - 1 : j] in ".0123456789" and "." in s[i:j]:  # 0.\overline{3} = 1/3
+    rep = m.group(1)
+    j += m.end()
+    whole = int(int_part + frac + rep) - int(int_part + frac or "0")
+    value = sympy.Rational(whole, 10 ** len(frac) * (10 ** len(rep) - 1))
+    return _Tok("NUM", value, "."), j
   exp = 0
   is_int = not frac
   m = re.match(r"[eE]([+-]?)(\d{1,6})(?![A-Za-z0-9])", s[j : j + 8])
@@ -528,26 +535,27 @@ def _rel_to_set(rel: Rel) -> sympy.Set:
   if len(symbols) != 1 or "=" in rel.ops or "~" in rel.ops:
     raise ParseError("not an inequality in one variable")
   (x,) = symbols
-  result = sympy.S.Reals
+  lo, lo_open, hi, hi_open = -sympy.oo, True, sympy.oo, True
+  holes = []
   for lhs, op, rhs in zip(rel.parts[:-1], rel.ops, rel.parts[1:], strict=True):
     d = sympy.expand(_scalar(lhs) - _scalar(rhs))  # d op 0
-    poly = sympy.Poly(d, x) if d.is_polynomial(x) else None
-    if poly is None or poly.degree() != 1:
+    a, b = d.coeff(x, 1), d.coeff(x, 0)
+    if not (a.is_number and b.is_number and a.is_real and b.is_real and a != 0):
       raise ParseError("only linear inequalities")
-    a, b = poly.all_coeffs()
-    if not (a.is_number and b.is_number and a.is_real and a != 0):
-      raise ParseError("bad inequality")
+    if sympy.expand(a * x + b - d) != 0:
+      raise ParseError("only linear inequalities")
     c = -b / a
     if a < 0:
       op = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "!=": "!="}[op]
-    piece = {
-      "<": sympy.Interval.open(-sympy.oo, c),
-      "<=": sympy.Interval(-sympy.oo, c),
-      ">": sympy.Interval.open(c, sympy.oo),
-      ">=": sympy.Interval(c, sympy.oo),
-      "!=": sympy.Union(sympy.Interval.open(-sympy.oo, c), sympy.Interval.open(c, sympy.oo)),
-    }[op]
-    result = sympy.Intersection(result, piece)
+    if op == "!=":
+      holes.append(c)
+    elif op in ("<", "<=") and bool(c < hi or (c == hi and op == "<")):
+      hi, hi_open = c, op == "<"
+    elif op in (">", ">=") and bool(c > lo or (c == lo and op == ">")):
+      lo, lo_open = c, op == ">"
+  result = sympy.Interval(lo, hi, lo_open, hi_open)
+  for c in holes:
+    result = sympy.Complement(result, sympy.FiniteSet(c))
   return result
 
 

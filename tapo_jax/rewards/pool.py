@@ -97,11 +97,13 @@ class VerifierPool:
     timeout_s: float = 5.0,
     memory_mb: int = 2048,
     check: Callable[[str, str], bool] = is_equivalent,
+    depth: int = 2,
   ):
     self.workers = max(1, int(workers))
     self.timeout_s = float(timeout_s)
     self.memory_mb = int(memory_mb)
     self.check = check  # (gold, answer) -> bool, a picklable top-level function
+    self.depth = max(1, int(depth))  # items in flight per worker
     self._ctx = _context()
     self._pool: list[_Worker] = []
     self.restarts = 0  # workers replaced after a timeout or a crash
@@ -133,55 +135,57 @@ class VerifierPool:
       return results
     self.start()
     pending = collections.deque((i, 0) for i in range(len(pairs)))  # (index, tries)
-    busy: dict[_Worker, tuple[int, int, float]] = {}  # worker -> (index, tries, deadline)
-    while pending or busy:
+    queued = {w: collections.deque() for w in self._pool}  # sent to a worker, in order
+    deadline: dict[_Worker, float] = {}  # of the item at the head of a worker's queue
+
+    def retire(worker: _Worker, crashed: bool) -> None:
+      """Replace a dead or hung worker; items queued behind its current one are re-sent."""
+      q = queued.pop(worker)
+      deadline.pop(worker, None)
+      if q:
+        i, tries = q.popleft()
+        pending.extendleft(reversed(q))
+        if crashed and tries == 0:  # retry once: the crash may not be this item's fault
+          pending.appendleft((i, 1))
+      queued[self._replace(worker)] = collections.deque()
+
+    while pending or any(queued.values()):
       for worker in list(self._pool):
-        if worker in busy or not pending:
+        q = queued[worker]
+        if not q and pending and not worker.alive():  # died while idle (killed from outside)
+          retire(worker, crashed=False)
           continue
-        if not worker.alive():  # died while idle (e.g. killed from outside)
-          worker = self._replace(worker)
-        i, tries = pending.popleft()
-        answer, gold = pairs[i]
-        try:
-          worker.conn.send((i, answer, gold))
-        except (OSError, ValueError):
-          pending.appendleft((i, tries))
-          self._replace(worker)
-          continue
-        busy[worker] = (i, tries, time.monotonic() + timeout)
+        while pending and len(q) < self.depth:  # a second item hides the round trip
+          i, tries = pending.popleft()
+          try:
+            worker.conn.send((i, *pairs[i]))
+          except (OSError, ValueError):
+            pending.appendleft((i, tries))
+            retire(worker, crashed=True)
+            break
+          if not q:
+            deadline[worker] = time.monotonic() + timeout
+          q.append((i, tries))
+      busy = [w for w in self._pool if queued[w]]
       if not busy:
         continue
-      by_conn = {w.conn: w for w in busy}
-      by_sentinel = {w.process.sentinel: w for w in busy}
-      wait_s = max(0.0, min(d for _, _, d in busy.values()) - time.monotonic())
-      ready = wait(list(by_conn) + list(by_sentinel), timeout=wait_s)
-      done: set[_Worker] = set()
-      for obj in ready:
-        worker = by_conn.get(obj)
-        if worker is None or worker in done:
-          continue
-        i, tries, _ = busy[worker]
+      wait_s = max(0.0, min(deadline[w] for w in busy) - time.monotonic())
+      ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], wait_s))
+      for worker in busy:
+        q = queued[worker]
         try:
-          index, ok = worker.conn.recv()
+          while q and worker.conn.poll():
+            index, ok = worker.conn.recv()
+            i, _ = q.popleft()
+            results[i] = bool(ok) and index == i
+            if q:
+              deadline[worker] = time.monotonic() + timeout
         except (EOFError, OSError):
-          continue  # died mid-item: handled with the sentinels below
-        if index == i:
-          results[i] = ok
-        del busy[worker]
-        done.add(worker)
-      for obj in ready:
-        worker = by_sentinel.get(obj)
-        if worker is None or worker not in busy:
-          continue
-        i, tries, _ = busy.pop(worker)
-        if tries == 0:  # retry once: the crash may not be this item's fault
-          pending.appendleft((i, 1))
-        self._replace(worker)
-      now = time.monotonic()
-      for worker, (_, _, deadline) in list(busy.items()):
-        if now >= deadline:
-          del busy[worker]
-          self._replace(worker)  # hard kill: the item stays False
+          pass  # it died; the sentinel tells
+        if q and worker.process.sentinel in ready:
+          retire(worker, crashed=True)
+        elif q and time.monotonic() >= deadline[worker]:
+          retire(worker, crashed=False)  # hard kill; the item stays False
     return results
 
   def grade(
