@@ -18,7 +18,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
   "batch": ("data", "fsdp"),
-  "embed": "fsdp",
+  "embed": "fsdp",  # parameters: FSDP shards the model dimension
+  "act_embed": None,  # activations: the model dimension stays whole (batch takes fsdp)
   "heads": "tensor",
   "kv_heads": "tensor",
   "mlp": "tensor",

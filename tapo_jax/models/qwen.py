@@ -240,7 +240,7 @@ class Block(nnx.Module):
     h, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, impl)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return constrain(x, ("batch", "seq", "embed")), new_kv
+    return constrain(x, ("batch", "seq", "act_embed")), new_kv
 
 
 class Qwen(nnx.Module):
@@ -284,7 +284,7 @@ class Qwen(nnx.Module):
 
   def _embed(self, tokens_BT):
     x = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(self.dtype)
-    return constrain(x, ("batch", "seq", "embed"))
+    return constrain(x, ("batch", "seq", "act_embed"))
 
   def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
     """Full causal forward to the final-normed hidden states [B, T, D]."""

@@ -49,7 +49,8 @@ def param_shardings(model: nnx.Module, mesh: Mesh) -> nnx.State:
 
 
 def _path_key(path) -> tuple:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  keys = (str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return tuple(k for k in keys if k != "value")  # nnx.Variable leaves add a trailing "value"
 
 
 def tree_shardings_like_params(tree, params_sharding, mesh: Mesh):
@@ -81,5 +82,6 @@ def init_state(
     step=replicated, params=params_sharding, opt_state=opt_sharding, skipped=replicated
   )
   opt_state = jax.jit(optimizer.init, out_shardings=opt_sharding)(params)
-  zero = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-  return TrainState(step=zero, params=params, opt_state=opt_state, skipped=zero), state_sharding
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731 (no aliasing)
+  state = TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
+  return state, state_sharding

@@ -1,0 +1,104 @@
+"""Supervised cold start (mode = sft): next-token loss on the response tokens only.
+
+Rows are (context, response) rendered through the chat template, right-padded to the batch's
+longest row rounded up to a multiple of 128 (bounded compilations); the loss is the mean negative
+log-likelihood over all response tokens of the batch (additive over micro-batches).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from tapo_jax.data import load_sft
+from tapo_jax.data.prompts import tokenize_sft
+from tapo_jax.tapo.loss import sequence_logprobs
+from tapo_jax.train import checkpoint, metrics, setup
+from tapo_jax.train import state as state_lib
+from tapo_jax.train import step as step_lib
+from tapo_jax.train.iterator import BatchIterator
+
+
+def pack_sft(rows: list[tuple[list[int], list[bool]]], max_len: int, pad_id: int, round_to=128):
+  """(ids, mask) pairs -> dict of padded arrays; rows longer than max_len are truncated."""
+  longest = max(min(len(ids), max_len) for ids, _ in rows)
+  t = min(max_len, round_to * math.ceil(longest / round_to))
+  tokens = np.full((len(rows), t), pad_id, np.int32)
+  mask = np.zeros((len(rows), t), bool)
+  for i, (ids, m) in enumerate(rows):
+    n = min(len(ids), t)
+    tokens[i, :n], mask[i, :n] = ids[:n], m[:n]
+  mask[:, 0] = False  # the first token has no prediction
+  return {"tokens": tokens, "loss_mask": mask, "denom": np.full(len(rows), max(mask.sum(), 1))}
+
+
+def sft_loss(model, batch, chunk: int = 4096):
+  """Summed response NLL / the whole batch's response-token count, and the token accuracy proxy."""
+  hidden = model.hidden(batch["tokens"])
+  lp, _ = sequence_logprobs(hidden, model.lm_head(), batch["tokens"], chunk)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  denom = batch["denom"][0].astype(jnp.float32)
+  nll = -(lp * mask).sum() / denom
+  return nll, {"nll": nll, "tokens": mask.sum()}
+
+
+def run(cfg, workdir: str) -> None:
+  """The SFT loop: resumes from the newest checkpoint in `workdir` when there is one."""
+  mesh = setup.make_mesh(cfg)
+  with jax.set_mesh(mesh):
+    model, tokenizer = setup.load_policy(cfg, mesh)
+  examples = load_sft(cfg.sft.path)
+  rows = [tokenize_sft(e, tokenizer, cfg.data.use_chat_template) for e in examples]
+  bs = cfg.sft.batch_size
+  steps = cfg.train.steps if cfg.train.steps > 0 else cfg.sft.epochs * math.ceil(len(rows) / bs)
+  it = BatchIterator(rows, bs, seed=cfg.seed, shuffle=cfg.data.shuffle)
+  os.makedirs(workdir, exist_ok=True)
+
+  graphdef, params = nnx.split(model, nnx.Param)
+  optimizer = state_lib.make_optimizer(cfg.optim, steps)
+  psh = state_lib.param_shardings(model, mesh)
+  state, ssh = state_lib.init_state(params, optimizer, psh, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    state, extra = ckpt.restore(start, ssh, state)
+    it.restore(extra["data"])
+    logging.info("resumed from step %d", start)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  chunk = cfg.loss.vocab_chunk
+  with jax.set_mesh(mesh):
+    train_step = step_lib.make_train_step(
+      graphdef, optimizer, lambda m, b: sft_loss(m, b, chunk), ssh, None
+    )
+  stop = {"flag": False}
+  signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+  writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
+  for step in range(start, steps):
+    t0 = time.time()
+    batch = pack_sft(it.next(), cfg.sft.max_len, pad)
+    micro = min(cfg.optim.micro_batch, bs) if bs % cfg.optim.micro_batch == 0 else bs
+    with jax.set_mesh(mesh):
+      state, m = train_step(state, step_lib.split_micro_batches(batch, micro))
+    m = metrics.to_host(m)
+    m["tokens_per_s"] = float(batch["loss_mask"].sum()) / max(time.time() - t0, 1e-9)
+    writer.write(step + 1, m)
+    writer.advance({"nll": m["nll"]})
+    ckpt.save(step + 1, state, {"data": it.state()}, force=stop["flag"] or step + 1 == steps)
+    if stop["flag"]:
+      logging.info("SIGTERM: checkpointed step %d, exiting", step + 1)
+      break
+  ckpt.close()
+  writer.close()
+  jax.block_until_ready(state.params)
+  from tapo_jax.models import save_pretrained
+
+  save_pretrained(nnx.merge(graphdef, state.params), os.path.join(workdir, "hf"))
+  tokenizer.save_pretrained(os.path.join(workdir, "hf"))

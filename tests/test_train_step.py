@@ -1,0 +1,167 @@
+"""The jitted train step: mesh invariance, micro-batch invariance, NaN skip, SFT masking, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tapo_jax import config as base
+from tapo_jax import sharding
+from tapo_jax.models import Qwen, QwenConfig
+from tapo_jax.train import sft
+from tapo_jax.train import state as state_lib
+from tapo_jax.train import step as step_lib
+from tapo_jax.train.iterator import BatchIterator
+
+CFG = QwenConfig(
+  vocab_size=61,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
+
+
+def _assert_params_close(a, b, atol):
+  """k_bias gets an exactly-zero gradient in theory (softmax is shift-invariant), so its float
+  noise is amplified by Adam into arbitrary updates: it is left out of the comparison."""
+  fa = jax.tree_util.tree_flatten_with_path(a)[0]
+  fb = jax.tree_util.tree_flatten_with_path(b)[0]
+  assert len(fa) == len(fb)
+  compared = 0
+  for (path, x), (_, y) in zip(fa, fb):
+    if "k_bias" in jax.tree_util.keystr(path):
+      continue
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=str(path))
+    compared += 1
+  assert compared > 10
+
+
+def _batch(rows=8, t=12, seed=0):
+  rng = np.random.RandomState(seed)
+  rows_ = []
+  for _ in range(rows):
+    n = rng.randint(4, t + 1)
+    ids = rng.randint(0, CFG.vocab_size, n).tolist()
+    p = rng.randint(1, n)
+    rows_.append((ids, [False] * p + [True] * (n - p)))
+  return sft.pack_sft(rows_, t, pad_id=0, round_to=t)
+
+
+def _run(dims, micro, batch, steps=2, lr=1e-2, loss_fn=None, devices=None):
+  mesh = sharding.make_mesh(dims, devices)
+  model = Qwen(CFG, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  psh = state_lib.param_shardings(model, mesh)
+  params = jax.device_put(params, psh)
+  oc = base.base_config().optim
+  oc.lr, oc.warmup_steps = lr, 0
+  tx = state_lib.make_optimizer(oc, 10)
+  state, ssh = state_lib.init_state(params, tx, psh, mesh)
+  fn = loss_fn or (lambda m, b: sft.sft_loss(m, b, chunk=16))
+  with jax.set_mesh(mesh):
+    train_step = step_lib.make_train_step(graphdef, tx, fn, ssh, None)
+    out = []
+    for _ in range(steps):
+      state, m = train_step(state, step_lib.split_micro_batches(batch, micro))
+      out.append(jax.device_get(m))
+  return state, out
+
+
+def test_sharded_step_matches_single_device():
+  batch = _batch()
+  s1, m1 = _run({}, 8, batch, devices=jax.devices()[:1])
+  s8, m8 = _run(dict(data=2, fsdp=2, tensor=2), 4, batch)
+  assert len(jax.devices()) == 8
+  for a, b in zip(m1, m8):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  spec = s8.params["layers"][0]["mlp"]["gate_proj"][...].sharding.spec
+  assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  _assert_params_close(s1.params, s8.params, atol=1e-5)
+
+
+def test_micro_batches_sum_to_full_batch():
+  batch = _batch()
+  s_full, m_full = _run({}, 8, batch, devices=jax.devices()[:1])
+  s_micro, m_micro = _run({}, 2, batch, devices=jax.devices()[:1])
+  np.testing.assert_allclose(m_full[0]["loss"], m_micro[0]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m_full[0]["grad_norm"], m_micro[0]["grad_norm"], rtol=1e-5)
+  _assert_params_close(s_full.params, s_micro.params, atol=1e-5)
+
+
+def test_non_finite_loss_skips_update():
+  batch = _batch()
+
+  def nan_loss(model, b):
+    loss, m = sft.sft_loss(model, b, chunk=16)
+    return loss * jnp.nan, m
+
+  mesh_dev = jax.devices()[:1]
+  init, _ = _run({}, 8, batch, steps=0, devices=mesh_dev)
+  state, ms = _run({}, 8, batch, steps=2, loss_fn=nan_loss, devices=mesh_dev)
+  assert int(state.skipped) == 2 and int(state.step) == 0
+  assert [int(m["skipped"]) for m in ms] == [1, 1]
+  for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(init.opt_state), jax.tree.leaves(state.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sft_loss_counts_response_tokens_only():
+  batch = _batch(rows=4)
+  model = Qwen(CFG, rngs=nnx.Rngs(1))
+  loss, m = sft.sft_loss(model, jax.tree.map(jnp.asarray, batch), chunk=7)
+  logp = jax.nn.log_softmax(model(jnp.asarray(batch["tokens"])), axis=-1)
+  toks, mask = batch["tokens"], batch["loss_mask"]
+  expected, count = 0.0, 0
+  for r in range(toks.shape[0]):
+    for t in range(1, toks.shape[1]):
+      if mask[r, t]:
+        expected -= float(logp[r, t - 1, toks[r, t]])
+        count += 1
+  assert int(m["tokens"]) == count == mask.sum()
+  np.testing.assert_allclose(float(loss), expected / count, rtol=1e-5)
+  # Changing a prompt token's *target* (the token itself stays input) cannot change the loss
+  # unless it is a response token: flip the loss mask off everywhere -> zero loss.
+  off = dict(batch, loss_mask=np.zeros_like(mask))
+  zero, _ = sft.sft_loss(model, jax.tree.map(jnp.asarray, off), chunk=7)
+  assert float(zero) == 0.0
+
+
+def test_pack_sft_truncates_and_rounds():
+  rows = [([1, 2, 3, 4, 5], [False, False, True, True, True]), ([7, 8], [False, True])]
+  out = sft.pack_sft(rows, max_len=4, pad_id=0, round_to=8)
+  assert out["tokens"].shape == (2, 4)
+  np.testing.assert_array_equal(out["tokens"], [[1, 2, 3, 4], [7, 8, 0, 0]])
+  np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1], [0, 1, 0, 0]])
+  assert out["denom"][0] == 3
+
+
+def test_batch_iterator_resumes_exactly():
+  items = list(range(10))
+  a = BatchIterator(items, 4, seed=3)
+  first = [a.next() for _ in range(2)]
+  saved = a.state()
+  rest = [a.next() for _ in range(4)]
+  b = BatchIterator(items, 4, seed=3)
+  b.restore(saved)
+  assert [b.next() for _ in range(4)] == rest
+  seen = [x for batch in first + rest for x in batch]
+  assert sorted(seen[:10]) == items  # each epoch is a permutation
+  with pytest.raises(ValueError, match="data changed"):
+    BatchIterator(items[:5], 4).restore(saved)
+
+
+def test_optimizer_state_is_sharded_like_params():
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
+  model = Qwen(CFG, rngs=nnx.Rngs(0))
+  _, params = nnx.split(model, nnx.Param)
+  psh = state_lib.param_shardings(model, mesh)
+  tx = state_lib.make_optimizer(base.base_config().optim, 10)
+  state, _ = state_lib.init_state(jax.device_put(params, psh), tx, psh, mesh)
+  adam = state.opt_state[1][0]
+  mu = adam.mu["layers"][0]["mlp"]["down_proj"][...]
+  assert mu.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
