@@ -13,7 +13,7 @@ Three entry points:
   (the loss computes logprobs from these in vocabulary chunks).
 - `model.decode(tokens_BT, positions_BT, cache)` -> (logits_BTV, cache): the cache is passed in and
   returned; the T new tokens of row b are written at slots positions[b, 0] .. positions[b, 0]+T-1
-  and attend to every slot s <= their position.
+  and attend to every slot s <= their position. The cache layout is [L, B, K, S, H].
 """
 
 from __future__ import annotations
@@ -181,13 +181,15 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
   def _proj(self, x, name):
-    y = jnp.einsum("btd,dkh->btkh", x, getattr(self, f"{name}_proj")[...].astype(self.dtype))
+    w_DKH = getattr(self, f"{name}_proj")[...].astype(self.dtype)
+    # one 2-D matmul (the reshapes are free): no per-call transposes of the weight
+    y = (x @ w_DKH.reshape(w_DKH.shape[0], -1)).reshape(*x.shape[:-1], *w_DKH.shape[1:])
     if self.cfg.qkv_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return y
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, impl=None):
-    """kv: optional (k_cache_BSKH, v_cache_BSKH) to write into and attend over."""
+    """kv: optional (k_cache_BKSH, v_cache_BKSH) to write into and attend over."""
     cfg = self.cfg
     q = self._proj(x_BTD, "q")
     k = self._proj(x_BTD, "k")
@@ -201,16 +203,32 @@ class Attention(nnx.Module):
     if kv is not None:
       k_cache, v_cache = kv
       start = positions_BT[:, 0]
-      write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-      k_cache = write(k_cache, k.astype(k_cache.dtype), start)
-      v_cache = write(v_cache, v.astype(v_cache.dtype), start)
+      write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=1))
+      k_cache = write(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
+      v_cache = write(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
       new_kv = (k_cache, v_cache)
-      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
-    out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask_BTS[:, None, :, :], scale=cfg.head_dim**-0.5, implementation=impl
-    )  # [B, T, N, H]
-    out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(self.dtype))
-    return out, new_kv
+      out = self._attend_cache(q, k_cache, v_cache, mask_BTS)
+    else:
+      out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask_BTS[:, None, :, :], scale=cfg.head_dim**-0.5, implementation=impl
+      )  # [B, T, N, H]
+    b, t, n, h = out.shape
+    o_NHD = self.o_proj[...].astype(self.dtype)
+    return out.reshape(b, t, n * h) @ o_NHD.reshape(n * h, -1), new_kv
+
+  def _attend_cache(self, q_BTNH, k_BKSH, v_BKSH, mask_BTS):
+    """GQA attention over a [B, K, S, H] cache: (batch, kv-head) lead both operands, so the
+    cache is read in place (no transposed copy per step)."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BKSH.shape[1]
+    q = q_BTNH.reshape(b, t, kv, n // kv, h)
+    k, v = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * self.cfg.head_dim**-0.5
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
@@ -261,9 +279,7 @@ class Qwen(nnx.Module):
     self.embed_tokens = _param(
       rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype
     )
-    self.layers = nnx.List(
-      [Block(cfg, dtype=dtype, **kw) for _ in range(cfg.num_hidden_layers)]
-    )
+    self.layers = nnx.List([Block(cfg, dtype=dtype, **kw) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     if not cfg.tie_word_embeddings:
       self.lm_head_kernel = _param(
@@ -277,9 +293,7 @@ class Qwen(nnx.Module):
 
   def logits(self, hidden_BTD: jax.Array) -> jax.Array:
     """Hidden -> float32 logits."""
-    out = jnp.einsum(
-      "btd,dv->btv", hidden_BTD, self.lm_head(), preferred_element_type=jnp.float32
-    )
+    out = jnp.einsum("btd,dv->btv", hidden_BTD, self.lm_head(), preferred_element_type=jnp.float32)
     return constrain(out, ("batch", "seq", "vocab"))
 
   def _embed(self, tokens_BT):
@@ -311,7 +325,7 @@ class Qwen(nnx.Module):
   ) -> tuple[jax.Array, KVCache]:
     """Writes the T new tokens into `cache` at their positions, attends over it; returns
     (float32 logits [B, T, V], new cache). Positions of a row must be contiguous."""
-    s = cache.k.shape[2]
+    s = cache.slots
     mask = jnp.arange(s)[None, None, :] <= positions_BT[:, :, None]  # [B, T, S]
     x = self._embed(tokens_BT)
     k_all, v_all = cache.k, cache.v

@@ -40,7 +40,7 @@ GREEDY = Sampling(temperature=0.0)
 class Prefix:
   """Prefill result for P prompts: the KV of their tokens and the tokens themselves."""
 
-  cache: KVCache  # [L, P, T, K, H]
+  cache: KVCache  # [L, P, K, T, H]
   tokens: jax.Array  # [P, T] int32  right-padded prompts
   lengths: jax.Array  # [P] int32   true prompt lengths
 
@@ -49,7 +49,7 @@ class Prefix:
 class DecodeState:
   """Everything a generate step transforms; slot b's position p lives at [b, p]."""
 
-  cache: KVCache  # [L, B, S, K, H]
+  cache: KVCache  # [L, B, K, S, H]
   tokens: jax.Array  # [B, S] int32  prompt, then sampled tokens
   logprobs: jax.Array  # [B, S] f32  of the token at p under the distribution sampled (0 on prompt)
   policy_logprobs: jax.Array  # [B, S] f32  same under the policy (temperature 1, no truncation)
@@ -119,6 +119,7 @@ class QwenEngine(engine_api.Engine):
       params,
       is_leaf=lambda x: isinstance(x, tuple) or x is None,
     )
+    self._param_tree = jax.tree.structure(params)
     self.params = self.load_params(params) if keep_params else None
     self.state_shardings = jax.tree.map(
       lambda axes, x: named_sharding(self._mesh, axes, x.shape),
@@ -175,7 +176,7 @@ class QwenEngine(engine_api.Engine):
       slot, row = slots_M[i], rows_M[i]
 
       def kv(full, part):
-        part = jax.lax.dynamic_slice_in_dim(part, row, 1, axis=1)  # [L, 1, T, K, H]
+        part = jax.lax.dynamic_slice_in_dim(part, row, 1, axis=1)  # [L, 1, K, T, H]
         return jax.lax.dynamic_update_slice(full, part, (0, slot, 0, 0, 0))
 
       tok_1T = jax.lax.dynamic_slice_in_dim(prefix.tokens, row, 1, axis=0)
@@ -224,7 +225,7 @@ class QwenEngine(engine_api.Engine):
       return (i < steps) & ~jnp.all(st.done)
 
     full = state.cache
-    cache = jax.tree.map(lambda x: x[:, :, :window], full) if window < s else full
+    cache = jax.tree.map(lambda x: x[:, :, :, :window], full) if window < s else full
     last_B2 = jnp.stack([jnp.full((b,), -1), jnp.zeros((b,), jnp.int32)], axis=1)
     carry = (jnp.int32(0), cache, state, last_B2.astype(jnp.int32))
     _, cache, state, last_B2 = jax.lax.while_loop(running, step, carry)
@@ -264,7 +265,8 @@ class QwenEngine(engine_api.Engine):
     for i, prompt in enumerate(prompts):
       tokens[i, : len(prompt)] = prompt
       lengths[i] = len(prompt)
-    return self._prefill_jit(params, jnp.asarray(tokens), jnp.asarray(lengths))
+    with jax.set_mesh(self._mesh):
+      return self._prefill_jit(params, jnp.asarray(tokens), jnp.asarray(lengths))
 
   def insert_many(self, prefix: Prefix, state: DecodeState, slots, rows, limits) -> DecodeState:
     """Copies prefix row rows[i] into slot slots[i], stopping at length limits[i]."""
@@ -274,7 +276,8 @@ class QwenEngine(engine_api.Engine):
     if max(limits) > self.max_len:
       raise ValueError(f"limit {max(limits)} exceeds the cache length {self.max_len}")
     pad = lambda xs: np.concatenate([np.asarray(xs, np.int32), np.zeros(self.slots - m, np.int32)])
-    return self._insert_jit(prefix, state, pad(slots), pad(rows), pad(limits), np.int32(m))
+    with jax.set_mesh(self._mesh):
+      return self._insert_jit(prefix, state, pad(slots), pad(rows), pad(limits), np.int32(m))
 
   def generate_steps(
     self, params, state: DecodeState, *, steps: int, sampling: Sampling, window: int | None = None
@@ -283,7 +286,8 @@ class QwenEngine(engine_api.Engine):
     (state, data [B, 4] int32: the last step's token (-1 where idle) and valid, then each slot's
     length and done)."""
     window = self.max_len if window is None else window
-    return self._generate_jit(params, state, sampling=sampling, steps=steps, window=window)
+    with jax.set_mesh(self._mesh):
+      return self._generate_jit(params, state, sampling=sampling, steps=steps, window=window)
 
   # ---- Engine API ----------------------------------------------------------------------------
 
@@ -296,10 +300,16 @@ class QwenEngine(engine_api.Engine):
       return self.params
     if isinstance(params, nnx.Module):
       params = nnx.state(params, nnx.Param)
-    return jax.device_put(params, self.param_shardings)
+    # rebuilt in the engine's own tree structure: any metadata difference would retrace
+    leaves = jax.tree.leaves(params)
+    if len(leaves) != self._param_tree.num_leaves:
+      raise ValueError(f"params have {len(leaves)} arrays, the model {self._param_tree.num_leaves}")
+    placed = jax.device_put(leaves, jax.tree.leaves(self.param_shardings))
+    return jax.tree.unflatten(self._param_tree, placed)
 
   def init_decode_state(self, seed: int = 0, *args, **kwargs) -> DecodeState:
-    return self._init_jit(jax.random.PRNGKey(seed))
+    with jax.set_mesh(self._mesh):
+      return self._init_jit(jax.random.PRNGKey(seed))
 
   def prefill(self, *, params, existing_prefix=None, padded_tokens, true_length) -> Prefix:
     """Prefix of one prompt (padded_tokens [T], T a bucket) or of P prompts ([P, T], [P])."""
@@ -313,7 +323,8 @@ class QwenEngine(engine_api.Engine):
       raise ValueError(f"padded length {tokens.shape[1]} is not a bucket {self.buckets}")
     if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
       raise ValueError(f"true_length {lengths} outside [1, {tokens.shape[1]}]")
-    return self._prefill_jit(params, jnp.asarray(tokens), jnp.asarray(lengths))
+    with jax.set_mesh(self._mesh):
+      return self._prefill_jit(params, jnp.asarray(tokens), jnp.asarray(lengths))
 
   def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
     return self.insert_many(prefix, decode_state, [slot], [0], [self.max_len])
@@ -326,7 +337,7 @@ class QwenEngine(engine_api.Engine):
 
   def get_prefix_destination_sharding(self) -> Prefix:
     t = self.buckets[-1]
-    shape = (self.cfg.num_hidden_layers, 1, t, self.cfg.num_key_value_heads, self.cfg.head_dim)
+    shape = (self.cfg.num_hidden_layers, 1, self.cfg.num_key_value_heads, t, self.cfg.head_dim)
     kv = named_sharding(self._mesh, CACHE_AXES, shape)
     return Prefix(
       cache=KVCache(k=kv, v=kv),

@@ -1,0 +1,280 @@
+"""The JetStream engine and the continuous-batching driver on a tiny random Qwen (CPU)."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tapo_jax.models.qwen import Qwen, QwenConfig
+from tapo_jax.sampling import (
+  TRACES,
+  Generation,
+  QwenEngine,
+  Sampling,
+  generate,
+  sample,
+  truncate,
+)
+from tapo_jax.sampling.jetstream_compat import engine_api
+from tapo_jax.sharding import make_mesh
+
+CFG = QwenConfig(
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
+BUCKETS = (8, 16)
+STEPS = 4  # generate steps per host sync in every test (one compile per sampling setting)
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 28)), [3] * 11]  # 8 = a bucket boundary
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Qwen(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  return QwenEngine(model, slots=4, max_len=32, prefill_buckets=BUCKETS)
+
+
+def run(engine, params, prompts=PROMPTS, **kw):
+  kw.setdefault("max_new_tokens", 8)
+  kw.setdefault("n", 1)
+  return generate(None, prompts, engine=engine, params=params, steps_per_sync=STEPS, **kw)
+
+
+def greedy_reference(model, prompt, steps, eos=()):
+  """Step-by-step argmax of the full causal forward (right-padded to 32: one compile)."""
+  graphdef, params = nnx.split(model)
+  forward = jax.jit(lambda p, t, i: nnx.merge(graphdef, p)(t)[0, i])
+  tokens = list(prompt)
+  for _ in range(steps):
+    padded = np.zeros((1, 32), np.int32)
+    padded[0, : len(tokens)] = tokens
+    tokens.append(int(jnp.argmax(forward(params, padded, len(tokens) - 1))))
+    if tokens[-1] in eos:
+      break
+  return tokens[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def greedy_refs(model):
+  return [greedy_reference(model, p, 8) for p in PROMPTS]
+
+
+def test_greedy_matches_full_forward_with_slot_reuse(engine, greedy_refs):
+  # 4 prompts x 3 samples = 12 rows through 4 slots; prompts of 2, 5, 8 (a bucket) and 11 tokens
+  g = run(engine, engine.params, n=3, temperature=0.0)
+  assert len(g.completions) == 12
+  for r, completion in enumerate(g.completions):
+    assert completion == greedy_refs[r // 3], r
+  assert g.truncated == [True] * 12
+  assert all(np.all(lp == 0.0) for lp in g.logprobs)  # greedy samples a point mass
+
+
+def test_eos_stops_a_row_and_is_included(engine, greedy_refs):
+  eos = greedy_refs[0][2]  # the third greedy token of prompt 0
+  g = run(engine, engine.params, temperature=0.0, eos_token_ids=(eos,))
+  for i, ref in enumerate(greedy_refs):
+    want = ref[: ref.index(eos) + 1] if eos in ref else ref
+    assert g.completions[i] == want
+    assert g.truncated[i] == (eos not in ref)
+  assert len(g.completions[0]) == 3 and not g.truncated[0]
+
+
+def test_jetstream_api_prefill_insert_generate(engine, greedy_refs):
+  assert engine.max_concurrent_decodes == 4 and engine.samples_per_slot == 1
+  assert engine.max_prefill_length == 16 and engine.colocated_cpus is None
+  state = engine.init_decode_state(0)
+  padded = np.zeros(8, np.int32)
+  padded[:5] = PROMPTS[0]
+  prefix = engine.prefill(params=engine.params, padded_tokens=padded, true_length=5)
+  state = engine.insert(prefix, state, 2)
+  got = []
+  for _ in range(4):
+    state, result = engine.generate(engine.params, state)
+    slot = result.convert_to_numpy().get_result_at_slot(2)
+    assert slot.valid[0, 0] == 1
+    got.append(int(slot.tokens[0, 0]))
+    assert result.convert_to_numpy().get_result_at_slot(0).valid[0, 0] == 0  # never filled
+  assert got == greedy_refs[0][:4]
+  assert int(slot.lengths[0]) == 5 + 4
+
+
+def truncated_logprobs_reference(logits, temperature, top_p, top_k):
+  """Hugging Face's warpers in numpy: temperature, top-k, then top-p; log of the renormalized."""
+  z = logits.astype(np.float64) / temperature
+  if top_k:
+    z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+  order = np.argsort(-z)
+  p = np.exp(z[order] - z[order][0])
+  p /= p.sum()
+  drop = order[(np.cumsum(p) - p) >= top_p]
+  z[drop] = -np.inf
+  return z - np.log(np.sum(np.exp(z - z.max()))) - z.max()
+
+
+def test_logprobs_match_recomputed_forward(engine, model):
+  t, top_p, top_k = 0.7, 0.9, 20
+  g = run(engine, engine.params, n=2, temperature=t, top_p=top_p, top_k=top_k, seed=3)
+  batch = g.padded()
+  logits = np.asarray(model(jnp.asarray(batch.tokens)), np.float64)  # [R, T, V]
+  policy = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  for r in range(len(g.completions)):
+    p, n = batch.prompt_lens[r], batch.response_lens[r]
+    for j in range(n):
+      pos, tok = p + j, batch.tokens[r, p + j]
+      np.testing.assert_allclose(batch.policy_logprobs[r, pos], policy[r, pos - 1, tok], atol=1e-4)
+      want = truncated_logprobs_reference(logits[r, pos - 1], t, top_p, top_k)[tok]
+      assert np.isfinite(want)  # the sampled token lies in the truncated set
+      np.testing.assert_allclose(batch.sampler_logprobs[r, pos], want, atol=1e-4)
+      assert g.logprobs[r][j] == batch.sampler_logprobs[r, pos]
+
+
+def test_samples_of_one_prompt_differ_and_seed_reproduces(engine):
+  g = run(engine, engine.params, prompts=[PROMPTS[0]], n=4, temperature=1.0, seed=1)
+  assert len({tuple(c) for c in g.completions}) == 4
+  again = run(engine, engine.params, prompts=[PROMPTS[0]], n=4, temperature=1.0, seed=1)
+  assert again.completions == g.completions
+  other = run(engine, engine.params, prompts=[PROMPTS[0]], n=4, temperature=1.0, seed=2)
+  assert other.completions != g.completions
+
+
+def test_new_params_change_output_without_retrace(engine, model, greedy_refs):
+  run(engine, engine.params, temperature=0.0)  # compiled (the first greedy test may not run)
+  traces = dict(TRACES)
+  other = Qwen(CFG, rngs=nnx.Rngs(1))
+  g = run(engine, engine.load_params(other), temperature=0.0)
+  assert dict(TRACES) == traces
+  assert g.completions != [ref for ref in greedy_refs]
+  assert g.completions[1] == greedy_reference(other, PROMPTS[1], 8)
+  g = generate(
+    model, PROMPTS, engine=engine, max_new_tokens=8, temperature=0.0, steps_per_sync=STEPS
+  )  # the model's own params, still no retrace
+  assert g.completions == greedy_refs and dict(TRACES) == traces
+
+
+def test_eight_device_mesh_matches_one_device(model, greedy_refs):
+  mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  assert mesh.devices.size == 8
+  sharded = QwenEngine(model, slots=4, max_len=32, prefill_buckets=BUCKETS, mesh=mesh)
+  spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
+  assert sharded.state_shardings.cache.k.spec == spec
+  g = run(sharded, sharded.params, n=2, temperature=0.0)
+  assert g.completions == [ref for ref in greedy_refs for _ in range(2)]
+
+
+def test_truncate_by_hand():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = lambda top_p, top_k: np.isfinite(np.asarray(truncate(logits, top_p, top_k)))[0].tolist()
+  assert kept(0.7, 0) == [True, True, False, False]  # mass above 0.3 is 0.5 < 0.7
+  assert kept(0.5, 0) == [True, False, False, False]  # mass above 0.3 is 0.5, not < 0.5
+  assert kept(1.0, 3) == [True, True, True, False]
+  assert kept(0.9, 2) == [True, True, False, False]
+  assert kept(1.0, 0) == [True] * 4
+
+
+def test_sample_greedy_and_point_mass():
+  logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+  tokens, lp, plp = sample(logits, jax.random.key(0), Sampling(temperature=0.0))
+  assert tokens.tolist() == [1, 0] and lp.tolist() == [0.0, 0.0]
+  np.testing.assert_allclose(plp, jax.nn.log_softmax(logits)[jnp.arange(2), tokens], atol=1e-6)
+  tokens, lp, plp = sample(logits, jax.random.key(0), Sampling(top_k=1))  # top-1 is greedy too
+  assert tokens.tolist() == [1, 0] and np.allclose(lp, 0.0)
+
+
+def test_padded_rows_by_hand():
+  g = Generation(
+    prompts=[[7, 8], [9]],
+    n=1,
+    completions=[[1, 2, 3], [4]],
+    logprobs=[np.array([-0.1, -0.2, -0.3]), np.array([-0.4])],
+    policy_logprobs=[np.array([-1.0, -2.0, -3.0]), np.array([-4.0])],
+    truncated=[True, False],
+  )
+  b = g.padded(length=6, pad_id=0)
+  assert b.tokens.tolist() == [[7, 8, 1, 2, 3, 0], [9, 4, 0, 0, 0, 0]]
+  assert b.loss_mask.tolist() == [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]]
+  np.testing.assert_allclose(b.sampler_logprobs[0], [0, 0, -0.1, -0.2, -0.3, 0])
+  np.testing.assert_allclose(b.policy_logprobs[1], [0, -4.0, 0, 0, 0, 0])
+  assert b.prompt_lens.tolist() == [2, 1] and b.response_lens.tolist() == [3, 1]
+  assert b.positions[1].tolist() == list(range(6)) and b.truncated.tolist() == [True, False]
+  with pytest.raises(ValueError, match="does not fit"):
+    g.padded(length=4)
+
+
+@pytest.mark.parametrize(
+  "prompts,kw,match",
+  [
+    ([list(range(17))], {}, "largest prefill bucket"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[1, 2]], {"n": 0}, "n must be"),
+    ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([list(range(16))], {"max_new_tokens": 17}, "exceeds the cache length 32"),
+    ([[1, 96]], {}, "token ids outside"),
+    ([[1, 2]], {"top_p": 0.0}, "top_p"),
+    ([], {}, "no prompts"),
+  ],
+)
+def test_bad_input_is_a_clear_error_before_any_work(engine, prompts, kw, match):
+  traces = dict(TRACES)
+  with pytest.raises(ValueError, match=match):
+    run(engine, engine.params, prompts=prompts, **kw)
+  assert dict(TRACES) == traces
+
+
+def test_bad_input_without_engine(model):
+  with pytest.raises(ValueError, match="largest prefill bucket"):
+    generate(model, [list(range(20))], max_new_tokens=4, prefill_buckets=BUCKETS)
+
+
+def test_engine_is_a_jetstream_engine(engine):
+  assert isinstance(engine, engine_api.Engine)
+  assert engine.get_tokenizer().path == ""
+  with pytest.raises(NotImplementedError):
+    engine.prefill(params=engine.params, existing_prefix=object(), padded_tokens=[1], true_length=1)
+
+
+LEAN = textwrap.dedent(
+  """
+  import importlib.abc, logging, sys
+
+  class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+      if name.split(".")[0] in ("seqio", "tensorflow", "tiktoken"):
+        raise ModuleNotFoundError(f"blocked: {name}")
+      if name == "jetstream.engine.token_utils":  # a dependency that configures logging
+        logging.basicConfig(level=logging.DEBUG, force=True)
+      return None
+
+  sys.meta_path.insert(0, Block())
+  ours = logging.StreamHandler(sys.stderr)
+  logging.getLogger().handlers[:] = [ours]
+  logging.getLogger().setLevel(logging.WARNING)
+  from tapo_jax.sampling import QwenEngine, jetstream_compat
+  from jetstream.engine import engine_api
+  assert issubclass(QwenEngine, engine_api.Engine)
+  assert sorted(jetstream_compat.STUBBED) == ["seqio", "tiktoken"], jetstream_compat.STUBBED
+  assert not any(m.startswith("tensorflow") for m in sys.modules)
+  assert logging.getLogger().handlers == [ours], logging.getLogger().handlers
+  assert logging.getLogger().level == logging.WARNING
+  print("LEAN OK")
+  """
+)
+
+
+def test_lean_install_imports_without_seqio_tensorflow_tiktoken():
+  out = subprocess.run(
+    [sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=120, check=False
+  )
+  assert out.returncode == 0 and "LEAN OK" in out.stdout, out.stderr[-3000:]
