@@ -168,8 +168,9 @@ def test_eight_device_mesh_matches_one_device(model, greedy_refs):
   mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   assert mesh.devices.size == 8
   sharded = QwenEngine(model, slots=4, max_len=32, prefill_buckets=BUCKETS, mesh=mesh)
-  spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
-  assert sharded.state_shardings.cache.k.spec == spec
+  spec = jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
+  cache = sharded.state_shardings.cache
+  assert [x.spec for x in cache.k + cache.v] == [spec] * 4
   g = run(sharded, sharded.params, n=2, temperature=0.0)
   assert g.completions == [ref for ref in greedy_refs for _ in range(2)]
 

@@ -6,22 +6,28 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-# (batch, kv-head) lead each layer's [B, K, S, H] block, so decode attention reads it in place
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+# Logical axes of each layer's array. (batch, kv-head) lead, so decode attention reads a layer's
+# block in place; one array per layer (not one stacked [L, ...] array), so a decode step writes
+# and reads each layer's buffer without slicing copies.
+CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer; slot s of row b holds position s."""
+  """Keys and values, one array per layer; slot s of row b holds position s."""
 
-  k: jax.Array  # [L, B, K, S, H]
-  v: jax.Array  # [L, B, K, S, H]
+  k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+  v: tuple[jax.Array, ...]  # L x [B, K, S, H]
 
   @classmethod
   def zeros(cls, cfg, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+    layers = range(cfg.num_hidden_layers)
+    return cls(
+      k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+      v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+    )
 
   @property
   def slots(self) -> int:
-    return self.k.shape[3]
+    return self.k[0].shape[2]

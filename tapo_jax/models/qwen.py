@@ -13,7 +13,7 @@ Three entry points:
   (the loss computes logprobs from these in vocabulary chunks).
 - `model.decode(tokens_BT, positions_BT, cache)` -> (logits_BTV, cache): the cache is passed in and
   returned; the T new tokens of row b are written at slots positions[b, 0] .. positions[b, 0]+T-1
-  and attend to every slot s <= their position. The cache layout is [L, B, K, S, H].
+  and attend to every slot s <= their position. The cache holds one [B, K, S, H] array per layer.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Attention(nnx.Module):
     return y
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, impl=None):
-    """kv: optional (k_cache_BKSH, v_cache_BKSH) to write into and attend over."""
+    """kv: optional (k_cache_BKSH, v_cache_BKSH) of this layer to write into and attend over."""
     cfg = self.cfg
     q = self._proj(x_BTD, "q")
     k = self._proj(x_BTD, "k")
@@ -201,11 +201,11 @@ class Attention(nnx.Module):
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     new_kv = None
     if kv is not None:
+      # a scatter into this layer's own buffer: in place in a loop carry or a donated buffer
       k_cache, v_cache = kv
-      start = positions_BT[:, 0]
-      write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=1))
-      k_cache = write(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
-      v_cache = write(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
+      rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+      k_cache = k_cache.at[rows_B1, :, positions_BT].set(k.astype(k_cache.dtype))
+      v_cache = v_cache.at[rows_B1, :, positions_BT].set(v.astype(v_cache.dtype))
       new_kv = (k_cache, v_cache)
       out = self._attend_cache(q, k_cache, v_cache, mask_BTS)
     else:
@@ -324,15 +324,14 @@ class Qwen(nnx.Module):
     self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache
   ) -> tuple[jax.Array, KVCache]:
     """Writes the T new tokens into `cache` at their positions, attends over it; returns
-    (float32 logits [B, T, V], new cache). Positions of a row must be contiguous."""
+    (float32 logits [B, T, V], new cache)."""
     s = cache.slots
     mask = jnp.arange(s)[None, None, :] <= positions_BT[:, :, None]  # [B, T, S]
     x = self._embed(tokens_BT)
-    k_all, v_all = cache.k, cache.v
+    ks, vs = list(cache.k), list(cache.v)
     for i, layer in enumerate(self.layers):
-      x, (k, v) = layer(x, positions_BT, mask, (k_all[i], v_all[i]), None)
-      k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)  # in place when the cache is donated
-    return self.logits(self.norm(x)), KVCache(k=k_all, v=v_all)
+      x, (ks[i], vs[i]) = layer(x, positions_BT, mask, (ks[i], vs[i]), None)
+    return self.logits(self.norm(x)), KVCache(k=tuple(ks), v=tuple(vs))
 
   def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
     """An empty cache for `batch` rows of `slots` positions."""

@@ -40,7 +40,7 @@ GREEDY = Sampling(temperature=0.0)
 class Prefix:
   """Prefill result for P prompts: the KV of their tokens and the tokens themselves."""
 
-  cache: KVCache  # [L, P, K, T, H]
+  cache: KVCache  # L x [P, K, T, H]
   tokens: jax.Array  # [P, T] int32  right-padded prompts
   lengths: jax.Array  # [P] int32   true prompt lengths
 
@@ -49,7 +49,7 @@ class Prefix:
 class DecodeState:
   """Everything a generate step transforms; slot b's position p lives at [b, p]."""
 
-  cache: KVCache  # [L, B, K, S, H]
+  cache: KVCache  # L x [B, K, S, H]
   tokens: jax.Array  # [B, S] int32  prompt, then sampled tokens
   logprobs: jax.Array  # [B, S] f32  of the token at p under the distribution sampled (0 on prompt)
   policy_logprobs: jax.Array  # [B, S] f32  same under the policy (temperature 1, no truncation)
@@ -59,11 +59,15 @@ class DecodeState:
   rng: jax.Array  # [2] uint32  split on every step
 
 
-def _state_axes() -> DecodeState:
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def _state_axes(layers: int) -> DecodeState:
   """Logical axes of every DecodeState leaf."""
   row = ("batch", "cache_seq")
   return DecodeState(
-    cache=KVCache(k=CACHE_AXES, v=CACHE_AXES),
+    cache=KVCache(k=(CACHE_AXES,) * layers, v=(CACHE_AXES,) * layers),
     tokens=row,
     logprobs=row,
     policy_logprobs=row,
@@ -123,9 +127,9 @@ class QwenEngine(engine_api.Engine):
     self.params = self.load_params(params) if keep_params else None
     self.state_shardings = jax.tree.map(
       lambda axes, x: named_sharding(self._mesh, axes, x.shape),
-      _state_axes(),
+      _state_axes(self.cfg.num_hidden_layers),
       jax.eval_shape(self._zero_state, jnp.zeros((2,), jnp.uint32)),
-      is_leaf=lambda x: isinstance(x, tuple),
+      is_leaf=_is_axes,
     )
     rep = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
     self._init_jit = jax.jit(self._zero_state, out_shardings=self.state_shardings)
@@ -162,7 +166,7 @@ class QwenEngine(engine_api.Engine):
     TRACES["prefill"] += 1
     p, t = tokens_PT.shape
     cache = KVCache.zeros(self.cfg, p, t, self.cache_dtype)
-    kv = named_sharding(self._mesh, CACHE_AXES, cache.k.shape)
+    kv = named_sharding(self._mesh, CACHE_AXES, cache.k[0].shape)
     cache = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv), cache)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
     _, cache = self._model(params).decode(tokens_PT, positions, cache)  # logits are dead code
@@ -176,12 +180,12 @@ class QwenEngine(engine_api.Engine):
       slot, row = slots_M[i], rows_M[i]
 
       def kv(full, part):
-        part = jax.lax.dynamic_slice_in_dim(part, row, 1, axis=1)  # [L, 1, K, T, H]
-        return jax.lax.dynamic_update_slice(full, part, (0, slot, 0, 0, 0))
+        part = jax.lax.dynamic_slice_in_dim(part, row, 1, axis=0)  # [1, K, T, H]
+        return jax.lax.dynamic_update_slice(full, part, (slot, 0, 0, 0))
 
       tok_1T = jax.lax.dynamic_slice_in_dim(prefix.tokens, row, 1, axis=0)
       return st.replace(
-        cache=KVCache(k=kv(st.cache.k, prefix.cache.k), v=kv(st.cache.v, prefix.cache.v)),
+        cache=jax.tree.map(kv, st.cache, prefix.cache),
         tokens=jax.lax.dynamic_update_slice(st.tokens, tok_1T, (slot, 0)),
         logprobs=jax.lax.dynamic_update_slice(st.logprobs, zeros_1S, (slot, 0)),
         policy_logprobs=jax.lax.dynamic_update_slice(st.policy_logprobs, zeros_1S, (slot, 0)),
@@ -225,14 +229,13 @@ class QwenEngine(engine_api.Engine):
       return (i < steps) & ~jnp.all(st.done)
 
     full = state.cache
-    cache = jax.tree.map(lambda x: x[:, :, :, :window], full) if window < s else full
+    cache = jax.tree.map(lambda x: x[:, :, :window], full) if window < s else full
     last_B2 = jnp.stack([jnp.full((b,), -1), jnp.zeros((b,), jnp.int32)], axis=1)
-    carry = (jnp.int32(0), cache, state, last_B2.astype(jnp.int32))
+    carry = (jnp.int32(0), cache, state.replace(cache=None), last_B2.astype(jnp.int32))
     _, cache, state, last_B2 = jax.lax.while_loop(running, step, carry)
     if window < s:
-      cache = jax.tree.map(
-        lambda f, w: jax.lax.dynamic_update_slice(f, w, (0, 0, 0, 0, 0)), full, cache
-      )
+      put_back = lambda f, w: jax.lax.dynamic_update_slice(f, w, (0, 0, 0, 0))
+      cache = jax.tree.map(put_back, full, cache)
     data_B4 = jnp.concatenate([last_B2, state.lengths[:, None], state.done[:, None]], axis=1)
     return state.replace(cache=cache), data_B4.astype(jnp.int32)
 
@@ -337,8 +340,8 @@ class QwenEngine(engine_api.Engine):
 
   def get_prefix_destination_sharding(self) -> Prefix:
     t = self.buckets[-1]
-    shape = (self.cfg.num_hidden_layers, 1, self.cfg.num_key_value_heads, t, self.cfg.head_dim)
-    kv = named_sharding(self._mesh, CACHE_AXES, shape)
+    shape = (1, self.cfg.num_key_value_heads, t, self.cfg.head_dim)
+    kv = (named_sharding(self._mesh, CACHE_AXES, shape),) * self.cfg.num_hidden_layers
     return Prefix(
       cache=KVCache(k=kv, v=kv),
       tokens=named_sharding(self._mesh, ("batch", "seq"), (1, t)),
