@@ -1,5 +1,8 @@
 """Decoupled advantages (hand-computed), their invariants, and the GRPO reward extras."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,12 +18,11 @@ def dae(rewards, groups, constructed, valid=None, **kw):
   n = len(rewards)
   valid = np.ones(n, bool) if valid is None else np.asarray(valid)
   return np.asarray(
-    decoupled_advantages(
+    jax.jit(functools.partial(decoupled_advantages, **kw))(
       jnp.asarray(rewards, jnp.float32),
       jnp.asarray(groups, jnp.int32),
       jnp.asarray(constructed, bool),
       jnp.asarray(valid),
-      **kw,
     )
   )
 

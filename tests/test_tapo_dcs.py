@@ -4,7 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tapo_jax.tapo.dcs import dcs_metrics, select_candidates
+from tapo_jax.tapo import dcs
+from tapo_jax.tapo.dcs import dcs_metrics
+
+select_candidates = jax.jit(dcs.select_candidates, static_argnums=(2, 3, 4))
 
 # K = 8; rows: 2 correct (eligible), 1 correct, 5 correct / 3 wrong, 4/4 (eligible), 0, 8 correct
 GRID = np.array(
@@ -21,7 +24,7 @@ GRID = np.array(
 
 
 def test_eligibility_and_pair_counts():
-  c = select_candidates(jnp.asarray(GRID), jax.random.key(0), n_pos=2, n_neg=4, m_max=4)
+  c = select_candidates(jnp.asarray(GRID), jax.random.key(0), 2, 4, 4)
   np.testing.assert_array_equal(c.eligible, [True, False, False, True, False, False])
   np.testing.assert_array_equal(c.valid.sum(1), [4, 0, 0, 4, 0, 0])
   m = dcs_metrics(c)
@@ -56,14 +59,15 @@ def test_m_max_larger_than_k_is_padded_invalid():
   np.testing.assert_array_equal(c.valid, [[True, True, False, False, False]])
 
 
-def test_deterministic_in_key_and_jittable():
+def test_deterministic_in_key():
   grid = jnp.asarray(GRID)
-  a = select_candidates(grid, jax.random.key(7))
-  b = jax.jit(select_candidates, static_argnums=(2, 3, 4))(grid, jax.random.key(7), 2, 4, 4)
+  a = select_candidates(grid, jax.random.key(7), 2, 4, 4)
+  b = select_candidates(grid, jax.random.key(7), 2, 4, 4)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
   outs = {
-    tuple(np.asarray(select_candidates(grid, jax.random.key(s)).neg[0]).tolist()) for s in range(8)
+    tuple(np.asarray(select_candidates(grid, jax.random.key(s), 2, 4, 4).neg[0]).tolist())
+    for s in range(8)
   }
   assert len(outs) > 1  # the key matters
 
@@ -71,7 +75,7 @@ def test_deterministic_in_key_and_jittable():
 def test_choice_of_wrongs_and_partners_is_uniform():
   grid = jnp.asarray(GRID[:1])  # wrongs {1,2,4,5,6,7}, corrects {0,3}
   keys = jax.random.split(jax.random.key(1), 600)
-  c = jax.vmap(lambda k: select_candidates(grid, k))(keys)
+  c = jax.jit(jax.vmap(lambda k: dcs.select_candidates(grid, k)))(keys)
   neg = np.asarray(c.neg)[:, 0].reshape(-1)
   freq = np.bincount(neg, minlength=8)[[1, 2, 4, 5, 6, 7]] / 600
   np.testing.assert_allclose(freq, 4 / 6, atol=0.08)  # each wrong chosen w.p. M / #wrong

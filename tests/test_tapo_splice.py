@@ -107,3 +107,14 @@ def test_splice_exact_fit_is_not_overflow_and_one_more_is():
   ends = [[w] * N for w in WIDTHS]
   check(data, full, ends, out_len=sum(WIDTHS))  # total == out_len: no overflow
   check(data, full, ends, out_len=sum(WIDTHS) - 1)  # one token too many: truncated, flagged
+
+
+def test_splice_skips_zero_width_sources():
+  out = splice(
+    ({"t": jnp.zeros((1, 0), jnp.int32)}, {"t": jnp.array([[3, 4]])}),
+    (jnp.array([0]), jnp.array([0])),
+    (jnp.array([5]), jnp.array([2])),
+    out_len=3,
+  )
+  np.testing.assert_array_equal(out.values["t"], [[3, 4, 0]])
+  np.testing.assert_array_equal(out.segment, [[1, 1, -1]])

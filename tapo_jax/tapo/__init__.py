@@ -6,7 +6,6 @@ from tapo_jax.tapo.construct import (
   SYNTHESIS_TEMPLATE,
   TokenTables,
   common_prefix_len,
-  construct,
   parse_construction,
   token_tables,
 )
@@ -28,7 +27,6 @@ __all__ = [
   "TokenTables",
   "common_prefix_len",
   "concat_rollouts",
-  "construct",
   "decoupled_advantages",
   "overlong_penalty",
   "pack_rollouts",

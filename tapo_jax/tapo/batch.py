@@ -36,7 +36,7 @@ class Rollouts:
   valid: jax.Array  # [R] bool   False on rows that only pad the batch to a fixed size
   # Filled by `tapo.loss.prepare_batch` (over the whole batch, before micro-batching):
   advantages: jax.Array | None = None  # [R] f32
-  loss_scale: jax.Array | None = None  # [R] f32  per-token weight of the row in the summed loss
+  loss_scale: jax.Array | None = None  # [R] f32  per-token weight of the row in L_orig / L_ref
   token_scale: jax.Array | None = None  # [R] f32  1 / loss tokens of the row's group (metrics)
   # Filled by the trainer when it has them:
   old_logprobs: jax.Array | None = None  # [R, T] f32  π_old, token-aligned; None: π_old = π_θ

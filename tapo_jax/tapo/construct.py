@@ -57,6 +57,8 @@ in the student's own style (the correct solution may guide you). Answer in exact
 
 PLACEHOLDERS = ("query", "incorrect", "correct")
 
+_select = jax.jit(dcs.select_candidates, static_argnums=(2, 3, 4))
+
 GenerateFn = Callable[[list[list[int]], int], Sequence[Sequence[int]]]
 GradeFn = Callable[[list[str], list[Any]], Sequence[float]]
 
@@ -205,7 +207,9 @@ def divergence_rows(
     (neg_cut, join.astype(jnp.int32), zeros + diagnosis_ids.shape[0], ends[pos]),
     out_len=batch.tokens.shape[1],
   )
-  return _rows(sp, plen[neg], group, ok), jnp.where(ok, neg_cut - plen[neg], 0)
+  rows = _rows(sp, plen[neg], group, ok)
+  rows = rows.replace(truncated=rows.truncated | (ok & batch.truncated[pos]))  # y⁺ had no end
+  return rows, jnp.where(ok, neg_cut - plen[neg], 0)
 
 
 # ----------------------------------------------------------------------------------------- policy
@@ -414,7 +418,7 @@ def construct(
   """
   q = batch.num_rows // k
   correct = (batch.rewards > 0.5).reshape(q, k) & batch.valid.reshape(q, k)
-  cands = dcs.select_candidates(correct, key, cfg.n_pos, cfg.n_neg, cfg.m_max)
+  cands = _select(correct, key, cfg.n_pos, cfg.n_neg, cfg.m_max)
   metrics = {n: float(v) for n, v in dcs.dcs_metrics(cands).items()}
   if cfg.construction == "divergence":
     diag = tokenizer.encode(cfg.diagnosis_template, add_special_tokens=False)
@@ -458,7 +462,7 @@ def construct(
     {
       "tapo/constructions_attempted": float(np.asarray(cands.valid).sum()),
       "tapo/constructions_correct": float((rewards[idx] > 0.5).sum()),
-      "tapo/construction_overflow": float(np.asarray(rows.truncated).sum()),
+      "tapo/constructions_truncated": float(np.asarray(rows.truncated).sum()),
       "tapo/anchored_fraction": float(frac[idx].mean()) if idx.size else 0.0,
     }
   )

@@ -118,7 +118,7 @@ def prepare_batch(batch: Rollouts, cfg) -> tuple[Rollouts, dict[str, jax.Array]]
     scale = 1.0 / (seqs_in * jnp.maximum(n_tok, 1.0))
   else:
     scale = jnp.full(n_tok.shape, 1.0 / cfg.rollout.max_new_tokens) / seqs_in
-  scale = scale * jnp.where(constructed, tc.lam, 1.0) * has_tok
+  scale = scale * has_tok
   ref_rows = rows & constructed
   metrics = {
     "loss/rows_trained": trained.sum().astype(jnp.float32),
@@ -168,15 +168,17 @@ def policy_loss(
     kl = jnp.exp(d) - d - 1.0
     per_token = per_token + lc.kl_beta * kl
   scale = batch.loss_scale[:, None] * mask
-  loss = jnp.sum(per_token * scale)
+  l_orig = jnp.sum(per_token * scale * ~constructed)
+  l_ref = jnp.sum(per_token * scale * constructed)
+  loss = l_orig + tc.lam * l_ref if cfg.algorithm == "tapo" else l_orig
 
   mean = batch.token_scale[:, None] * mask  # sums to 1 over each part's tokens (whole batch)
   orig, ref = mean * ~constructed, mean * constructed
   clipped = (pg_clipped > pg_unclipped).astype(jnp.float32)
   ent = jax.lax.stop_gradient(entropy_RT)
   metrics = {
-    "loss/orig": jnp.sum(per_token * scale * ~constructed),
-    "loss/ref": jnp.sum(per_token * scale * constructed),
+    "loss/orig": l_orig,
+    "loss/ref": l_ref,  # before λ
     "loss/clip_frac_orig": jnp.sum(clipped * orig),
     "loss/clip_frac_ref": jnp.sum(clipped * ref),
     "loss/entropy_orig": jnp.sum(ent * orig),

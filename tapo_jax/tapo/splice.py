@@ -49,6 +49,8 @@ def _splice_row(leaves_k, starts, ends, out_len):
   n_seg = len(widths)
   out = [jnp.zeros((out_len,), leaf.dtype) for leaf in leaves_k[0]]
   for k, (w, s, leaves) in enumerate(zip(widths, clamped, leaves_k, strict=True)):
+    if w == 0:  # an empty source (e.g. an empty template piece) contributes nothing
+      continue
     idx = jnp.clip(p - offsets[k] + s, 0, w - 1)
     take = segment == k
     out = [jnp.where(take, leaf[idx], o) for leaf, o in zip(leaves, out, strict=True)]
