@@ -298,9 +298,10 @@ def test_construct_policy_end_to_end_with_failed_and_unparsable():
   cfg = make_tapo_cfg(construction="policy", synthesis_template="{query}|{incorrect}|{correct}")
   rows, m = con.construct(
     batch, ["49"], jax.random.key(0), cfg, k=4, tokenizer=TOK, grade_fn=grade,
-    tables=TABLES, eos_ids=[EOS], generate_fn=fake_generate(outputs, calls),
+    tables=TABLES, eos_ids=[EOS], generate_fn=fake_generate(outputs, calls), queries=["12+7+30?"],
   )  # fmt: skip
   assert len(calls[0][0]) == 2 and calls[0][1] == cfg.synthesis_max_new_tokens
+  assert TOK.decode(calls[0][0][0]) == f"12+7+30?|{NEG}|{GOOD}"  # the query text given
   np.testing.assert_array_equal(rows.valid, [True, False])
   assert texts(rows)[0] == "12+7=19\nWait, no. \\boxed{48}"
   np.testing.assert_array_equal(rows.rewards, [0, 0])  # parsed but wrong: kept with reward 0

@@ -404,8 +404,7 @@ def construct(
   tables: TokenTables,
   eos_ids: Sequence[int],
   generate_fn: GenerateFn | None = None,
-  query_tokens: jax.Array | None = None,
-  query_lens: jax.Array | None = None,
+  queries: Sequence[str] | None = None,
   chat: bool = False,
 ) -> tuple[Rollouts, dict[str, float]]:
   """DCS -> constructions -> verifier: C = Q*m_max rows to append to the K*Q originals.
@@ -413,8 +412,9 @@ def construct(
   `batch` holds the originals (prompt-major, K per query, rewards set), `golds` one answer per
   query, `cfg` the `tapo` config section. `generate_fn(prompts, max_new_tokens)` returns one
   completion (token ids) per prompt and is needed by `policy` only; `grade_fn(texts, golds)`
-  returns one reward per text. Constructions that fail (unparsable, no divergence) are invalid
-  rows; the rest are graded.
+  returns one reward per text. `queries` (the problem texts, one per query) fill the synthesis
+  prompt's {query}; without them the rollouts' own (possibly chat-formatted) prompts do.
+  Constructions that fail (unparsable, no divergence) are invalid rows; the rest are graded.
   """
   q = batch.num_rows // k
   correct = (batch.rewards > 0.5).reshape(q, k) & batch.valid.reshape(q, k)
@@ -431,6 +431,14 @@ def construct(
   elif cfg.construction == "policy":
     if generate_fn is None:
       raise ValueError("tapo.construction=policy needs a generate_fn")
+    query_tokens = query_lens = None
+    if queries is not None:
+      ids = [list(tokenizer.encode(text, add_special_tokens=False)) for text in queries]
+      query_lens = jnp.asarray([len(x) for x in ids], jnp.int32)
+      padded = np.zeros((len(ids), max(1, max(map(len, ids)))), np.int32)
+      for i, x in enumerate(ids):
+        padded[i, : len(x)] = x
+      query_tokens = jnp.asarray(padded)
     rows, prefix, counts = policy_rows(
       batch,
       cands,
@@ -448,13 +456,13 @@ def construct(
     metrics.update(counts)
   else:
     raise ValueError(f"tapo.construction={cfg.construction!r}: expected policy or divergence")
-  valid = np.asarray(rows.valid)
-  texts = [tokenizer.decode(ids) for ids in response_ids(rows, eos_ids)]
-  idx = np.flatnonzero(valid)
-  rewards = np.zeros(valid.shape[0], np.float32)
+  idx = np.flatnonzero(np.asarray(rows.valid))
+  rewards = np.zeros(rows.num_rows, np.float32)
   if idx.size:
-    query = np.asarray(rows.group_ids)[idx] - q
-    rewards[idx] = np.asarray(grade_fn([texts[i] for i in idx], [golds[j] for j in query]))
+    graded = jax.tree.map(lambda x: x[idx], rows)
+    texts = [tokenizer.decode(ids) for ids in response_ids(graded, eos_ids)]
+    query = np.asarray(graded.group_ids) - q
+    rewards[idx] = np.asarray(grade_fn(texts, [golds[j] for j in query]))
   rows = rows.replace(rewards=jnp.asarray(rewards))
   resp = np.maximum(np.asarray(rows.response_lens), 1)
   frac = np.asarray(prefix) / resp
