@@ -12,6 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.algorithm = "tapo"  # grpo | tapo
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
   c.workdir = ""  # checkpoints, metrics.jsonl, TensorBoard events; --workdir overrides
+  c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU slices)
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)

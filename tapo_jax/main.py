@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # JetStream's full install imports TensorFlow
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (overrides config.workdir).")
@@ -87,6 +89,12 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # config_flags raises these for an override of a key the locked config does not have.
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    name = str(e).strip("\"'")
+    bad = next((a for a in overrides if a[len("--config.") :].split("=")[0].endswith(name)), None)
+    _fail(f"unknown config key {name!r} in {bad}" if bad else f"bad flag: {e}")
 
 
 def main(argv) -> None:
@@ -97,6 +105,10 @@ def main(argv) -> None:
   if cfg is None:
     _fail("--config is required, e.g. --config=configs/tiny.py")
   workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter; -v 0 brings it back
+  if cfg.distributed:
+    jax.distributed.initialize()
   try:
     validate(cfg, jax.device_count())
   except ConfigError as e:

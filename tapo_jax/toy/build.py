@@ -1,6 +1,6 @@
 r"""Rebuilds the shipped toy checkpoint: a tiny Qwen2 trained by our own SFT mode on arithmetic.
 
-python -m tapo_jax.toy.build [--steps=600] [--out=tapo_jax/toy/arith]
+python -m tapo_jax.toy.build [--steps=2000] [--out=tapo_jax/toy/arith]
 
 It is undertrained on purpose: it should solve about half of the problems, so that RL has groups
 with both correct and incorrect samples.
@@ -16,17 +16,17 @@ import tempfile
 
 from absl import app, flags
 
-_STEPS = flags.DEFINE_integer("steps", 600, "SFT steps.")
+_STEPS = flags.DEFINE_integer("steps", 2000, "SFT steps.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: the shipped checkpoint dir).")
 
 MODEL = dict(
   model_type="qwen2",
-  hidden_size=96,
-  intermediate_size=192,
-  num_hidden_layers=3,
+  hidden_size=128,
+  intermediate_size=256,
+  num_hidden_layers=4,
   num_attention_heads=4,
   num_key_value_heads=2,
-  head_dim=24,
+  head_dim=32,
   rope_theta=10000.0,
   tie_word_embeddings=True,
   max_position_embeddings=256,

@@ -32,9 +32,10 @@ class Checkpointer:
 
   def restore(self, step: int, state_sharding, state_like) -> tuple:
     """(state, extra) of checkpoint `step`, placed with `state_sharding`."""
-    abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, state_sharding
-    )
+    def spec(sharding, subtree):  # the sharding tree is a prefix of the state (nnx.Variable)
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), subtree)
+
+    abstract = jax.tree.map(spec, state_sharding, state_like)
     out = self.manager.restore(
       step,
       args=ocp.args.Composite(

@@ -24,6 +24,7 @@ from flax import nnx
 
 from tapo_jax import rewards as rewards_lib
 from tapo_jax import sampling
+from tapo_jax.sampling import driver as sampling_driver
 from tapo_jax.data import Problem, load_problems
 from tapo_jax.data.prompts import format_prompts
 from tapo_jax import eval as eval_lib
@@ -114,14 +115,14 @@ def run(cfg, workdir: str) -> None:
     print(f"resumed from {workdir} at step {start}", file=sys.stderr)
 
   buckets = tuple(sorted(cfg.rollout.prefill_buckets))
-  engine = sampling.engine_for(
+  engine = sampling_driver.engine_for(
     model,
     slots=cfg.rollout.slots,
     max_len=buckets[-1] + cfg.rollout.max_new_tokens,
     prefill_buckets=buckets,
     mesh=mesh,
   )
-  pool = rewards_lib.VerifierPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s)
+  pool = rewards_lib.VerifierPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s).start()
   tables = construct_lib.token_tables(tokenizer, model.cfg.vocab_size, eos)
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
@@ -162,7 +163,7 @@ def run(cfg, workdir: str) -> None:
 
       # 2. Rewards from the verifier pool.
       texts = [tokenizer.decode(c, skip_special_tokens=True) for c in gen.completions]
-      rewards = pool.grade_batch(texts, [g for g in golds for _ in range(k)])
+      rewards = pool.grade(texts, [g for g in golds for _ in range(k)])
       originals = batch_lib.pack_rollouts(
         prompts,
         gen.completions,
@@ -186,10 +187,11 @@ def run(cfg, workdir: str) -> None:
           cfg.tapo,
           k=k,
           tokenizer=tokenizer,
-          grade_fn=pool.grade_batch,
+          grade_fn=pool.grade,
           tables=tables,
           eos_ids=eos,
           generate_fn=_synthesis_fn(cfg, model, state.params, eos, step),
+          queries=[p.problem for p in batch_problems],
           chat=cfg.data.use_chat_template,
         )
         batch = batch_lib.concat_rollouts(originals, cons)
