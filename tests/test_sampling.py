@@ -92,6 +92,15 @@ def test_eos_stops_a_row_and_is_included(engine, greedy_refs):
   assert len(g.completions[0]) == 3 and not g.truncated[0]
 
 
+def test_row_that_fills_the_cache_exactly(engine, model):
+  # 16 prompt tokens (a bucket boundary) + 16 new = the cache length 32
+  prompt = list(range(40, 56))
+  g = run(engine, engine.params, prompts=[prompt, PROMPTS[1]], temperature=0.0, max_new_tokens=16)
+  assert g.completions[0] == greedy_reference(model, prompt, 16)
+  assert g.completions[1] == greedy_reference(model, PROMPTS[1], 16)
+  assert g.padded().tokens.shape == (2, 32)
+
+
 def test_jetstream_api_prefill_insert_generate(engine, greedy_refs):
   assert engine.max_concurrent_decodes == 4 and engine.samples_per_slot == 1
   assert engine.max_prefill_length == 16 and engine.colocated_cpus is None

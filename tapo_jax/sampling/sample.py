@@ -61,15 +61,14 @@ def sample(
   """Draws one token per row; returns (tokens [B] int32, logprob under the distribution sampled
   [B], logprob under the unmodified policy, temperature 1 and no truncation [B])."""
   logits_BV = logits_BV.astype(jnp.float32)
-  policy_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  # logprob of one token = its logit - logsumexp: no [B, V] log-softmax is materialized
+  pick = lambda x_BV, t_B: jnp.take_along_axis(x_BV, t_B[:, None], axis=-1)[:, 0]
   if sampling.greedy:
     tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     sampled_lp_B = jnp.zeros(tokens_B.shape, jnp.float32)  # a point mass
   else:
     warped_BV = truncate(logits_BV / sampling.temperature, sampling.top_p, sampling.top_k)
     tokens_B = jax.random.categorical(key, warped_BV, axis=-1).astype(jnp.int32)
-    sampled_lp_B = jnp.take_along_axis(
-      jax.nn.log_softmax(warped_BV, axis=-1), tokens_B[:, None], axis=-1
-    )[:, 0]
-  policy_lp_B = jnp.take_along_axis(policy_BV, tokens_B[:, None], axis=-1)[:, 0]
+    sampled_lp_B = pick(warped_BV, tokens_B) - jax.nn.logsumexp(warped_BV, axis=-1)
+  policy_lp_B = pick(logits_BV, tokens_B) - jax.nn.logsumexp(logits_BV, axis=-1)
   return tokens_B, sampled_lp_B, policy_lp_B
