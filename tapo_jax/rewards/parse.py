@@ -447,11 +447,12 @@ def _root(x, n):
 
 
 def _mul(a, b):
+  if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
+    if a.shape[1] != b.shape[0]:
+      raise ParseError("matrix shapes")
+    return sympy.ImmutableMatrix(a * b)
   if isinstance(a, sympy.MatrixBase) or isinstance(b, sympy.MatrixBase):
-    if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
-      if a.shape[1] != b.shape[0]:
-        raise ParseError("matrix shapes")
-      return sympy.ImmutableMatrix(a * b)
+    _scalar(b if isinstance(a, sympy.MatrixBase) else a)
     return sympy.ImmutableMatrix(a * b)
   return sympy.Mul(_scalar(a), _scalar(b))
 
@@ -511,14 +512,25 @@ def _apply(name: str, arg, base=None):
 _INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan", "sec": "arcsec", "csc": "arccsc"}
 
 
+def _interval(a, b, left_open: bool, right_open: bool) -> sympy.Set:
+  """An interval written as (a, b], [a, b) ...; reversed, empty or non-real ones are refused."""
+  a, b = _scalar(a), _scalar(b)
+  if a.is_extended_real is False or b.is_extended_real is False or (b - a).is_nonpositive:
+    raise ParseError("not an interval")
+  try:
+    return sympy.Interval(a, b, left_open, right_open)
+  except (ValueError, TypeError) as e:
+    raise ParseError("not an interval") from e
+
+
 def to_set(v) -> sympy.Set:
   """The set a value denotes: intervals, unions, inequalities in one variable, {a, b}."""
   if isinstance(v, sympy.Set):
     return v
   if isinstance(v, Seq):
     if v.kind in ("paren", "bracket") and len(v.items) == 2:
-      a, b = (_scalar(x) for x in v.items)
-      return sympy.Interval(a, b, v.kind == "paren", v.kind == "paren")
+      a, b = v.items
+      return _interval(a, b, v.kind == "paren", v.kind == "paren")
     if v.kind == "set":
       return sympy.FiniteSet(*(_scalar(x) for x in v.items))
     if v.kind in ("or", "list", "and") and all(isinstance(x, Rel) for x in v.items):
@@ -882,8 +894,8 @@ class _Parser:
         return v
       raise ParseError("bracketed single value")
     if len(values) == 2 and (open_kind == "LP") != (close == "RP"):
-      a, b = (_scalar(x) for x in values)
-      return sympy.Interval(a, b, open_kind == "LP", close == "RP")
+      a, b = values
+      return _interval(a, b, open_kind == "LP", close == "RP")
     if open_kind == "LP" and close == "RP":
       return Seq("paren", tuple(values))
     if open_kind == "LB" and close == "RB":
@@ -998,5 +1010,5 @@ def _check_finite(v) -> None:
   elif isinstance(v, Rel):
     for x in v.parts:
       _check_finite(x)
-  elif isinstance(v, sympy.Basic) and v.has(sympy.zoo, sympy.nan):
+  elif isinstance(v, sympy.Basic) and v.has(sympy.zoo, sympy.nan, sympy.AccumBounds):
     raise ParseError("undefined value")
