@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tapo.diagnosis_template = "Wait, this step is wrong. Let me redo it.\n"
   c.tapo.keep_failed = True  # keep constructions that end wrong, with reward 0
   c.tapo.ref_scope = "batch"  # batch | query: the group G_ref is normalized over
+  c.tapo.ref_baseline = "group"  # group (paper: normalize within G_ref) | orig (r - mean G_orig)
   c.tapo.lam = 1.0  # λ: weight of the constructed-trajectory loss
   c.tapo.ots = True  # OOD token suppression on constructed rows
   c.tapo.ots_min = 0.01

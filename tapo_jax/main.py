@@ -40,6 +40,8 @@ def validate(cfg, num_devices: int) -> None:
     )
   if cfg.tapo.ref_scope not in ("batch", "query"):
     raise ConfigError(f"config.tapo.ref_scope={cfg.tapo.ref_scope!r}: expected batch or query")
+  if cfg.tapo.ref_baseline not in ("group", "orig"):
+    raise ConfigError(f"config.tapo.ref_baseline={cfg.tapo.ref_baseline!r}: expected group or orig")
   aggs = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
   if cfg.loss.aggregation not in aggs:
     raise ConfigError(f"config.loss.aggregation={cfg.loss.aggregation!r}: expected one of {aggs}")

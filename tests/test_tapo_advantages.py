@@ -98,3 +98,19 @@ def test_overlong_penalty_hand_values():
   p = overlong_penalty(lens, max_new_tokens=20, buffer=8, factor=1.0)
   np.testing.assert_allclose(p, [0, 0, -0.25, -0.5, -1.0])
   np.testing.assert_array_equal(overlong_penalty(lens, 20, 8, 0.0), np.zeros(5))
+
+
+def test_orig_baseline_compares_constructions_with_their_query_originals():
+  # Q=2, K=4: query 0 rewards [1,0,0,0] (mean .25), query 1 [1,1,0,0] (mean .5).
+  # Constructions (group Q+q): two of query 0 (both correct), one of query 1 (wrong), one invalid.
+  rewards = [1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1]
+  groups = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3]
+  constructed = [0] * 8 + [1] * 4
+  valid = [1] * 11 + [0]
+  a = dae(rewards, groups, constructed, valid, eps=0.0, baseline="orig")
+  group = dae(rewards, groups, constructed, valid, eps=0.0)
+  np.testing.assert_allclose(a[:8], group[:8])  # originals are untouched
+  np.testing.assert_allclose(a[8:], [0.75, 0.75, -0.5, 0.0])
+  # The paper's group baseline: G_ref = {1, 1, 0} (batch scope), mean 2/3, std sqrt(1/3).
+  s = np.sqrt(1 / 3)
+  np.testing.assert_allclose(group[8:], [(1 / 3) / s, (1 / 3) / s, -(2 / 3) / s, 0.0], rtol=1e-6)

@@ -7,6 +7,11 @@ within G_ref: all constructions of the batch (scope "batch") or those of the sam
 (scope "query"). Constructions never enter the originals' statistics. The std is the *unbiased*
 sample std (divide by n - 1, torch's default, as in common GRPO implementations); a group of one
 row has std 0. A = (r - mean) / (std + eps), and exactly 0 in a group of std 0 (also when eps = 0).
+
+Baseline "orig" (an option of this project, not the paper's): a construction's advantage is
+r - mean(G_orig of its source query), unnormalized. The originals' statistics are untouched; it
+gives the rule-based `divergence` construction a signal, whose rows all end correct (so G_ref
+has zero variance and the "group" baseline gives them advantage 0).
 """
 
 from __future__ import annotations
@@ -45,16 +50,31 @@ def decoupled_advantages(
   scope: str = "batch",
   eps: float = 1e-6,
   keep_failed: bool = True,
+  baseline: str = "group",
 ) -> jax.Array:
-  """[R] advantages: originals over their query's group, constructions over G_ref.
+  """[R] advantages: originals over their query's group, constructions over G_ref (baseline
+  "group") or against their source query's originals' mean reward (baseline "orig").
 
   Invalid rows, and failed constructions (reward <= 0) when not `keep_failed`, get advantage 0
   and are left out of every statistic."""
+  if baseline not in ("group", "orig"):
+    raise ValueError(f"ref baseline {baseline!r}: expected group or orig")
   rewards = rewards.astype(jnp.float32)
   rows = included_rows(rewards, is_constructed, valid, keep_failed)
   groups = dae_groups(group_ids, is_constructed, scope)
   mean, std, _ = group_stats(rewards, groups, rows)
-  return jnp.where(rows & (std > 0), (rewards - mean) / (std + eps), 0.0)
+  adv = jnp.where(rows & (std > 0), (rewards - mean) / (std + eps), 0.0)
+  if baseline == "group":
+    return adv
+  orig = rows & ~is_constructed
+  n_seg = 2 * rewards.shape[0] + 1
+  seg = jnp.where(orig, group_ids, n_seg - 1)
+  count = jax.ops.segment_sum(orig.astype(jnp.float32), seg, n_seg)
+  orig_mean = jax.ops.segment_sum(jnp.where(orig, rewards, 0.0), seg, n_seg) / jnp.maximum(count, 1)
+  n_queries = jnp.max(jnp.where(is_constructed, -1, group_ids)) + 1  # originals: ids 0..Q-1
+  src = jnp.clip(group_ids - n_queries, 0, n_seg - 1)
+  ref = jnp.where(rows & (count[src] > 0), rewards - orig_mean[src], 0.0)
+  return jnp.where(is_constructed, ref, adv)
 
 
 def included_rows(

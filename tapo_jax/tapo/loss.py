@@ -94,10 +94,13 @@ def prepare_batch(batch: Rollouts, cfg) -> tuple[Rollouts, dict[str, jax.Array]]
   )
   rewards = batch.rewards + jnp.where(constructed, 0.0, penalty)
   advantages = adv_lib.decoupled_advantages(
-    rewards, batch.group_ids, constructed, rows, tc.ref_scope, lc.adv_eps
-  )
+    rewards, batch.group_ids, constructed, rows, tc.ref_scope, lc.adv_eps,
+    baseline=tc.ref_baseline,
+  )  # fmt: skip
   groups = adv_lib.dae_groups(batch.group_ids, constructed, tc.ref_scope)
   zero_var = adv_lib.zero_variance_rows(rewards, groups, rows)
+  if tc.ref_baseline == "orig":  # constructions: no signal exactly when r equals the baseline
+    zero_var = jnp.where(constructed, rows & (advantages == 0.0), zero_var)
   trained = rows
   if lc.filter_zero_variance:
     trained = trained & ~zero_var
