@@ -11,6 +11,7 @@ import atexit
 import collections
 import contextlib
 import multiprocessing as mp
+import os
 import resource
 import signal
 import sys
@@ -41,7 +42,10 @@ def _worker_main(conn, memory_mb: int, check: Callable[[str, str], bool]) -> Non
     index, answer, gold = msg
     try:
       ok = bool(check(gold, answer))
-    except Exception:  # any failure to verify (MemoryError included) is a wrong answer
+    except MemoryError:  # wrong, and this process may be left in a bad state: replace it
+      conn.send((index, False))
+      return
+    except Exception:  # any failure to verify is a wrong answer
       ok = False
     conn.send((index, ok))
 
@@ -89,7 +93,11 @@ def _context():
 
 
 class VerifierPool:
-  """A reusable set of verifier worker processes; use as a context manager or call close()."""
+  """A reusable set of verifier worker processes; use as a context manager or call close().
+
+  One caller at a time (not thread-safe). `check(gold, answer) -> bool` must be a top-level
+  function importable by name (it is pickled by reference).
+  """
 
   def __init__(
     self,
@@ -106,6 +114,7 @@ class VerifierPool:
     self.depth = max(1, int(depth))  # items in flight per worker
     self._ctx = _context()
     self._pool: list[_Worker] = []
+    self._owner = os.getpid()  # a forked copy of this object must not stop the owner's workers
     self.restarts = 0  # workers replaced after a timeout or a crash
 
   def start(self) -> "VerifierPool":
@@ -212,6 +221,8 @@ class VerifierPool:
 
   def close(self) -> None:
     """Stop every worker (politely, then by force)."""
+    if os.getpid() != self._owner:
+      return
     for worker in self._pool:
       try:
         worker.conn.send(None)
