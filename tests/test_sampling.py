@@ -194,6 +194,17 @@ def test_truncate_by_hand():
   assert kept(1.0, 0) == [True] * 4
 
 
+@pytest.mark.parametrize("candidates", [2, 3, 1024])
+def test_top_p_candidates_are_exact(candidates):
+  # row 0's top-0.8 set has 2 tokens (fits 2 candidates), row 1's has 3 (needs a full sort)
+  probs = np.array([[0.6, 0.3, 0.06, 0.04], [0.4, 0.3, 0.2, 0.1]])
+  logits = jnp.log(jnp.asarray(probs, jnp.float32))
+  kept = np.isfinite(np.asarray(truncate(logits, 0.8, 0, candidates=candidates)))
+  assert kept.tolist() == [[True, True, False, False], [True, True, True, False]]
+  kept = np.isfinite(np.asarray(truncate(logits[:1], 0.8, 0, candidates=candidates)))
+  assert kept.tolist() == [[True, True, False, False]]
+
+
 def test_sample_greedy_and_point_mass():
   logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
   tokens, lp, plp = sample(logits, jax.random.key(0), Sampling(temperature=0.0))

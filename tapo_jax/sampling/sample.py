@@ -34,8 +34,11 @@ class Sampling:
     return self.temperature == 0.0
 
 
-def truncate(logits_BV: jax.Array, top_p: float, top_k: int) -> jax.Array:
-  """Sets logits outside the top-k / top-p set to -inf (ties at the threshold are kept)."""
+def truncate(logits_BV: jax.Array, top_p: float, top_k: int, candidates: int = 1024) -> jax.Array:
+  """Sets logits outside the top-k / top-p set to -inf (ties at the threshold are kept).
+
+  Top-p alone first looks among the `candidates` largest logits and sorts the whole vocabulary
+  only when some row's top-p set does not fit in them (exact either way)."""
   v = logits_BV.shape[-1]
   if top_k >= v:
     top_k = 0
@@ -44,15 +47,28 @@ def truncate(logits_BV: jax.Array, top_p: float, top_k: int) -> jax.Array:
   if top_k > 0:
     sorted_BK = jax.lax.top_k(logits_BV, top_k)[0]  # descending
     logits_BV = jnp.where(logits_BV < sorted_BK[:, -1:], -jnp.inf, logits_BV)
-  else:
-    sorted_BK = -jnp.sort(-logits_BV, axis=-1)
-  if top_p < 1.0:
-    probs_BK = jax.nn.softmax(sorted_BK, axis=-1)
-    mass_above_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-    keep_BK = mass_above_BK < top_p  # the most likely token is always kept
-    threshold_B1 = jnp.min(jnp.where(keep_BK, sorted_BK, jnp.inf), axis=-1, keepdims=True)
-    logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
-  return logits_BV
+    if top_p < 1.0:
+      logits_BV = _top_p(
+        logits_BV, sorted_BK, jax.nn.logsumexp(sorted_BK, -1, keepdims=True), top_p
+      )
+    return logits_BV
+  lse_B1 = jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True)
+  full = lambda x: _top_p(x, -jnp.sort(-x, axis=-1), lse_B1, top_p)
+  if candidates >= v:
+    return full(logits_BV)
+  top_BC = jax.lax.top_k(logits_BV, candidates)[0]
+  fits = jnp.all(jnp.sum(jnp.exp(top_BC - lse_B1), axis=-1) >= top_p)
+  return jax.lax.cond(fits, lambda x: _top_p(x, top_BC, lse_B1, top_p), full, logits_BV)
+
+
+def _top_p(logits_BV, sorted_BK, lse_B1, top_p):
+  """Keeps the tokens whose probability mass strictly above them is < top_p; `sorted_BK` are the
+  largest logits in descending order (holding the whole top-p set), lse_B1 the normalizer."""
+  probs_BK = jnp.exp(sorted_BK - lse_B1)
+  mass_above_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+  keep_BK = mass_above_BK < top_p  # the most likely token is always kept
+  threshold_B1 = jnp.min(jnp.where(keep_BK, sorted_BK, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
 
 
 def sample(
