@@ -79,6 +79,8 @@ EQUAL = [
   (r"\frac{7}{2}", r"3\frac12"),
   (r"\frac{7}{2}", r"3\frac{1}{2}"),
   (r"-\frac{7}{2}", r"-3\frac{1}{2}"),
+  (r"\frac{2\pi}{3}", r"2\frac{\pi}{3}"),
+  (r"\frac{2\sqrt{3}}{3}", r"2\frac{\sqrt3}{3}"),
   (r"-\frac{1}{2}", r"\frac{-1}{2}"),
   (r"-\frac{1}{2}", r"\frac{1}{-2}"),
   (r"\frac{1}{4}", "0.25"),
@@ -246,6 +248,7 @@ NOT_EQUAL = [
   # forms
   (r"\frac{9}{4}", r"\frac{4}{9}"),
   (r"\frac{7}{2}", r"3\frac{1}{3}"),
+  (r"\frac{15}{2}", r"3\frac{5}{2}"),  # neither a mixed number nor a product
   (r"\frac{1}{2}", r"\frac{1}{2}x"),
   ("5", "5x"),
   ("5", "5 apples and 3 pears"),

@@ -256,8 +256,7 @@ def _lex_number(s: str, i: int, thousands: bool) -> tuple[_Tok, int]:
       raise ParseError("exponent too large")
     j += m.end()
     is_int = False
-  digits = (int_part + frac).lstrip("0") or "0"
-  if len(digits) > MAX_DIGITS:
+  if len(int_part + frac) > MAX_DIGITS:
     raise ParseError("number too long")
   value = sympy.Rational(int(int_part + frac or "0"), 10 ** len(frac)) * sympy.Integer(10) ** exp
   return _Tok("NUM", value, s[i:j] if is_int else "."), j
@@ -849,13 +848,13 @@ class _Parser:
 
   def _mixed_number(self, whole):
     r"""3\frac12 is 7/2 when the fraction is proper and made of integer literals."""
-    start = self.i
     self.next()  # FRAC
     num, den = self.arg(), self.arg()
-    if num.is_Integer and den.is_Integer and 0 < num < den:
+    if not (num.is_Integer and den.is_Integer):
+      return _mul(whole, _div(num, den))  # 2\frac{\pi}{3}
+    if 0 < num < den:
       return whole + num / den
-    self.i = start
-    raise ParseError("number juxtaposed with a fraction")
+    raise ParseError("improper mixed number")
 
   def _identifier(self, name: str):
     if self.at("SUB"):
