@@ -27,7 +27,9 @@ from tapo_jax.rewards.parse import (
 
 _SEPARATORS = r"(?:,|\{,\}|,\\!|\\,|\\!|\\ |~)"
 _PLAIN_INT = re.compile(r"([+-]?)(\d{1,3}(?:" + _SEPARATORS + r"\d{3})+|\d{1,400})(?:\.0*)?")
-_SQUASH = re.compile(r"\\left|\\right|\\[,;:! ]|\\q?quad|\\displaystyle|~|\$|\s")
+_SQUASH = re.compile(r"\\left|\\right|\\displaystyle|\$")
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~|\s")
+_LOOSE_SPACE = re.compile(r"(?<![0-9A-Za-z]) | (?![0-9A-Za-z])")
 _NONZERO = 1e-20  # a numeric value this large at 40 digits is certainly nonzero
 _X = sympy.Symbol("_x_")
 
@@ -55,7 +57,7 @@ def fast_equal(gold: str, answer: str) -> bool | None:
 def _parse_gold(gold: str) -> Parsed | None:
   try:
     return parse(gold)
-  except (ParseError, ValueError, TypeError, ArithmeticError, RecursionError):
+  except Exception:  # an unsupported gold is compared as text
     return None
 
 
@@ -285,7 +287,9 @@ def _readings(p: Parsed) -> list:
 
 
 def _squash(s: str) -> str:
-  return _SQUASH.sub("", s)
+  """The text without delimiters and spacing, except a space between two letters or digits."""
+  s = " ".join(_SPACING.sub(" ", _SQUASH.sub("", s)).split())
+  return _LOOSE_SPACE.sub("", s)
 
 
 def _free_symbols(v) -> set:
