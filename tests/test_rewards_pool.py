@@ -110,8 +110,10 @@ def test_adversarial_responses_score_zero_within_the_timeout():
   golds = ["5"] * len(responses)
   scores = grade_batch(responses, golds, timeout_s=3.0, workers=1)
   assert scores == [0.0] * len(ADVERSARIAL_RESPONSES) + [1.0]
-  assert pool_lib._DEFAULT.restarts == 0  # screened in the worker: nothing needed killing
+  default = pool_lib._DEFAULT
+  assert default.restarts == 0  # screened in the worker: nothing needed killing
   assert grade_batch([r"\boxed{0.5}"], [r"\frac12"], timeout_s=3.0, workers=1) == [1.0]
+  assert pool_lib._DEFAULT is default  # reused across calls
   pool_lib._close_default()
   assert pool_lib._DEFAULT is None
 
