@@ -29,6 +29,9 @@ def hooked_check(gold: str, answer: str) -> bool:
 
 @pytest.fixture(scope="module")
 def pool():
+  import jax.numpy as jnp
+
+  assert float(jnp.ones(4).sum()) == 4.0  # like the trainer: JAX loaded, its threads running
   with VerifierPool(workers=2, timeout_s=10.0, memory_mb=1024, check=hooked_check) as p:
     yield p
 
