@@ -19,19 +19,30 @@ import re
 
 import sympy
 
+from tapo_jax.rewards.lex import (
+  CONST_WORDS,
+  END,
+  FUNC_NAMES,
+  ParseError,
+  Token,
+  tokenize,
+)
+from tapo_jax.rewards.screen import (
+  INVERSE,
+  add,
+  apply_function,
+  binomial,
+  div,
+  factorial,
+  interval,
+  mul,
+  power,
+  root,
+  scalar,
+)
+
 MAX_CHARS = 1000  # longer answers are not parsed
 MAX_DEPTH = 40  # bracket nesting
-MAX_DIGITS = 400  # digits in one number literal
-MAX_EXPONENT = 1000  # |exponent| of a power of a symbol or of a scientific-notation literal
-MAX_BITS = 100_000  # bits of a rational produced by a power
-MAX_SMALL_EXPONENT = 64  # |exponent| of a power of a sum (its expansion grows fast)
-MAX_FACTORIAL = 1000
-MAX_BINOM = 10_000
-MAX_ROOT = 1000  # index of a root, denominator of a rational exponent
-
-
-class ParseError(ValueError):
-  """The text is not in the supported subset (or is too large to handle safely)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,453 +84,7 @@ class Parsed:
   degree: bool = False
 
 
-@dataclasses.dataclass
-class _Tok:
-  kind: str
-  val: object = None
-  raw: str = ""
-  unit: bool = False  # a letter in \text{}: dropped like a unit word at the end of an item
-
-
-_END = _Tok("END")
 PM = sympy.Symbol("_pm_")  # the sign of a \pm; substituted by +1 and -1 at the item level
-
-_FUNC_NAMES = ("arcsin arccos arctan sinh cosh tanh sin cos tan cot sec csc log ln exp det").split()
-_CONST_WORDS = {"pi": sympy.pi, "infty": sympy.oo, "infinity": sympy.oo, "inf": sympy.oo}
-_UNIT_WORDS = set(
-  (
-    "cm mm km kg mg ml mL ft in inch inches feet foot yd yard yards meter meters metre metres "
-    "mile miles mph kph hour hours hr hrs minute minutes min mins second seconds sec secs day "
-    "days week weeks year years month months dollar dollars cent cents unit units sq square "
-    "cubic degree degrees percent gram grams liter liters litre litres people students ways "
-    "times points pounds lbs oz ounces gallons cups pages boxes marbles apples"
-  ).split()
-)
-_GREEK = set(
-  (
-    "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu "
-    "xi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi "
-    "Psi Omega"
-  ).split()
-)
-_SPACE_CMDS = set(
-  (
-    "left right big Big bigg Bigg bigl bigr Bigl Bigr biggl biggr Biggl Biggr displaystyle "
-    "textstyle limits quad qquad , ; : ! > boxed fbox mathbf bm boldsymbol mathit mathnormal "
-    "vphantom phantom"
-  ).split()
-)
-_TEXT_CMDS = set(
-  "text textnormal textrm textbf textit textup textsf texttt mbox mathrm mathsf "
-  "operatorname".split()
-)
-
-
-def _same(names: str, kind: str, val=None) -> dict:
-  return dict.fromkeys(names.split(), (kind, val))
-
-
-_SIMPLE_CMDS = {  # \name -> token (kind, value)
-  **_same("frac dfrac tfrac cfrac", "FRAC"),
-  **_same("binom dbinom tbinom", "BINOM"),
-  "sqrt": ("SQRT", None),
-  "pi": ("CONST", sympy.pi),
-  **_same("infty infin", "CONST", sympy.oo),
-  **_same("emptyset varnothing", "SETCONST", sympy.S.EmptySet),
-  **_same("cdot times ast", "OP", "*"),
-  "div": ("OP", "/"),
-  "pm": ("OP", "pm"),
-  "mp": ("OP", "mp"),
-  **_same("le leq leqslant", "REL", "<="),
-  **_same("ge geq geqslant", "REL", ">="),
-  "lt": ("REL", "<"),
-  "gt": ("REL", ">"),
-  **_same("ne neq", "REL", "!="),
-  "approx": ("REL", "~"),
-  "cup": ("SETOP", "cup"),
-  "cap": ("SETOP", "cap"),
-  "setminus": ("SETOP", "minus"),
-  "in": ("IN", None),
-  "circ": ("CIRC", None),
-  "degree": ("DEG", None),
-  "%": ("PCT", None),
-  **_same("{ lbrace", "LS"),
-  **_same("} rbrace", "RS"),
-  "langle": ("LP", None),
-  "rangle": ("RP", None),
-  **_same("lvert rvert vert mid", "BAR"),
-  **_same("lfloor", "LFLOOR"),
-  **_same("rfloor", "RFLOOR"),
-  **_same("lceil", "LCEIL"),
-  **_same("rceil", "RCEIL"),
-  "\\": ("ROWSEP", None),
-  **_same("$ ( ) [ ]", "SKIP"),  # \$ (currency), \( \) \[ \] (math delimiters)
-  " ": ("SKIP", None),
-}
-_SINGLE = {  # plain characters -> token
-  **{c: ("OP", c) for c in "+-*/^"},
-  **{c: ("REL", c) for c in "=<>"},
-  **_same(", ;", "COMMA"),
-  "_": ("SUB", None),
-  "!": ("FACT", None),
-  "%": ("PCT", None),
-  "|": ("BAR", None),
-  "(": ("LP", None),
-  ")": ("RP", None),
-  "[": ("LB", None),
-  "]": ("RB", None),
-  "{": ("LG", None),
-  "}": ("RG", None),
-  "&": ("AMP", None),
-}
-_UNICODE = {
-  "−": "-",
-  "–": "-",
-  "×": r"\times ",
-  "·": r"\cdot ",
-  "÷": r"\div ",
-  "π": r"\pi ",
-  "√": r"\sqrt ",
-  "∞": r"\infty ",
-  "≤": r"\le ",
-  "≥": r"\ge ",
-  "≠": r"\ne ",
-  "≈": r"\approx ",
-  "°": r"^\circ ",
-  "∪": r"\cup ",
-  "∩": r"\cap ",
-  "±": r"\pm ",
-  "∓": r"\mp ",
-  "∅": r"\emptyset ",
-  "\u2009": " ",
-  "\u00a0": " ",
-}
-_MATRIX_ENVS = {"pmatrix", "bmatrix", "Bmatrix", "matrix", "smallmatrix", "array"}
-_NUM_SEPS = (",\\!", "{,}", "\\,", "\\!", "\\ ", "~", ",")  # thousands separators
-
-
-def _read_group(s: str, i: int) -> tuple[str, int]:
-  """The raw text of the brace group starting at s[i] == '{' and the index past it."""
-  depth = 0
-  for j in range(i, len(s)):
-    if s[j] == "{":
-      depth += 1
-    elif s[j] == "}":
-      depth -= 1
-      if depth == 0:
-        return s[i + 1 : j], j + 1
-  raise ParseError("unbalanced braces")
-
-
-def _lex_number(s: str, i: int, thousands: bool) -> tuple[_Tok, int]:
-  """A number literal at s[i]: digit groups with separators, decimals, scientific notation."""
-  j = i
-  while j < len(s) and s[j].isdigit():
-    j += 1
-  int_part = s[i:j]
-  if thousands and 1 <= len(int_part) <= 3:
-    while True:
-      for sep in _NUM_SEPS:
-        k = j + len(sep)
-        if (
-          s.startswith(sep, j)
-          and s[k : k + 3].isdigit()
-          and len(s[k : k + 3]) == 3
-          and not s[k + 3 : k + 4].isdigit()
-        ):
-          int_part += s[k : k + 3]
-          j = k + 3
-          break
-      else:
-        break
-  frac = ""
-  if s.startswith(".", j) and s[j + 1 : j + 2].isdigit():
-    k = j + 1
-    while k < len(s) and s[k].isdigit():
-      k += 1
-    frac, j = s[j + 1 : k], k
-  elif s.startswith(".", j) and int_part and not s[j + 1 : j + 2].isdigit():
-    j += 1  # "204." and a sentence-ending period
-  m = re.match(r"\\(?:overline|bar|dot)\s*\{(\d{1,50})\}", s[j : j + 70])
-  if m and s[j - 1 : j] in ".0123456789" and "." in s[i:j]:  # 0.\overline{3} = 1/3
-    rep = m.group(1)
-    j += m.end()
-    whole = int(int_part + frac + rep) - int(int_part + frac or "0")
-    value = sympy.Rational(whole, 10 ** len(frac) * (10 ** len(rep) - 1))
-    return _Tok("NUM", value, "."), j
-  exp = 0
-  is_int = not frac
-  m = re.match(r"[eE]([+-]?)(\d{1,6})(?![A-Za-z0-9])", s[j : j + 8])
-  if m and int_part + frac:
-    exp = int(m.group(2)) * (-1 if m.group(1) == "-" else 1)
-    if abs(exp) > MAX_EXPONENT:
-      raise ParseError("exponent too large")
-    j += m.end()
-    is_int = False
-  if len(int_part + frac) > MAX_DIGITS:
-    raise ParseError("number too long")
-  value = sympy.Rational(int(int_part + frac or "0"), 10 ** len(frac)) * sympy.Integer(10) ** exp
-  return _Tok("NUM", value, s[i:j] if is_int else "."), j
-
-
-def _text_tokens(cmd: str, content: str, thousands: bool) -> list[_Tok]:
-  r"""Tokens for \text{...}-like content: a separator, a unit, or math written in text."""
-  c = content.strip()
-  low = c.lower().strip(" ,")
-  if not c.strip("."):
-    return []
-  if low in ("or", "and"):
-    return [_Tok("SEP", low)]
-  if cmd == "operatorname":
-    return [_Tok("FUNC", c)] if c in _FUNC_NAMES else [_Tok("WORD", c)]
-  if re.fullmatch(r"[A-Za-z]", c) and c not in "ie":  # \text{m}: a unit after a number
-    return [_Tok("ID", c, c, unit=True)]
-  if re.fullmatch(r"[A-Za-z]", c) or not re.search(r"[A-Za-z]{2}", c):
-    return tokenize(c, thousands)
-  return [_Tok("UNIT", low)]
-
-
-def _letter_tokens(run: str) -> list[_Tok]:
-  """Tokens for a run of plain letters: function names, constants, units, or single letters."""
-  if run in _CONST_WORDS:
-    return [_Tok("CONST", _CONST_WORDS[run], run)]
-  if run in ("or", "and"):
-    return [_Tok("SEP", run)]
-  if run in _UNIT_WORDS:
-    return [_Tok("UNIT", run)]
-  if run == "sqrt":
-    return [_Tok("SQRT")]
-  for name in _FUNC_NAMES:
-    if run.startswith(name):
-      return [_Tok("FUNC", name)] + (_letter_tokens(run[len(name) :]) if run != name else [])
-  if run.startswith("pi"):
-    return [_Tok("CONST", sympy.pi, "pi")] + _letter_tokens(run[2:])
-  if len(run) >= 3:
-    return [_Tok("WORD", run)]
-  return [_Tok("ID", c, c) for c in run]
-
-
-def tokenize(s: str, thousands: bool = True) -> list[_Tok]:
-  """Tokens of a LaTeX / plain-math answer; raises ParseError on anything unsupported."""
-  for k, v in _UNICODE.items():
-    s = s.replace(k, v)
-  out: list[_Tok] = []
-  i, n = 0, len(s)
-  while i < n:
-    c = s[i]
-    if c.isspace() or c in "$~":
-      i += 1
-    elif c.isdigit() or (c == "." and s[i + 1 : i + 2].isdigit()):
-      tok, i = _lex_number(s, i, thousands)
-      out.append(tok)
-    elif c.isalpha() and c.isascii():
-      j = i
-      while j < n and s[j].isascii() and s[j].isalpha():
-        j += 1
-      out.extend(_letter_tokens(s[i:j]))
-      i = j
-    elif c == "\\":
-      m = re.match(r"\\([A-Za-z]+|.)", s[i : i + 40])
-      if not m:
-        raise ParseError("dangling backslash")
-      name = m.group(1)
-      i += m.end()
-      if name in _SPACE_CMDS:
-        if name in ("left", "right") and s.startswith(".", i):
-          i += 1
-        if name in ("vphantom", "phantom") and s.startswith("{", i):
-          _, i = _read_group(s, i)
-      elif name in _TEXT_CMDS:
-        while i < n and s[i] == " ":
-          i += 1
-        if s.startswith("{", i):
-          content, i = _read_group(s, i)
-        else:
-          m2 = re.match(r"[A-Za-z]", s[i : i + 1])
-          if not m2:
-            raise ParseError("bad text command")
-          content, i = s[i], i + 1
-        out.extend(_text_tokens(name, content, thousands))
-      elif name in ("begin", "end"):
-        if not s.startswith("{", i):
-          raise ParseError("bad environment")
-        env, i = _read_group(s, i)
-        if env not in _MATRIX_ENVS:
-          raise ParseError(f"unsupported environment {env}")
-        if name == "begin" and env == "array" and s.startswith("{", i):
-          _, i = _read_group(s, i)
-        out.append(_Tok(name.upper(), env))
-      elif name == "mathbb":
-        content, i = _read_group(s, i) if s.startswith("{", i) else (s[i : i + 1], i + 1)
-        if content.strip() != "R":
-          raise ParseError("unsupported number set")
-        out.append(_Tok("SETCONST", sympy.S.Reals))
-      elif name in _SIMPLE_CMDS:
-        kind, val = _SIMPLE_CMDS[name]
-        if kind != "SKIP":
-          out.append(_Tok(kind, val, "\\" + name))
-      elif name in _FUNC_NAMES or name in ("arcsec", "arccsc", "arccot"):
-        out.append(_Tok("FUNC", name))
-      elif name in _GREEK:
-        out.append(_Tok("ID", name, name))
-      else:
-        raise ParseError(f"unsupported command \\{name}")
-    elif c in _SINGLE:
-      kind, val = _SINGLE[c]
-      if c == "*" and s.startswith("**", i):
-        kind, val, i = "OP", "^", i + 1
-      out.append(_Tok(kind, val, c))
-      i += 1
-    elif c == "'":
-      raise ParseError("prime")
-    else:
-      raise ParseError(f"unsupported character {c!r}")
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Screened constructors: every sympy number above comes from here or from exact literals.
-
-
-def _scalar(v) -> sympy.Expr:
-  if isinstance(v, sympy.MatrixBase) or not isinstance(v, sympy.Expr):
-    raise ParseError("expected a scalar")
-  return v
-
-
-def _bits(r: sympy.Rational) -> int:
-  return max(int(r.p).bit_length(), int(r.q).bit_length(), 1)
-
-
-def _pow(b, e):
-  """b ** e, refusing anything whose size or expansion could blow up."""
-  b, e = _scalar(b), _scalar(e)
-  if e.is_Rational:
-    p, q = abs(int(e.p)), int(e.q)
-    if q > MAX_ROOT:
-      raise ParseError("root index too large")
-    if b.is_Rational:
-      if b == 0 and e < 0:
-        raise ParseError("division by zero")
-      if b not in (0, 1, -1) and _bits(b) * p > MAX_BITS:
-        raise ParseError("power too large")
-    elif b.is_Add:
-      if p > MAX_SMALL_EXPONENT:
-        raise ParseError("power of a sum too large")
-    elif p > MAX_EXPONENT:
-      raise ParseError("exponent too large")
-    if b.is_Pow and b.exp.is_Rational and b.base.is_Rational:  # (2^(1/2))^e folds exactly
-      if _bits(b.base) * abs(int(b.exp.p)) * p > MAX_BITS:
-        raise ParseError("power too large")
-  elif e.is_number:
-    if e.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
-      raise ParseError("infinite exponent")
-    magnitude = abs(sympy.N(e, 15))
-    if not magnitude.is_Number or magnitude > MAX_EXPONENT:
-      raise ParseError("exponent too large")
-  elif b.is_Rational and b not in (0, 1, -1) and _bits(b) > MAX_BITS // 10:
-    raise ParseError("base too large")
-  return sympy.Pow(b, e)
-
-
-def _factorial(n):
-  n = _scalar(n)
-  if not (n.is_Integer and 0 <= n <= MAX_FACTORIAL):
-    raise ParseError("factorial argument out of range")
-  return sympy.factorial(n)
-
-
-def _binomial(n, k):
-  n, k = _scalar(n), _scalar(k)
-  if not (n.is_Integer and k.is_Integer and 0 <= n <= MAX_BINOM):
-    raise ParseError("binomial argument out of range")
-  return sympy.binomial(n, k)
-
-
-def _root(x, n):
-  x, n = _scalar(x), _scalar(n)
-  if not (n.is_Integer and 2 <= n <= MAX_ROOT):
-    raise ParseError("bad root index")
-  if x.is_Rational and x < 0 and n % 2 == 1:
-    return -_pow(-x, sympy.Rational(1, int(n)))
-  return _pow(x, sympy.Rational(1, int(n)))
-
-
-def _mul(a, b):
-  if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
-    if a.shape[1] != b.shape[0]:
-      raise ParseError("matrix shapes")
-    return sympy.ImmutableMatrix(a * b)
-  if isinstance(a, sympy.MatrixBase) or isinstance(b, sympy.MatrixBase):
-    _scalar(b if isinstance(a, sympy.MatrixBase) else a)
-    return sympy.ImmutableMatrix(a * b)
-  return sympy.Mul(_scalar(a), _scalar(b))
-
-
-def _div(a, b):
-  b = _scalar(b)
-  if b == 0:
-    raise ParseError("division by zero")
-  if isinstance(a, sympy.MatrixBase):
-    return sympy.ImmutableMatrix(a / b)
-  return sympy.Mul(_scalar(a), _pow(b, sympy.Integer(-1)))
-
-
-def _add(a, b):
-  if isinstance(a, sympy.MatrixBase) and isinstance(b, sympy.MatrixBase):
-    if a.shape != b.shape:
-      raise ParseError("matrix shapes")
-    return sympy.ImmutableMatrix(a + b)
-  return sympy.Add(_scalar(a), _scalar(b))
-
-
-def _apply(name: str, arg, base=None):
-  arg = _scalar(arg)
-  if name in ("log", "ln"):
-    if arg == 0:
-      raise ParseError("log of zero")
-    if base is not None:
-      base = _scalar(base)
-      if base in (0, 1):
-        raise ParseError("bad log base")
-      return sympy.log(arg, base)
-    return sympy.log(arg) if name == "ln" else sympy.log(arg, 10)
-  if name == "exp":
-    return _pow(sympy.E, arg)
-  if name == "det":
-    raise ParseError("det")
-  table = {
-    "sin": sympy.sin,
-    "cos": sympy.cos,
-    "tan": sympy.tan,
-    "cot": sympy.cot,
-    "sec": sympy.sec,
-    "csc": sympy.csc,
-    "arcsin": sympy.asin,
-    "arccos": sympy.acos,
-    "arctan": sympy.atan,
-    "arcsec": sympy.asec,
-    "arccsc": sympy.acsc,
-    "arccot": sympy.acot,
-    "sinh": sympy.sinh,
-    "cosh": sympy.cosh,
-    "tanh": sympy.tanh,
-  }
-  return table[name](arg)
-
-
-_INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan", "sec": "arcsec", "csc": "arccsc"}
-
-
-def _interval(a, b, left_open: bool, right_open: bool) -> sympy.Set:
-  """An interval written as (a, b], [a, b) ...; reversed, empty or non-real ones are refused."""
-  a, b = _scalar(a), _scalar(b)
-  if a.is_extended_real is False or b.is_extended_real is False or (b - a).is_nonpositive:
-    raise ParseError("not an interval")
-  try:
-    return sympy.Interval(a, b, left_open, right_open)
-  except (ValueError, TypeError) as e:
-    raise ParseError("not an interval") from e
 
 
 def to_set(v) -> sympy.Set:
@@ -529,9 +94,9 @@ def to_set(v) -> sympy.Set:
   if isinstance(v, Seq):
     if v.kind in ("paren", "bracket") and len(v.items) == 2:
       a, b = v.items
-      return _interval(a, b, v.kind == "paren", v.kind == "paren")
+      return interval(a, b, v.kind == "paren", v.kind == "paren")
     if v.kind == "set":
-      return sympy.FiniteSet(*(_scalar(x) for x in v.items))
+      return sympy.FiniteSet(*(scalar(x) for x in v.items))
     if v.kind in ("or", "list", "and") and all(isinstance(x, Rel) for x in v.items):
       sets = [to_set(x) for x in v.items]
       return sympy.Intersection(*sets) if v.kind == "and" else sympy.Union(*sets)
@@ -549,7 +114,7 @@ def _rel_to_set(rel: Rel) -> sympy.Set:
   lo, lo_open, hi, hi_open = -sympy.oo, True, sympy.oo, True
   holes = []
   for lhs, op, rhs in zip(rel.parts[:-1], rel.ops, rel.parts[1:], strict=True):
-    d = sympy.expand(_scalar(lhs) - _scalar(rhs))  # d op 0
+    d = sympy.expand(scalar(lhs) - scalar(rhs))  # d op 0
     a, b = d.coeff(x, 1), d.coeff(x, 0)
     if not (a.is_number and b.is_number and a.is_real and b.is_real and a != 0):
       raise ParseError("only linear inequalities")
@@ -601,7 +166,7 @@ def _has_pm(v) -> bool:
 class _Parser:
   """Recursive descent over the token list; one instance per parse."""
 
-  def __init__(self, toks: list[_Tok]):
+  def __init__(self, toks: list[Token]):
     self.toks = toks
     self.i = 0
     self.percent = False
@@ -609,11 +174,11 @@ class _Parser:
     self.in_func = 0
     self.in_abs = 0
 
-  def peek(self, k: int = 0) -> _Tok:
+  def peek(self, k: int = 0) -> Token:
     j = self.i + k
-    return self.toks[j] if j < len(self.toks) else _END
+    return self.toks[j] if j < len(self.toks) else END
 
-  def next(self) -> _Tok:
+  def next(self) -> Token:
     tok = self.peek()
     self.i += 1
     return tok
@@ -622,7 +187,7 @@ class _Parser:
     tok = self.peek(k)
     return tok.kind == kind and (val is None or tok.val == val)
 
-  def expect(self, kind: str) -> _Tok:
+  def expect(self, kind: str) -> Token:
     tok = self.next()
     if tok.kind != kind:
       raise ParseError(f"expected {kind}, got {tok.kind}")
@@ -667,7 +232,7 @@ class _Parser:
       return parts[0]
     if any(op != "=" for op in ops):
       for p in parts:
-        _scalar(p)
+        scalar(p)
     return Rel(tuple(parts), tuple(ops))
 
   def arith(self):
@@ -676,10 +241,10 @@ class _Parser:
       op = self.next().val
       w = self.term()
       if op == "-":
-        w = _mul(sympy.Integer(-1), w)
+        w = mul(sympy.Integer(-1), w)
       elif op in ("pm", "mp"):
-        w = _mul(PM if op == "pm" else -PM, w)
-      v = _add(v, w)
+        w = mul(PM if op == "pm" else -PM, w)
+      v = add(v, w)
     return v
 
   def _implicit_start(self) -> bool:
@@ -693,26 +258,26 @@ class _Parser:
     while True:
       if self.at("OP", "*"):
         self.next()
-        v = _mul(v, self.unary())
+        v = mul(v, self.unary())
       elif self.at("OP", "/"):
         self.next()
-        v = _div(v, self.unary())
+        v = div(v, self.unary())
       elif self._implicit_start():
-        v = _mul(v, self.power())
+        v = mul(v, self.factor())
       else:
         return v
 
   def unary(self):
     if self.at("OP", "-"):
       self.next()
-      return _mul(sympy.Integer(-1), self.unary())
+      return mul(sympy.Integer(-1), self.unary())
     if self.at("OP", "+"):
       self.next()
       return self.unary()
     if self.at("OP", "pm") or self.at("OP", "mp"):
       sign = PM if self.next().val == "pm" else -PM
-      return _mul(sign, self.unary())
-    return self.power()
+      return mul(sign, self.unary())
+    return self.factor()
 
   def _degree_mark(self) -> int:
     """Tokens taken by a ^\\circ or ^{\\circ} at the cursor (0 if none)."""
@@ -722,22 +287,22 @@ class _Parser:
       return 4
     return 0
 
-  def power(self):
+  def factor(self):
     v = self.primary()
     while True:
       if self.at("FACT"):
         self.next()
-        v = _factorial(v)
+        v = factorial(v)
       elif self._degree_mark() or self.at("DEG"):
         self.i += self._degree_mark() or 1
         v = self._mark_degree(v)
       elif self.at("OP", "^"):
         self.next()
-        v = _pow(v, self.exponent())
+        v = power(v, self.exponent())
       elif self.at("PCT"):
         self.next()
         self.percent = True
-        v = _div(v, sympy.Integer(100))
+        v = div(v, sympy.Integer(100))
       elif (self.at("UNIT") or self.peek().unit) and self._unit_ends_item():
         unit = self.next().val
         if self.at("OP", "^"):  # cm^2
@@ -745,7 +310,7 @@ class _Parser:
           self.exponent()
         if unit == "percent":
           self.percent = True
-          v = _div(v, sympy.Integer(100))
+          v = div(v, sympy.Integer(100))
         elif unit in ("degree", "degrees"):
           v = self._mark_degree(v)
       else:
@@ -753,7 +318,7 @@ class _Parser:
 
   def _mark_degree(self, v):
     if self.in_func:  # \sin 30^\circ: radians inside a function
-      return _mul(v, sympy.pi / 180)
+      return mul(v, sympy.pi / 180)
     self.degree = True
     return v
 
@@ -774,8 +339,8 @@ class _Parser:
       return v
     if self.at("OP", "-"):
       self.next()
-      return _mul(sympy.Integer(-1), self.exponent())
-    return self.power()
+      return mul(sympy.Integer(-1), self.exponent())
+    return self.factor()
 
   def arg(self):
     r"""One argument of \frac, \sqrt, \binom: a brace group or a single character/token."""
@@ -786,7 +351,7 @@ class _Parser:
       return v
     tok = self.peek()
     if tok.kind == "NUM" and tok.raw.isdigit() and len(tok.raw) > 1:  # \frac94
-      self.toks[self.i] = _Tok("NUM", sympy.Integer(int(tok.raw[1:])), tok.raw[1:])
+      self.toks[self.i] = Token("NUM", sympy.Integer(int(tok.raw[1:])), tok.raw[1:])
       return sympy.Integer(int(tok.raw[0]))
     return self.primary()
 
@@ -819,17 +384,17 @@ class _Parser:
       return v
     if kind == "FRAC":
       a = self.arg()
-      return _div(a, self.arg())
+      return div(a, self.arg())
     if kind == "SQRT":
       if self.at("LB"):
         self.next()
         n = self.arith()
         self.expect("RB")
-        return _root(self.arg(), n)
-      return _root(self.arg(), sympy.Integer(2))
+        return root(self.arg(), n)
+      return root(self.arg(), sympy.Integer(2))
     if kind == "BINOM":
       n = self.arg()
-      return _binomial(n, self.arg())
+      return binomial(n, self.arg())
     if kind == "FUNC":
       return self._function(tok.val)
     if kind == "BAR":
@@ -837,11 +402,11 @@ class _Parser:
       v = self.arith()
       self.expect("BAR")
       self.in_abs -= 1
-      return sympy.Abs(_scalar(v))
+      return sympy.Abs(scalar(v))
     if kind in ("LFLOOR", "LCEIL"):
       v = self.arith()
       self.expect("RFLOOR" if kind == "LFLOOR" else "RCEIL")
-      return (sympy.floor if kind == "LFLOOR" else sympy.ceiling)(_scalar(v))
+      return (sympy.floor if kind == "LFLOOR" else sympy.ceiling)(scalar(v))
     if kind == "BEGIN":
       return self._matrix(tok.val)
     raise ParseError(f"unexpected {kind}")
@@ -851,7 +416,7 @@ class _Parser:
     self.next()  # FRAC
     num, den = self.arg(), self.arg()
     if not (num.is_Integer and den.is_Integer):
-      return _mul(whole, _div(num, den))  # 2\frac{\pi}{3}
+      return mul(whole, div(num, den))  # 2\frac{\pi}{3}
     if 0 < num < den:
       return whole + num / den
     raise ParseError("improper mixed number")
@@ -894,7 +459,7 @@ class _Parser:
       raise ParseError("bracketed single value")
     if len(values) == 2 and (open_kind == "LP") != (close == "RP"):
       a, b = values
-      return _interval(a, b, open_kind == "LP", close == "RP")
+      return interval(a, b, open_kind == "LP", close == "RP")
     if open_kind == "LP" and close == "RP":
       return Seq("paren", tuple(values))
     if open_kind == "LB" and close == "RB":
@@ -916,19 +481,19 @@ class _Parser:
       a = self.arith()
       self.expect("RP")
     else:
-      a = self.power()
+      a = self.factor()
       while self.peek().kind in ("ID", "CONST"):
-        a = _mul(a, self.power())
+        a = mul(a, self.factor())
     self.in_func -= 1
-    if exponent is not None and exponent == -1 and name in _INVERSE:
-      return _apply(_INVERSE[name], a)
-    f = _apply(name, a, base)
-    return f if exponent is None else _pow(f, exponent)
+    if exponent is not None and exponent == -1 and name in INVERSE:
+      return apply_function(INVERSE[name], a)
+    f = apply_function(name, a, base)
+    return f if exponent is None else power(f, exponent)
 
   def _matrix(self, env: str):
     rows: list[list] = [[]]
     while True:
-      rows[-1].append(_scalar(self.arith()))
+      rows[-1].append(scalar(self.arith()))
       tok = self.next()
       if tok.kind == "AMP":
         continue
@@ -977,7 +542,7 @@ def _as_text(s: str) -> str | None:
   if not re.fullmatch(r"[A-Za-z][A-Za-z .,'\-]*", plain):
     return None
   words = re.findall(r"[A-Za-z]+", plain)
-  known = set(_FUNC_NAMES) | set(_CONST_WORDS) | {"or", "and", "sqrt"}
+  known = set(FUNC_NAMES) | set(CONST_WORDS) | {"or", "and", "sqrt"}
   if any(len(w) >= 2 and w not in known for w in words):
     return normalize_text(plain)
   return None
