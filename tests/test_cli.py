@@ -94,6 +94,17 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, flags, message):
   assert not workdir.exists()
 
 
+def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
+  """Blocks until checkpoint `step` is on disk; False if the process ended first."""
+  deadline = time.time() + deadline_s
+  while not pathlib.Path(workdir, "checkpoints", str(step)).exists():
+    if proc.poll() is not None:
+      return False
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.1)
+  return True
+
+
 def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   env = _env(tmp_path)
   straight, chain = tmp_path / "straight", tmp_path / "chain"
@@ -103,30 +114,85 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   assert _steps_logged(straight) == [1, 2, 3]
   assert any(pathlib.Path(straight, "tb").iterdir())  # a TensorBoard event file
 
-  # The same run, killed with SIGKILL once its first checkpoint is on disk...
-  proc = subprocess.Popen(
-    _cmd(chain, "--config.train.steps=3"),
-    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-  )  # fmt: skip
-  deadline = time.time() + 600
-  while not pathlib.Path(chain, "checkpoints", "1").exists():
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.2)
+  def start():
+    return subprocess.Popen(
+      _cmd(chain, "--config.train.steps=3"),
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+  # The same run, killed with SIGKILL once its first checkpoint is on disk ...
+  proc = start()
+  assert _wait_for_checkpoint(proc, chain, 1), proc.stderr.read()[-3000:]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  # ... resumed for 2 steps (a clean stop), then resumed again to the end.
-  out = _run(env, chain, "--config.train.steps=2")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "resumed" in out.stderr
+  # ... resumed, and preempted with SIGTERM after one more checkpoint (it saves and exits 0) ...
+  proc = start()
+  if _wait_for_checkpoint(proc, chain, 2):
+    proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert "resumed from" in err
+  # ... and resumed again to the end.
   out = _run(env, chain, "--config.train.steps=3")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "resumed from" in out.stderr and "at step 2" in out.stderr
 
   a, b = _flat(_final_params(straight, 3)), _flat(_final_params(chain, 3))
   assert a.keys() == b.keys() and len(a) > 10
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  # The run really trained: the params moved away from the shipped checkpoint's.
-  first = _flat(_final_params(straight, 1))
-  assert any(not np.array_equal(first[key], a[key]) for key in a)
+  # The run really trained: the params moved between checkpoints (the newest two are kept).
+  before = _flat(_final_params(straight, 2))
+  assert any(not np.array_equal(before[key], a[key]) for key in a)
+  assert _steps_logged(chain)[-1] == 3
+
+  # A finished workdir given more steps resumes where it stopped.
+  out = _run(env, straight, "--config.train.steps=4")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from" in out.stderr and "at step 3" in out.stderr
+  assert _steps_logged(straight) == [1, 2, 3, 4]
+
+
+def test_eval_mode_reads_every_layout(tmp_path):
+  from tapo_jax.toy import arith
+
+  probs = arith.make_problems(3, seed=5)
+  dapo_t = (
+    "Solve the following math problem step by step. The last line of your response should be of "
+    "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+    "{}\n\nRemember to put your answer on its own line after \"Answer:\"."
+  )
+  rows = {
+    "dapo.jsonl": [
+      {"prompt": [{"role": "user", "content": dapo_t.format(p.problem)}],
+       "reward_model": {"ground_truth": p.answer}} for p in probs for _ in range(2)
+    ],  # fmt: skip
+    "deepscaler.jsonl": [{"problem": p.problem, "answer": p.answer} for p in probs],
+    "math.jsonl": [{"problem": p.problem, "solution": p.solution} for p in probs],
+    "aime.json": [{"Problem": p.problem, "Answer": int(p.answer)} for p in probs],
+    "hmmt.jsonl": [{"problem_idx": i, "problem": p.problem, "answer": p.answer}
+                   for i, p in enumerate(probs)],  # fmt: skip
+  }
+  paths = []
+  for name, content in rows.items():
+    path = tmp_path / name
+    if name.endswith(".json"):
+      path.write_text(json.dumps(content))
+    else:
+      path.write_text("".join(json.dumps(r) + "\n" for r in content))
+    paths.append(str(path))
+  workdir = tmp_path / "wd"
+  out = _run(
+    _env(tmp_path), workdir, "--config.mode=eval", f"--config.eval.paths={','.join(paths)}",
+    "--config.eval.k=2", "--config.eval.pass_ks=1,2",
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((workdir / "eval_summary.json").read_text())
+  for name in rows:
+    stem = name.split(".")[0]
+    assert summary[f"{stem}/n_problems"] == 3  # dapo's duplicates are dropped
+    assert summary[f"{stem}/n_responses"] == 6
+    assert 0.0 <= summary[f"{stem}/pass@1"] <= summary[f"{stem}/pass@2"] <= 1.0
+    lines = (workdir / "eval" / f"{stem}.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+  # Same problems, same seed, same sampler: every layout reads the same set, so same scores.
+  assert len({summary[f"{n.split('.')[0]}/avg@2"] for n in rows}) == 1
