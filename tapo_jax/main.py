@@ -1,4 +1,4 @@
-r"""Entry point: python -m tapo_jax.main --config=configs/<name>.py [--config.key=value] [--workdir=DIR]
+r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=value] [--workdir=D]
 
 Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval. Bad flags or config values
 print one line naming the key and exit with status 2 before anything is written.
@@ -14,7 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # JetStream's full install i
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (overrides config.workdir).")
 
 

@@ -63,7 +63,9 @@ def _final_params(workdir, step):
 def _flat(tree):
   import jax
 
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _steps_logged(workdir):
@@ -159,18 +161,23 @@ def test_eval_mode_reads_every_layout(tmp_path):
   dapo_t = (
     "Solve the following math problem step by step. The last line of your response should be of "
     "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-    "{}\n\nRemember to put your answer on its own line after \"Answer:\"."
+    '{}\n\nRemember to put your answer on its own line after "Answer:".'
   )
   rows = {
     "dapo.jsonl": [
-      {"prompt": [{"role": "user", "content": dapo_t.format(p.problem)}],
-       "reward_model": {"ground_truth": p.answer}} for p in probs for _ in range(2)
+      {
+        "prompt": [{"role": "user", "content": dapo_t.format(p.problem)}],
+        "reward_model": {"ground_truth": p.answer},
+      }
+      for p in probs
+      for _ in range(2)
     ],  # fmt: skip
     "deepscaler.jsonl": [{"problem": p.problem, "answer": p.answer} for p in probs],
     "math.jsonl": [{"problem": p.problem, "solution": p.solution} for p in probs],
     "aime.json": [{"Problem": p.problem, "Answer": int(p.answer)} for p in probs],
-    "hmmt.jsonl": [{"problem_idx": i, "problem": p.problem, "answer": p.answer}
-                   for i, p in enumerate(probs)],  # fmt: skip
+    "hmmt.jsonl": [
+      {"problem_idx": i, "problem": p.problem, "answer": p.answer} for i, p in enumerate(probs)
+    ],  # fmt: skip
   }
   paths = []
   for name, content in rows.items():

@@ -1,4 +1,4 @@
-"""python -m tapo_jax.bench {verifier,sampler,tapo,train} [flags]: measured side by side with a peer."""
+"""python -m tapo_jax.bench {verifier,sampler,tapo,train}: us vs a peer, measured in one run."""
 
 import importlib
 import sys

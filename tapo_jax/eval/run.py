@@ -24,8 +24,11 @@ def eval_sets(cfg) -> dict[str, list[Problem]]:
   if cfg.eval.paths:
     return load_eval_sets(cfg.eval.paths)
   toy = arith.make_problems(TOY_EVAL_PROBLEMS, seed=cfg.seed + 999)
-  return {"arith": [Problem(id=f"arith-eval-{i}", problem=p.problem, answer=p.answer)
-                    for i, p in enumerate(toy)]}
+  return {
+    "arith": [
+      Problem(id=f"arith-eval-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)
+    ]
+  }
 
 
 def run(cfg, workdir: str) -> dict[str, float]:

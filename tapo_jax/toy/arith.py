@@ -16,8 +16,7 @@ CHECKPOINT_DIR = pathlib.Path(__file__).parent / "arith"
 
 SPECIALS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
 CHARS = (
-  "0123456789+-*/=()[].,;:!?'\" \n"
-  "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\{}<>^_$"
+  "0123456789+-*/=()[].,;:!?'\" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\{}<>^_$"
 )
 CHAT_TEMPLATE = (
   "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"

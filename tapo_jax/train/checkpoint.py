@@ -32,8 +32,11 @@ class Checkpointer:
 
   def restore(self, step: int, state_sharding, state_like) -> tuple:
     """(state, extra) of checkpoint `step`, placed with `state_sharding`."""
+
     def spec(sharding, subtree):  # the sharding tree is a prefix of the state (nnx.Variable)
-      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), subtree)
+      return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), subtree
+      )
 
     abstract = jax.tree.map(spec, state_sharding, state_like)
     out = self.manager.restore(

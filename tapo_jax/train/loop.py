@@ -22,12 +22,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax import sampling
-from tapo_jax.sampling import driver as sampling_driver
 from tapo_jax.data import Problem, load_problems
 from tapo_jax.data.prompts import format_prompts
-from tapo_jax import eval as eval_lib
+from tapo_jax.sampling import driver as sampling_driver
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct as construct_lib
 from tapo_jax.tapo import loss as loss_lib
@@ -72,7 +72,9 @@ def make_logprob_fn(graphdef, chunk: int):
   @jax.jit
   def logprobs(params, tokens, positions):
     model = nnx.merge(graphdef, params)
-    lp, _ = loss_lib.sequence_logprobs(model.hidden(tokens, positions), model.lm_head(), tokens, chunk)
+    lp, _ = loss_lib.sequence_logprobs(
+      model.hidden(tokens, positions), model.lm_head(), tokens, chunk
+    )
     return lp
 
   return logprobs
@@ -122,7 +124,9 @@ def run(cfg, workdir: str) -> None:
     prefill_buckets=buckets,
     mesh=mesh,
   )
-  pool = rewards_lib.VerifierPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s).start()
+  pool = rewards_lib.VerifierPool(
+    workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s
+  ).start()
   tables = construct_lib.token_tables(tokenizer, model.cfg.vocab_size, eos)
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(

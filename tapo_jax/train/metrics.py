@@ -35,7 +35,11 @@ class MetricWriter:
       from tqdm import tqdm
 
       self.bar = tqdm(
-        total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
         dynamic_ncols=True,
       )
     self.t0 = time.time()

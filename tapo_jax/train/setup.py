@@ -35,4 +35,3 @@ def load_policy(cfg, mesh: jax.sharding.Mesh):
   )
   tokenizer = transformers.AutoTokenizer.from_pretrained(path)
   return model, tokenizer
-

@@ -56,9 +56,7 @@ def _path_key(path) -> tuple:
 def tree_shardings_like_params(tree, params_sharding, mesh: Mesh):
   """Shardings for an optimizer-state tree: leaves whose path ends with a parameter's path get
   that parameter's sharding, everything else (counts, scalars) is replicated."""
-  by_path = {
-    _path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]
-  }
+  by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def one(path, leaf):

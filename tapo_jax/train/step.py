@@ -79,5 +79,7 @@ def make_train_step(
 
   shardings = {}
   if state_sharding is not None:
-    shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+    shardings = dict(
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None)
+    )
   return jax.jit(train_step, donate_argnums=0, **shardings)
