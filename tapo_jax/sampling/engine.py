@@ -312,7 +312,7 @@ class QwenEngine(engine_api.Engine):
 
   def init_decode_state(self, seed: int = 0, *args, **kwargs) -> DecodeState:
     with jax.set_mesh(self._mesh):
-      return self._init_jit(jax.random.PRNGKey(seed))
+      return self._init_jit(jax.random.PRNGKey(int(seed) % 2**62))
 
   def prefill(self, *, params, existing_prefix=None, padded_tokens, true_length) -> Prefix:
     """Prefix of one prompt (padded_tokens [T], T a bucket) or of P prompts ([P, T], [P])."""
