@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The sampler benchmark on one GPU: Qwen2.5-1.5B shape (random weights), bf16, batch 256,
-# 128 prompt + 256 new tokens, tapo_jax vs transformers' generate in the same run, plus the
-# fraction of the HBM roofline. Needs CUDA JAX and CUDA torch:
+# The GPU benchmarks on one GPU, Qwen2.5-1.5B shape (random weights), bf16, each side by side with
+# transformers in the same run:
+#   sampler: batch 256, 128 prompt + 256 new tokens, plus the fraction of the HBM roofline;
+#   train:   batch 4 x 4096, forward + backward + AdamW, tokens/s and MFU.
+# Needs CUDA JAX and CUDA torch:
 #
 #   pip install -U "jax[cuda12]" torch
-#   launch/bench_gpu.sh [--json=sampler_gpu.json] [--batch=... other flags]
+#   launch/bench_gpu.sh [--json=sampler_gpu.json] [--batch=... other sampler flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()" || {
@@ -17,5 +19,7 @@ python -c "import torch; assert torch.cuda.is_available()" || {
 }
 # transformers runs in the same process: JAX must not preallocate most of the GPU's memory
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-exec python -m tapo_jax.bench sampler --shape=qwen2.5-1.5b --dtype=bfloat16 --batch=256 \
+python -m tapo_jax.bench sampler --shape=qwen2.5-1.5b --dtype=bfloat16 --batch=256 \
   --prompt-len=128 --new-tokens=256 "$@"
+python -m tapo_jax.bench train --shape=qwen2.5-1.5b --dtype=bfloat16 --batch=4 --seq=4096 \
+  --remat --attention=cudnn

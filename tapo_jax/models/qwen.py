@@ -188,7 +188,7 @@ class Attention(nnx.Module):
       y = y + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return y
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, impl=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS=None, kv=None, impl=None):
     """kv: optional (k_cache_BKSH, v_cache_BKSH) of this layer to write into and attend over."""
     cfg = self.cfg
     q = self._proj(x_BTD, "q")
@@ -209,8 +209,8 @@ class Attention(nnx.Module):
       new_kv = (k_cache, v_cache)
       out = self._attend_cache(q, k_cache, v_cache, mask_BTS)
     else:
-      out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask_BTS[:, None, :, :], scale=cfg.head_dim**-0.5, implementation=impl
+      out = jax.nn.dot_product_attention(  # plain causal: lets cuDNN use its fused causal kernel
+        q, k, v, is_causal=True, scale=cfg.head_dim**-0.5, implementation=impl
       )  # [B, T, N, H]
     b, t, n, h = out.shape
     o_NHD = self.o_proj[...].astype(self.dtype)
@@ -301,12 +301,14 @@ class Qwen(nnx.Module):
     return constrain(x, ("batch", "seq", "act_embed"))
 
   def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-    """Full causal forward to the final-normed hidden states [B, T, D]."""
+    """Full causal forward to the final-normed hidden states [B, T, D].
+
+    Rows are right-padded sequences starting at index 0 (`positions_BT` only drives RoPE);
+    padding after a row's end cannot affect its real tokens under the causal mask."""
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = positions_BT[:, :, None] >= positions_BT[:, None, :]  # causal by position
-    mask &= jnp.tril(jnp.ones((t, t), bool))[None]
+    mask = None  # causal, built inside the attention kernel
     x = self._embed(tokens_BT)
     for layer in self.layers:
       if self.remat:
