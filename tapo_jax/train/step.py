@@ -63,7 +63,7 @@ def make_train_step(
     init = (jnp.zeros((), jnp.float32), zeros(state.params), zeros(metrics_shape))
     (loss, grads, metrics), _ = jax.lax.scan(body, init, batch)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
