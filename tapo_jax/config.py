@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.batch_size = 8
   c.sft.max_len = 2048
   c.sft.epochs = 1
+  c.sft.steps = 0  # optimizer steps; 0 = epochs over the data
 
   c.eval = ml_collections.ConfigDict()
   c.eval.paths = ""  # comma-separated eval files (each in one of the data layouts)

@@ -203,3 +203,31 @@ def test_eval_mode_reads_every_layout(tmp_path):
     assert len(lines) == 3
   # Same problems, same seed, same sampler: every layout reads the same set, so same scores.
   assert len({summary[f"{n.split('.')[0]}/avg@2"] for n in rows}) == 1
+
+
+def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
+  import torch
+  import transformers
+
+  from tapo_jax.toy import arith
+
+  data = tmp_path / "sft.jsonl"
+  rows = [{"prompt": p.problem, "response": p.solution} for p in arith.make_problems(8, seed=3)]
+  rows[1] = {"messages": [{"role": "user", "content": "Compute 1+1."},
+                          {"role": "assistant", "content": "1+1=2\n\\boxed{2}"}]}  # fmt: skip
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  workdir = tmp_path / "wd"
+  out = _run(
+    _env(tmp_path), workdir, "--config.mode=sft", f"--config.sft.path={data}",
+    "--config.sft.steps=2", "--config.sft.batch_size=4", "--config.optim.micro_batch=2",
+    "--config.sft.max_len=64",
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert _steps_logged(workdir) == [1, 2]
+  nll = [json.loads(line)["nll"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(nll)) and all(v > 0 for v in nll)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf")
+  tok = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+  ids = tok("Compute 1+2.", return_tensors="pt").input_ids
+  with torch.no_grad():
+    assert torch.isfinite(hf(ids).logits).all()

@@ -58,7 +58,7 @@ def build(out_dir: str, steps: int, seed: int = 0) -> None:
     c.sft.batch_size, c.sft.max_len = 64, 80
     c.optim.lr, c.optim.warmup_steps, c.optim.micro_batch = 3e-3, 50, 64
     c.optim.weight_decay = 0.0
-    c.train.steps, c.train.checkpoint_every = steps, steps
+    c.sft.steps, c.train.checkpoint_every = steps, steps
     c.loss.vocab_chunk = 128
     work = os.path.join(tmp, "work")
     sft.run(c, work)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -47,9 +49,30 @@ class Checkpointer:
     )
     return out["state"], out["extra"]
 
+  def resume(self, state, state_sharding, iterator) -> tuple:
+    """(state, start step): the newest checkpoint's, with the iterator moved to its position;
+    (state, 0) when the workdir has none."""
+    start = self.latest_step() or 0
+    if start:
+      state, extra = self.restore(start, state_sharding, state)
+      iterator.restore(extra["data"])
+      print(f"resumed from {self.manager.directory} at step {start}", file=sys.stderr)
+    return state, start
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class PreemptionGuard:
+  """SIGTERM (TPU preemption) sets `requested`; the loop checkpoints after the step and exits."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.requested = True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 
@@ -80,17 +79,6 @@ def make_logprob_fn(graphdef, chunk: int):
   return logprobs
 
 
-class _Stop:
-  """SIGTERM (TPU preemption) sets a flag; the loop checkpoints after the step and exits."""
-
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, *_):
-    self.requested = True
-
-
 def run(cfg, workdir: str) -> None:
   """Trains for cfg.train.steps RL steps; resumes from the newest checkpoint in `workdir`."""
   t_setup = time.time()
@@ -104,17 +92,11 @@ def run(cfg, workdir: str) -> None:
   it = BatchIterator(problems, q, seed=cfg.seed, shuffle=cfg.data.shuffle)
   os.makedirs(workdir, exist_ok=True)
 
-  graphdef, params = nnx.split(model, nnx.Param)
   updates_per_step = cfg.optim.ppo_epochs * cfg.optim.minibatches
   optimizer = state_lib.make_optimizer(cfg.optim, cfg.train.steps * updates_per_step)
-  psh = state_lib.param_shardings(model, mesh)
-  state, ssh = state_lib.init_state(params, optimizer, psh, mesh)
+  graphdef, state, ssh = state_lib.create(model, mesh, optimizer)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, extra = ckpt.restore(start, ssh, state)
-    it.restore(extra["data"])
-    print(f"resumed from {workdir} at step {start}", file=sys.stderr)
+  state, start = ckpt.resume(state, ssh, it)
 
   buckets = tuple(sorted(cfg.rollout.prefill_buckets))
   engine = sampling_driver.engine_for(
@@ -135,7 +117,7 @@ def run(cfg, workdir: str) -> None:
   logprob_fn = make_logprob_fn(graphdef, cfg.loss.vocab_chunk)
   data_par = mesh.shape["data"] * mesh.shape["fsdp"]
   row_multiple = math.lcm(cfg.optim.micro_batch, data_par) * cfg.optim.minibatches
-  stop = _Stop()
+  stop = checkpoint.PreemptionGuard()
   writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
   logging.info("setup took %.1fs", time.time() - t_setup)
 

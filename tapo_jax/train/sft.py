@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from tapo_jax.data import load_sft
@@ -58,28 +57,21 @@ def run(cfg, workdir: str) -> None:
   examples = load_sft(cfg.sft.path)
   rows = [tokenize_sft(e, tokenizer, cfg.data.use_chat_template) for e in examples]
   bs = cfg.sft.batch_size
-  steps = cfg.train.steps if cfg.train.steps > 0 else cfg.sft.epochs * math.ceil(len(rows) / bs)
+  steps = cfg.sft.steps or cfg.sft.epochs * math.ceil(len(rows) / bs)
   it = BatchIterator(rows, bs, seed=cfg.seed, shuffle=cfg.data.shuffle)
   os.makedirs(workdir, exist_ok=True)
 
-  graphdef, params = nnx.split(model, nnx.Param)
   optimizer = state_lib.make_optimizer(cfg.optim, steps)
-  psh = state_lib.param_shardings(model, mesh)
-  state, ssh = state_lib.init_state(params, optimizer, psh, mesh)
+  graphdef, state, ssh = state_lib.create(model, mesh, optimizer)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, extra = ckpt.restore(start, ssh, state)
-    it.restore(extra["data"])
-    logging.info("resumed from step %d", start)
+  state, start = ckpt.resume(state, ssh, it)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   chunk = cfg.loss.vocab_chunk
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
       graphdef, optimizer, lambda m, b: sft_loss(m, b, chunk), ssh, None
     )
-  stop = {"flag": False}
-  signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+  stop = checkpoint.PreemptionGuard()
   writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
   for step in range(start, steps):
     t0 = time.time()
@@ -91,9 +83,9 @@ def run(cfg, workdir: str) -> None:
     m["tokens_per_s"] = float(batch["loss_mask"].sum()) / max(time.time() - t0, 1e-9)
     writer.write(step + 1, m)
     writer.advance({"nll": m["nll"]})
-    ckpt.save(step + 1, state, {"data": it.state()}, force=stop["flag"] or step + 1 == steps)
-    if stop["flag"]:
-      logging.info("SIGTERM: checkpointed step %d, exiting", step + 1)
+    ckpt.save(step + 1, state, {"data": it.state()}, force=stop.requested or step + 1 == steps)
+    if stop.requested:
+      print(f"SIGTERM: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
       break
   ckpt.close()
   writer.close()

@@ -83,3 +83,10 @@ def init_state(
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731 (no aliasing)
   state = TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
   return state, state_sharding
+
+
+def create(model: nnx.Module, mesh: Mesh, optimizer: optax.GradientTransformation):
+  """(graphdef, state, state_sharding) for `model`, whose params are already placed on `mesh`."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  state, state_sharding = init_state(params, optimizer, param_shardings(model, mesh), mesh)
+  return graphdef, state, state_sharding
