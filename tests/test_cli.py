@@ -110,10 +110,14 @@ def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
 def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   env = _env(tmp_path)
   straight, chain = tmp_path / "straight", tmp_path / "chain"
-  # An uninterrupted 3-step run (also warms the compilation cache for the rest).
-  out = _run(env, straight, "--config.train.steps=3")
+  # An uninterrupted 3-step run (also warms the compilation cache for the rest), with a periodic
+  # eval at step 2, which must not perturb training.
+  out = _run(
+    env, straight, "--config.train.steps=3", "--config.train.eval_every=2", "--config.eval.k=2"
+  )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert _steps_logged(straight) == [1, 2, 3]
+  assert _steps_logged(straight) == [1, 2, 2, 3]  # step 2's eval summary is its own line
+  assert (straight / "eval" / "step_2" / "arith.jsonl").exists()
   assert any(pathlib.Path(straight, "tb").iterdir())  # a TensorBoard event file
 
   def start():
@@ -151,7 +155,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   out = _run(env, straight, "--config.train.steps=4")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr and "at step 3" in out.stderr
-  assert _steps_logged(straight) == [1, 2, 3, 4]
+  assert _steps_logged(straight) == [1, 2, 2, 3, 4]
 
 
 def test_eval_mode_reads_every_layout(tmp_path):

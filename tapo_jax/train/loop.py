@@ -281,11 +281,10 @@ def _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards, cfg) -
 
 
 def _periodic_eval(cfg, model, tokenizer, workdir, step, writer) -> None:
-  sets = eval_lib.load_eval_sets(cfg.eval.paths) if cfg.eval.paths else {}
-  if not sets:
-    return
+  from tapo_jax.eval.run import eval_sets
+
   out_dir = os.path.join(workdir, "eval", f"step_{step}")
   summary = eval_lib.evaluate_sets(
-    model, tokenizer, sets, out_dir=out_dir, **eval_lib.eval_kwargs(cfg)
+    model, tokenizer, eval_sets(cfg), out_dir=out_dir, **eval_lib.eval_kwargs(cfg)
   )
   writer.write(step, summary, prefix="eval/")
