@@ -1,6 +1,6 @@
 r"""Rebuilds the shipped toy checkpoint: a tiny Qwen2 trained by our own SFT mode on arithmetic.
 
-python -m tapo_jax.toy.build [--steps=2000] [--out=tapo_jax/toy/arith]
+python -m tapo_jax.toy.build [--steps=1100] [--out=tapo_jax/toy/arith]
 
 It is undertrained on purpose: it should solve about half of the problems, so that RL has groups
 with both correct and incorrect samples.
@@ -16,7 +16,7 @@ import tempfile
 
 from absl import app, flags
 
-_STEPS = flags.DEFINE_integer("steps", 2000, "SFT steps.")
+_STEPS = flags.DEFINE_integer("steps", 1100, "SFT steps.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: the shipped checkpoint dir).")
 
 MODEL = dict(
