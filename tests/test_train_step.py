@@ -165,3 +165,25 @@ def test_optimizer_state_is_sharded_like_params():
   adam = state.opt_state[1][0]
   mu = adam.mu["layers"][0]["mlp"]["down_proj"][...]
   assert mu.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_bf16_compute_keeps_f32_master_weights_and_remat_changes_nothing():
+  batch = jax.tree.map(jnp.asarray, _batch(rows=4))
+  losses = {}
+  for name, kw in {
+    "f32": {},
+    "f32_remat": dict(remat=True),
+    "bf16": dict(dtype=jnp.bfloat16),
+  }.items():
+    model = Qwen(CFG, param_dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss_of = lambda p, g=graphdef: sft.sft_loss(nnx.merge(g, p), batch, chunk=16)[0]  # noqa: E731
+    loss, grads = jax.jit(jax.value_and_grad(loss_of))(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    losses[name] = (float(loss), grads)
+  assert losses["f32"][0] == pytest.approx(losses["f32_remat"][0], rel=1e-6)
+  for a, b in zip(jax.tree.leaves(losses["f32"][1]), jax.tree.leaves(losses["f32_remat"][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # bf16 compute is close to f32 but not identical (it really ran in bf16).
+  assert losses["bf16"][0] == pytest.approx(losses["f32"][0], rel=2e-2)
+  assert losses["bf16"][0] != losses["f32"][0]
