@@ -75,12 +75,15 @@ def validate(cfg, num_devices: int) -> None:
     raise ConfigError("config.data.train_path is empty: set it to a jsonl/json/parquet file")
   if cfg.mode == "sft" and not _exists(cfg.sft.path):
     raise ConfigError(f"config.sft.path={cfg.sft.path!r}: no such file")
-  if cfg.mode == "eval":
+  if cfg.mode == "eval" or cfg.train.eval_every:
     for path in [p for p in cfg.eval.paths.split(",") if p.strip()]:
       if not _exists(path.strip()):
         raise ConfigError(f"config.eval.paths: {path.strip()!r}: no such file")
     if cfg.eval.k < 1:
       raise ConfigError(f"config.eval.k={cfg.eval.k}: must be >= 1")
+    bad = [k for k in cfg.eval.pass_ks if not 1 <= k <= cfg.eval.k]
+    if bad:
+      raise ConfigError(f"config.eval.pass_ks={tuple(cfg.eval.pass_ks)}: {bad} not in [1, eval.k]")
 
 
 def _fail(msg: str) -> None:

@@ -82,6 +82,7 @@ BAD = [
   (["--config.data.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
   (["--config.no_such_key=1"], "no_such_key"),
   (["--config.mode=sft"], "config.sft.path"),
+  (["--config.mode=eval", "--config.eval.k=2"], "config.eval.pass_ks=(1, 4)"),
 ]
 
 
@@ -113,7 +114,12 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   # An uninterrupted 3-step run (also warms the compilation cache for the rest), with a periodic
   # eval at step 2, which must not perturb training.
   out = _run(
-    env, straight, "--config.train.steps=3", "--config.train.eval_every=2", "--config.eval.k=2"
+    env,
+    straight,
+    "--config.train.steps=3",
+    "--config.train.eval_every=2",
+    "--config.eval.k=2",
+    "--config.eval.pass_ks=1,2",
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert _steps_logged(straight) == [1, 2, 2, 3]  # step 2's eval summary is its own line
