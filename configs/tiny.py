@@ -26,7 +26,7 @@ def get_config():
   c.tapo.ref_baseline = "orig"
   c.tapo.max_len = 160
   c.loss.vocab_chunk = 64
-  c.optim.lr = 1e-4
+  c.optim.lr = 2e-5
   c.optim.warmup_steps = 2
   c.optim.micro_batch = 16
   c.train.steps = 20
