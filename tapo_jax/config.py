@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.use_chat_template = True  # apply the tokenizer's chat template when it has one
   c.data.max_prompt_tokens = 512  # longer prompts are an error at load time
   c.data.shuffle = True
+  # (low, high): before RL, keep the problems whose pass rate under the initial policy (rollout.n
+  # samples each, cached in WORKDIR/pass_rates.json) lies in [low, high]; () keeps all. Paper: the
+  # "zone of proximal development" (1/8, 7/8).
+  c.data.pass_rate_window = ()
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.n = 8  # K: samples per query

@@ -73,6 +73,9 @@ def validate(cfg, num_devices: int) -> None:
     raise ConfigError(f"config.data.train_path={cfg.data.train_path!r}: no such file")
   if cfg.mode == "rl" and not cfg.data.train_path and cfg.model.toy != "arith":
     raise ConfigError("config.data.train_path is empty: set it to a jsonl/json/parquet file")
+  window = tuple(cfg.data.pass_rate_window)
+  if window and not (len(window) == 2 and 0.0 <= window[0] <= window[1] <= 1.0):
+    raise ConfigError(f"config.data.pass_rate_window={window}: expected (low, high) in [0, 1]")
   if cfg.mode == "sft" and not _exists(cfg.sft.path):
     raise ConfigError(f"config.sft.path={cfg.sft.path!r}: no such file")
   if cfg.mode == "eval" or cfg.train.eval_every:

@@ -83,6 +83,7 @@ BAD = [
   (["--config.no_such_key=1"], "no_such_key"),
   (["--config.mode=sft"], "config.sft.path"),
   (["--config.mode=eval", "--config.eval.k=2"], "config.eval.pass_ks=(1, 4)"),
+  (["--config.data.pass_rate_window=(0.5, 0.2)"], "config.data.pass_rate_window=(0.5, 0.2)"),
 ]
 
 
@@ -241,3 +242,27 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   ids = tok("Compute 1+2.", return_tensors="pt").input_ids
   with torch.no_grad():
     assert torch.isfinite(hf(ids).logits).all()
+
+
+def test_difficulty_filter_measures_once_and_keeps_the_window(tmp_path):
+  from tapo_jax.toy import arith
+
+  easy = arith.make_problems(4, seed=11, min_terms=2, max_terms=2)
+  hard = arith.make_problems(2, seed=12, min_terms=6, max_terms=6)  # never seen: always wrong
+  data = tmp_path / "train.jsonl"
+  rows = [
+    {"id": f"p{i}", "problem": p.problem, "answer": p.answer} for i, p in enumerate(easy + hard)
+  ]
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  env, workdir = _env(tmp_path), tmp_path / "wd"
+  flags = [f"--config.data.train_path={data}", "--config.data.pass_rate_window=(0.1, 1.0)"]
+  out = _run(env, workdir, *flags, "--config.train.steps=1")
+  assert out.returncode == 0, out.stderr[-3000:]
+  rates = json.loads((workdir / "pass_rates.json").read_text())
+  assert sorted(rates) == [f"p{i}" for i in range(6)]
+  assert rates["p4"] == rates["p5"] == 0.0
+  kept = sum(0.1 <= r <= 1.0 for r in rates.values())
+  assert f"kept {kept} of 6 problems" in out.stderr and kept >= 1
+  out = _run(env, workdir, *flags, "--config.train.steps=2")  # resumes on the cached rates
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "measuring pass rates" not in out.stderr and f"kept {kept} of 6" in out.stderr

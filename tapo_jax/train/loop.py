@@ -10,6 +10,7 @@ same hardware) to one that was never interrupted.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -24,7 +25,7 @@ from flax import nnx
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax import sampling
-from tapo_jax.data import Problem, load_problems
+from tapo_jax.data import Problem, filter_by_pass_rate, load_problems
 from tapo_jax.data.prompts import format_prompts
 from tapo_jax.sampling import driver as sampling_driver
 from tapo_jax.tapo import batch as batch_lib
@@ -45,6 +46,50 @@ def training_problems(cfg) -> list[Problem]:
     return load_problems(cfg.data.train_path, cfg.data.layout)
   toy = arith.make_problems(TOY_PROBLEMS, seed=cfg.seed + 12345)
   return [Problem(id=f"arith-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)]
+
+
+def filter_by_difficulty(cfg, model, tokenizer, problems, workdir: str) -> list[Problem]:
+  """The problems whose pass rate under the initial policy lies in data.pass_rate_window.
+
+  The rates are computed once (rollout.n samples per problem at the rollout settings) and cached
+  in WORKDIR/pass_rates.json, so a resumed run trains on exactly the same set."""
+  low, high = cfg.data.pass_rate_window
+  path = os.path.join(workdir, "pass_rates.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      rates = json.load(f)
+  else:
+    print(
+      f"measuring pass rates of {len(problems)} problems for the difficulty filter", file=sys.stderr
+    )
+    rates = eval_lib.compute_pass_rates(
+      model,
+      tokenizer,
+      problems,
+      k=cfg.rollout.n,
+      temperature=cfg.rollout.temperature,
+      top_p=cfg.rollout.top_p,
+      top_k=cfg.rollout.top_k,
+      max_new_tokens=cfg.rollout.max_new_tokens,
+      template=cfg.data.prompt_template,
+      use_chat_template=cfg.data.use_chat_template,
+      seed=cfg.seed,
+      timeout_s=cfg.reward.timeout_s,
+      workers=cfg.reward.workers,
+    )
+    with open(path + ".tmp", "w") as f:
+      json.dump(rates, f)
+    os.replace(path + ".tmp", path)
+  kept = filter_by_pass_rate(problems, rates, low, high)
+  print(
+    f"difficulty filter [{low}, {high}]: kept {len(kept)} of {len(problems)} problems",
+    file=sys.stderr,
+  )
+  if not kept:
+    raise ValueError(
+      f"data.pass_rate_window=({low}, {high}) keeps none of {len(problems)} problems"
+    )
+  return kept
 
 
 def pad_rows(batch: batch_lib.Rollouts, multiple: int) -> batch_lib.Rollouts:
@@ -85,12 +130,14 @@ def run(cfg, workdir: str) -> None:
   mesh = setup.make_mesh(cfg)
   with jax.set_mesh(mesh):
     model, tokenizer = setup.load_policy(cfg, mesh)
+  os.makedirs(workdir, exist_ok=True)
   problems = training_problems(cfg)
+  if cfg.data.pass_rate_window:
+    problems = filter_by_difficulty(cfg, model, tokenizer, problems, workdir)
   k, q = cfg.rollout.n, cfg.rollout.batch_queries
   eos = eval_lib.default_eos_ids(tokenizer)
   template = cfg.data.prompt_template
   it = BatchIterator(problems, q, seed=cfg.seed, shuffle=cfg.data.shuffle)
-  os.makedirs(workdir, exist_ok=True)
 
   updates_per_step = cfg.optim.ppo_epochs * cfg.optim.minibatches
   optimizer = state_lib.make_optimizer(cfg.optim, cfg.train.steps * updates_per_step)
