@@ -22,9 +22,14 @@ def to_host(metrics: dict) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Appends one JSON object per step to metrics.jsonl and writes TensorBoard scalars."""
+  """Appends one JSON object per step to metrics.jsonl and writes TensorBoard scalars.
+
+  Only process 0 of a multi-host run writes; on the others every method does nothing."""
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, quiet: bool = False):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115
     from tensorboardX import SummaryWriter
@@ -45,6 +50,8 @@ class MetricWriter:
     self.t0 = time.time()
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+    if not self.enabled:
+      return
     clean = {
       f"{prefix}{k}": (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
       for k, v in metrics.items()
@@ -57,13 +64,15 @@ class MetricWriter:
 
   def advance(self, summary: dict[str, float]) -> None:
     """One step done: moves the bar and shows a few headline numbers."""
-    if self.bar is not None:
+    if self.enabled and self.bar is not None:
       self.bar.set_postfix(
         {k: f"{v:.3g}" for k, v in summary.items() if isinstance(v, float)}, refresh=False
       )
       self.bar.update(1)
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     if self.bar is not None:
       self.bar.close()
     self.tb.close()
