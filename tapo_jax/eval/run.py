@@ -9,8 +9,6 @@ import json
 import os
 import sys
 
-import jax
-
 from tapo_jax.data import Problem
 from tapo_jax.eval.evaluate import eval_kwargs, evaluate_sets, load_eval_sets
 from tapo_jax.toy import arith
@@ -33,9 +31,7 @@ def eval_sets(cfg) -> dict[str, list[Problem]]:
 
 def run(cfg, workdir: str) -> dict[str, float]:
   """Evaluates the configured model; writes eval/<set>.jsonl, metrics.jsonl and a summary."""
-  mesh = setup.make_mesh(cfg)
-  with jax.set_mesh(mesh):
-    model, tokenizer = setup.load_policy(cfg, mesh)
+  mesh, model, tokenizer = setup.load_policy(cfg)
   sets = eval_sets(cfg)
   os.makedirs(workdir, exist_ok=True)
   summary = evaluate_sets(

@@ -127,9 +127,7 @@ def make_logprob_fn(graphdef, chunk: int):
 def run(cfg, workdir: str) -> None:
   """Trains for cfg.train.steps RL steps; resumes from the newest checkpoint in `workdir`."""
   t_setup = time.time()
-  mesh = setup.make_mesh(cfg)
-  with jax.set_mesh(mesh):
-    model, tokenizer = setup.load_policy(cfg, mesh)
+  mesh, model, tokenizer = setup.load_policy(cfg)
   os.makedirs(workdir, exist_ok=True)
   problems = training_problems(cfg)
   if cfg.data.pass_rate_window:

@@ -18,20 +18,18 @@ def model_dir(cfg) -> str:
   return cfg.model.path or str(arith.CHECKPOINT_DIR)
 
 
-def make_mesh(cfg) -> jax.sharding.Mesh:
-  return sharding.make_mesh(dict(cfg.mesh))
-
-
-def load_policy(cfg, mesh: jax.sharding.Mesh):
-  """(model sharded over `mesh`, tokenizer) from the local model directory."""
+def load_policy(cfg):
+  """(mesh from config.mesh, model sharded over it, tokenizer) from the local model directory."""
+  mesh = sharding.make_mesh(dict(cfg.mesh))
   path = model_dir(cfg)
-  model = load_pretrained(
-    path,
-    dtype=DTYPES[cfg.model.dtype],
-    param_dtype=DTYPES[cfg.model.param_dtype],
-    mesh=mesh,
-    remat=cfg.model.remat,
-    attention_impl=cfg.model.attention_impl or None,
-  )
+  with jax.set_mesh(mesh):
+    model = load_pretrained(
+      path,
+      dtype=DTYPES[cfg.model.dtype],
+      param_dtype=DTYPES[cfg.model.param_dtype],
+      mesh=mesh,
+      remat=cfg.model.remat,
+      attention_impl=cfg.model.attention_impl or None,
+    )
   tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-  return model, tokenizer
+  return mesh, model, tokenizer

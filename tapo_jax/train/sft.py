@@ -40,7 +40,7 @@ def pack_sft(rows: list[tuple[list[int], list[bool]]], max_len: int, pad_id: int
 
 
 def sft_loss(model, batch, chunk: int = 4096):
-  """Summed response NLL / the whole batch's response-token count, and the token accuracy proxy."""
+  """Summed response NLL / the whole batch's response-token count, and that count."""
   hidden = model.hidden(batch["tokens"])
   lp, _ = sequence_logprobs(hidden, model.lm_head(), batch["tokens"], chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
@@ -51,9 +51,7 @@ def sft_loss(model, batch, chunk: int = 4096):
 
 def run(cfg, workdir: str) -> None:
   """The SFT loop: resumes from the newest checkpoint in `workdir` when there is one."""
-  mesh = setup.make_mesh(cfg)
-  with jax.set_mesh(mesh):
-    model, tokenizer = setup.load_policy(cfg, mesh)
+  mesh, model, tokenizer = setup.load_policy(cfg)
   examples = load_sft(cfg.sft.path)
   rows = [tokenize_sft(e, tokenizer, cfg.data.use_chat_template) for e in examples]
   bs = cfg.sft.batch_size
@@ -71,12 +69,12 @@ def run(cfg, workdir: str) -> None:
     train_step = step_lib.make_train_step(
       graphdef, optimizer, lambda m, b: sft_loss(m, b, chunk), ssh, None
     )
+  micro = min(cfg.optim.micro_batch, bs) if bs % cfg.optim.micro_batch == 0 else bs
   stop = checkpoint.PreemptionGuard()
   writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
   for step in range(start, steps):
     t0 = time.time()
     batch = pack_sft(it.next(), cfg.sft.max_len, pad)
-    micro = min(cfg.optim.micro_batch, bs) if bs % cfg.optim.micro_batch == 0 else bs
     with jax.set_mesh(mesh):
       state, m = train_step(state, step_lib.split_micro_batches(batch, micro))
     m = metrics.to_host(m)
