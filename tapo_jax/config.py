@@ -1,8 +1,33 @@
-"""base_config(): every key with its default and a one-line comment. Configs are diffs of it."""
+"""base_config(): every key with its default and a one-line comment. Configs are diffs of it.
+
+ENUMS lists every key whose value is one of a fixed set of names; `check_enums` is the one place
+they are validated (main.py calls it before any work; the modules that read them trust it).
+"""
 
 from __future__ import annotations
 
 import ml_collections
+
+ENUMS: dict[str, tuple[str, ...]] = {
+  "mode": ("rl", "sft", "eval"),
+  "algorithm": ("grpo", "tapo"),
+  "model.dtype": ("float32", "bfloat16"),
+  "model.param_dtype": ("float32", "bfloat16"),
+  "tapo.construction": ("policy", "divergence"),
+  "tapo.ref_scope": ("batch", "query"),
+  "tapo.ref_baseline": ("group", "orig"),
+  "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+}
+
+
+def check_enums(cfg) -> None:
+  """Raises ValueError naming the first key of ENUMS whose value is not one of its names."""
+  for key, names in ENUMS.items():
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
+    if value not in names:
+      raise ValueError(f"config.{key}={value!r}: expected one of {', '.join(names)}")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,7 +99,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.eps_high = 0.28
   c.loss.adv_eps = 1e-6  # ε in (r - mean) / (std + ε)
   c.loss.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-  c.loss.kl_beta = 0.0  # k3 KL to the reference policy (0 = no reference model)
   c.loss.vocab_chunk = 4096  # logprob/entropy computed this many vocabulary entries at a time
   c.loss.filter_zero_variance = True  # drop groups whose rewards are all equal
   c.loss.mask_truncated = False  # zero the loss of responses that hit max_new_tokens
@@ -88,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip = 1.0
+  c.optim.max_update_ratio = 1.0  # skip an update larger than this x ||params|| (0 = off)
   c.optim.micro_batch = 8  # rows per gradient-accumulation micro-batch
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.minibatches = 1  # optimizer steps per rollout batch and epoch
@@ -98,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.log_every = 1
   c.train.eval_every = 0  # 0 = no periodic eval during RL
+  c.train.dump_rollouts_every = 0  # write every N-th step's rollouts to WORKDIR/rollouts/ (0 = off)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.path = ""  # jsonl of {prompt, response} or {messages}

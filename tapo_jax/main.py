@@ -30,26 +30,13 @@ def _exists(path: str) -> bool:
 
 def validate(cfg, num_devices: int) -> None:
   """Checks everything that can be checked before any work; raises ConfigError."""
+  from tapo_jax import config as config_lib
   from tapo_jax import sharding
 
-  if cfg.mode not in ("rl", "sft", "eval"):
-    raise ConfigError(f"config.mode={cfg.mode!r}: expected one of rl, sft, eval")
-  if cfg.algorithm not in ("grpo", "tapo"):
-    raise ConfigError(f"config.algorithm={cfg.algorithm!r}: expected grpo or tapo")
-  if cfg.tapo.construction not in ("policy", "divergence"):
-    raise ConfigError(
-      f"config.tapo.construction={cfg.tapo.construction!r}: expected policy or divergence"
-    )
-  if cfg.tapo.ref_scope not in ("batch", "query"):
-    raise ConfigError(f"config.tapo.ref_scope={cfg.tapo.ref_scope!r}: expected batch or query")
-  if cfg.tapo.ref_baseline not in ("group", "orig"):
-    raise ConfigError(f"config.tapo.ref_baseline={cfg.tapo.ref_baseline!r}: expected group or orig")
-  aggs = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-  if cfg.loss.aggregation not in aggs:
-    raise ConfigError(f"config.loss.aggregation={cfg.loss.aggregation!r}: expected one of {aggs}")
-  for key in ("dtype", "param_dtype"):
-    if cfg.model[key] not in ("float32", "bfloat16"):
-      raise ConfigError(f"config.model.{key}={cfg.model[key]!r}: expected float32 or bfloat16")
+  try:
+    config_lib.check_enums(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     sharding.mesh_shape(dict(cfg.mesh), num_devices)
   except ValueError as e:
@@ -133,9 +120,9 @@ def main(argv) -> None:
 
     sft.run(cfg, workdir)
   else:
-    from tapo_jax.eval import run as eval_run
+    from tapo_jax.train import eval_mode
 
-    eval_run.run(cfg, workdir)
+    eval_mode.run(cfg, workdir)
 
 
 def entry() -> None:

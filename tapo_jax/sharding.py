@@ -2,6 +2,11 @@
 
 Parameters and key activations carry logical names ("embed", "heads", ...); `logical_to_spec`
 turns a tuple of names into a `PartitionSpec` through RULES, and `constrain` applies it inside jit.
+`tree_shardings` is the one place a tree of logical axes becomes NamedShardings: parameters
+(`param_shardings`, from each nnx.Param's `logical_axes`), the optimizer state (`opt_shardings`,
+through optax's own map over the parameter-shaped parts of the state), the engines' decode state
+and the train batch (`batch_shardings`: rows over the data axes). No mesh axis name is used
+outside this module.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -120,3 +127,67 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     size = math.prod(mesh.shape[a] for a in flat)
     out.append(axes if flat and dim % size == 0 else None)
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*out))
+
+
+def _is_axes(x) -> bool:
+  return x is None or (isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
+  """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs) from the
+  logical-axes tuple at the same place of `axes_tree` (a prefix of it: tuples are leaves)."""
+  return jax.tree.map(
+    lambda axes, x: named_sharding(mesh, axes, x.shape), axes_tree, shapes_tree, is_leaf=_is_axes
+  )
+
+
+def param_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
+  """The params' tree (nnx.Variables kept) with each value replaced by its NamedSharding, from
+  the `logical_axes` metadata every parameter is created with."""
+  axes = jax.tree.map(lambda v: v.replace(v.get_metadata().get("logical_axes")), params,
+                      is_leaf=_is_variable)  # fmt: skip
+  return tree_shardings(mesh, axes, params)
+
+
+def opt_shardings(optimizer: optax.GradientTransformation, params, params_sharding, mesh: Mesh):
+  """Shardings of `optimizer`'s state: every copy of the parameter tree inside it (moments ...)
+  sharded like the parameters, everything else (counts, scalars) replicated."""
+  abstract = jax.eval_shape(optimizer.init, params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(
+    optimizer, lambda _, s: s, abstract, params_sharding, transform_non_params=lambda _: replicated
+  )
+
+
+def batch_shardings(batch, mesh: Mesh, row_axis: int = 0):
+  """Rows (dim `row_axis` of every leaf) over the data axes, the rest replicated."""
+
+  def axes(x):
+    names = [None] * x.ndim
+    names[row_axis] = "batch"
+    return tuple(names)
+
+  return tree_shardings(mesh, jax.tree.map(axes, batch), batch)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways the rows of a batch are split (the mesh axes "batch" maps to)."""
+  axes = RULES["batch"]
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def mesh_of(tree) -> Mesh:
+  """The mesh the arrays of `tree` live on (a one-device mesh for single-device arrays)."""
+  leaf = jax.tree.leaves(tree)[0]
+  s = leaf.sharding
+  if isinstance(s, NamedSharding):
+    return s.mesh
+  return make_mesh({}, sorted(s.device_set, key=lambda d: d.id))

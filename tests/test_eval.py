@@ -30,6 +30,7 @@ from tapo_jax.eval import (
   pass_at_k,
   summarize,
 )
+from tapo_jax.sampling import Sampling
 
 # --- pass@k ---------------------------------------------------------------------------------------
 
@@ -245,9 +246,9 @@ class FakeSampler:
   def __init__(self, tok, texts, truncated):
     self.tok, self.texts, self.trunc, self.calls = tok, texts, truncated, []
 
-  def __call__(self, model, prompts, **kw):
-    self.calls.append((model, prompts, kw))
-    eos = kw["eos_token_ids"][0]
+  def __call__(self, engine, params, prompts, sampling, **kw):
+    self.calls.append((engine, params, prompts, sampling, kw))
+    eos = sampling.eos_ids[0]
     comps = [
       self.tok.encode(t) + ([] if tr else [eos])
       for t, tr in zip(self.texts, self.trunc, strict=True)
@@ -264,26 +265,21 @@ def run_eval(tok, tmp_path, truncated=(False, False, True, False), **kw):
   args = dict(k=2, temperature=0.6, top_p=0.95, max_new_tokens=64, pass_ks=(1, 2))
   args.update(markers=MARKERS, generate_fn=sampler, grade_fn=grade_boxed, extract_fn=last_boxed)
   args.update(kw)
-  out = evaluate("MODEL", tok, PROBLEMS, seed=7, out_path=tmp_path / "res" / "e.jsonl", **args)
+  out = evaluate(
+    "ENGINE", "PARAMS", tok, PROBLEMS, seed=7, out_path=tmp_path / "res" / "e.jsonl", **args
+  )
   return out, sampler
 
 
 def test_evaluate_end_to_end(tok, tmp_path):
   out, sampler = run_eval(tok, tmp_path)
-  ((model, prompts, kw),) = sampler.calls
-  assert model == "MODEL"
+  ((engine, params, prompts, sampling, kw),) = sampler.calls
+  assert (engine, params) == ("ENGINE", "PARAMS")
   assert prompts == format_prompts(PROBLEMS, tokenizer=tok)
   assert tok.decode(prompts[0]).startswith("<|im_start|>1+1\n\nPlease reason step by step")
   eos = tok.convert_tokens_to_ids("<|im_end|>")
-  assert kw == dict(
-    n=2,
-    max_new_tokens=64,
-    temperature=0.6,
-    top_p=0.95,
-    top_k=0,
-    eos_token_ids=[eos, tok.convert_tokens_to_ids("<|endoftext|>")],
-    seed=7,
-  )
+  assert sampling == Sampling(0.6, 0.95, 0, (eos, tok.convert_tokens_to_ids("<|endoftext|>")))
+  assert kw == dict(n=2, max_new_tokens=64, seed=7)
   assert out["avg@2"] == pytest.approx(0.75)
   assert out["pass@1"] == pytest.approx(0.75)
   assert out["pass@2"] == 1.0
@@ -320,12 +316,13 @@ def test_evaluate_end_to_end(tok, tmp_path):
 
 
 def test_evaluate_infers_truncation_when_the_sampler_does_not_say(tok, tmp_path):
-  def gen(model, prompts, *, n, max_new_tokens, eos_token_ids, **_):
+  def gen(engine, params, prompts, sampling, *, n, max_new_tokens, **_):
     # "\\boxed{2}" is 9 tokens: exactly max_new_tokens without EOS = truncated.
-    comps = [tok.encode("\\boxed{2}"), tok.encode("ab") + [eos_token_ids[0]]] * len(prompts)
+    comps = [tok.encode("\\boxed{2}"), tok.encode("ab") + [sampling.eos_ids[0]]] * len(prompts)
     return types.SimpleNamespace(completions=comps)
 
   out = evaluate(
+    None,
     None,
     tok,
     PROBLEMS,
@@ -342,9 +339,10 @@ def test_evaluate_infers_truncation_when_the_sampler_does_not_say(tok, tmp_path)
 
 
 def test_evaluate_rejects_wrong_completion_count(tok):
-  gen = lambda model, prompts, **_: types.SimpleNamespace(completions=[[5]], truncated=[False])
+  gen = lambda *a, **_: types.SimpleNamespace(completions=[[5]], truncated=[False])
   with pytest.raises(ValueError, match="1 completions, want 4"):
     evaluate(
+      None,
       None,
       tok,
       PROBLEMS,
@@ -364,9 +362,9 @@ def test_evaluate_uses_injected_equivalence_for_maj(tok):
   sampler = FakeSampler(tok, texts, (False,) * 3)
   args = dict(k=3, temperature=1.0, top_p=1.0, max_new_tokens=32, generate_fn=sampler)
   args.update(extract_fn=last_boxed, grade_fn=lambda r, g: [0.0, 1.0, 1.0])
-  assert evaluate(None, tok, prob, **args)["maj@3"] == 0.0  # three singletons -> "2"
+  assert evaluate(None, None, tok, prob, **args)["maj@3"] == 0.0  # three singletons -> "2"
   equiv = lambda a, b: {a, b} <= {"1/2", "0.5"}
-  assert evaluate(None, tok, prob, equiv_fn=equiv, **args)["maj@3"] == 1.0  # {1/2, 0.5} wins
+  assert evaluate(None, None, tok, prob, equiv_fn=equiv, **args)["maj@3"] == 1.0  # {1/2, 0.5}
 
 
 def test_evaluate_sets_prefixes_keys_and_writes_each(tok, tmp_path):
@@ -374,7 +372,7 @@ def test_evaluate_sets_prefixes_keys_and_writes_each(tok, tmp_path):
   sets = {"aime": PROBLEMS, "hmmt": PROBLEMS}
   args = dict(k=2, temperature=0.6, top_p=0.95, max_new_tokens=64, pass_ks=(1,))
   args.update(generate_fn=sampler, grade_fn=grade_boxed, extract_fn=last_boxed)
-  out = evaluate_sets(None, tok, sets, out_dir=tmp_path, **args)
+  out = evaluate_sets(None, None, tok, sets, out_dir=tmp_path, **args)
   assert out["aime/avg@2"] == out["hmmt/avg@2"] == pytest.approx(0.75)
   assert "aime/n_problems" in out and "avg@2" not in out
   assert (tmp_path / "aime.jsonl").exists() and (tmp_path / "hmmt.jsonl").exists()
@@ -400,15 +398,17 @@ def test_eval_kwargs_from_config_drive_evaluate(tok):
   assert kw["template"] == cfg.data.prompt_template
   sampler = FakeSampler(tok, TEXTS, (False,) * 4)
   out = evaluate(
-    None, tok, PROBLEMS, generate_fn=sampler, grade_fn=grade_boxed, extract_fn=last_boxed, **kw
-  )
+    None, None, tok, PROBLEMS, generate_fn=sampler, grade_fn=grade_boxed, extract_fn=last_boxed,
+    **kw,
+  )  # fmt: skip
   assert out["pass@2"] == 1.0 and out["avg@2"] == pytest.approx(0.75)
-  assert sampler.calls[0][2]["temperature"] == cfg.eval.temperature
+  assert sampler.calls[0][3].temperature == cfg.eval.temperature
 
 
 def test_compute_pass_rates_feeds_the_filter(tok):
   sampler = FakeSampler(tok, TEXTS, (False,) * 4)
   rates = compute_pass_rates(
+    None,
     None,
     tok,
     PROBLEMS,

@@ -1,13 +1,13 @@
-"""Constructions: divergence cases, synthesis prompts, strict parsing, anchoring, construct()."""
+"""Constructions: divergence cases, synthesis prompts, strict parsing, anchoring, metrics."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tapo_jax import config as config_lib
 from tapo_jax.tapo import construct as con
-from tapo_jax.tapo.batch import pack_rollouts, response_ids
+from tapo_jax.tapo import divergence, synthesis
+from tapo_jax.tapo.batch import pack_rollouts, response_ids, take_rows
 from tapo_jax.tapo.dcs import Candidates
 
 
@@ -88,7 +88,7 @@ def test_divergence_cases_text_masks_and_logprobs():
   batch = pack([c[:3] for c in DIVERGENCE_CASES])
   q = len(DIVERGENCE_CASES)
   diag = jnp.asarray(TOK.encode(DIAG), jnp.int32)
-  rows, prefix = con.divergence_rows(
+  rows, prefix = divergence.divergence_rows(
     batch, one_pair_each(q), diag, jnp.int32(TOK.stoi["\n"]), TABLES, k=2
   )
   got = texts(rows)
@@ -125,7 +125,7 @@ def test_divergence_overflow_is_truncated_and_flagged():
   batch = pack([(pos, neg, True), short, short], max_len=128)
   batch = batch.replace(truncated=batch.truncated.at[4].set(True))  # query 2's y⁺ had no end
   diag = jnp.asarray(TOK.encode(DIAG), jnp.int32)
-  rows, _ = con.divergence_rows(batch, one_pair_each(3), diag, jnp.int32(-1), TABLES, k=2)
+  rows, _ = divergence.divergence_rows(batch, one_pair_each(3), diag, jnp.int32(-1), TABLES, k=2)
   assert np.asarray(rows.truncated).tolist() == [True, False, True]
   full = "1+1=2\n" * 14 + "1+1=3\n" + DIAG + "1+1=2\n\\boxed{2}"
   assert texts(rows)[0] == (full)[: 128 - len(PROMPT)]  # cut at the row length, never wrapped
@@ -149,7 +149,7 @@ def test_divergence_overflow_is_truncated_and_flagged():
   ],
 )  # fmt: skip
 def test_parse_construction_accepts_only_the_strict_format(text, expected):
-  assert con.parse_construction(text) == expected
+  assert synthesis.parse_construction(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -163,16 +163,16 @@ def test_parse_construction_accepts_only_the_strict_format(text, expected):
   ],
 )
 def test_common_prefix_len(a, b, n):
-  assert con.common_prefix_len(a, b) == n
+  assert synthesis.common_prefix_len(a, b) == n
 
 
 def test_template_parts_and_errors():
-  pieces, names = con.template_parts(con.SYNTHESIS_TEMPLATE)
+  pieces, names = synthesis.template_parts(synthesis.SYNTHESIS_TEMPLATE)
   assert names == ["query", "incorrect", "correct"] and len(pieces) == 4
   assert "".join(p + "{" + n + "}" for p, n in zip(pieces, names, strict=False)) + pieces[-1] == (
-    con.SYNTHESIS_TEMPLATE
+    synthesis.SYNTHESIS_TEMPLATE
   )
-  assert con.template_parts("A {correct} B {{x}} {query} {incorrect}")[1] == [
+  assert synthesis.template_parts("A {correct} B {{x}} {query} {incorrect}")[1] == [
     "correct",
     "query",
     "incorrect",
@@ -183,43 +183,45 @@ def test_template_parts_and_errors():
     "{query}{incorrect}{correct}{gold}",
   ):
     with pytest.raises(ValueError):
-      con.template_parts(bad)
+      synthesis.template_parts(bad)
 
 
 NEG = "12+7=19\n19+30=50\n\\boxed{50}"
 
 
-def fake_generate(outputs, calls):
-  def generate(prompts, max_new_tokens):
-    calls.append((prompts, max_new_tokens))
-    return [TOK.encode(o) + [EOS] for o in outputs[: len(prompts)]]
+def synthesize(batch, cands, template, outputs, k=2, queries=None):
+  """The loop's policy path with `outputs` standing in for the sampler (one per valid pair)."""
+  tmpl = synthesis.encode_template(TOK, template)
+  if queries is None:
+    query_tokens, query_lens = batch.tokens[::k], batch.prompt_lens[::k]
+  else:
+    query_tokens, query_lens = synthesis.encode_queries(TOK, queries)
+  sp = synthesis.synthesis_prompts(
+    batch, cands, query_tokens, query_lens, TABLES.is_eos, k=k, template=tmpl
+  )
+  neg, _, _, valid = con.pair_rows(batch, cands, k)
+  todo, prompts = synthesis.prompt_lists(sp, valid)
+  outs = [TOK.encode(o) + [EOS] for o in outputs[: len(prompts)]]
+  negatives = response_ids(take_rows(batch, neg), [EOS])
+  anchored = synthesis.anchor(
+    TOK, todo, outs, negatives, slots=len(negatives), width=batch.tokens.shape[1], eos_ids=[EOS]
+  )
+  rows = synthesis.anchored_rows(
+    batch, cands, anchored.prefix_lens, anchored.rest, anchored.rest_lens, anchored.ok, k=k
+  )
+  return rows, anchored.prefix_lens, prompts
 
-  return generate
 
-
-def test_policy_rows_prompt_parse_and_anchor():
+def test_policy_prompts_parse_and_anchor():
   batch = pack([(GOOD, NEG, True), (GOOD, NEG, True), (GOOD, NEG, True)])
   cands = one_pair_each(3).replace(valid=jnp.asarray([[True], [True], [False]]))
   template = "Q: {query}\nBAD: {incorrect}\nGOOD: {correct}\n"
   recon = "12+7=19\n19+30=50\nWait, 19+30 is 49.\n\\boxed{49}"
   outputs = [f"<analysis>step 2</analysis><reconstruction>{recon}</reconstruction>", "garbage"]
-  calls = []
-  rows, prefix, counts = con.policy_rows(
-    batch,
-    cands,
-    k=2,
-    tokenizer=TOK,
-    generate_fn=fake_generate(outputs, calls),
-    template=template,
-    tables=TABLES,
-    eos_ids=[EOS],
-    max_new_tokens=77,
-  )
-  (prompts, max_new), = calls  # fmt: skip
-  assert max_new == 77 and len(prompts) == 2  # only the valid pairs are generated
+  rows, prefix, prompts = synthesize(batch, cands, template, outputs)
+  assert len(prompts) == 2  # only the valid pairs are prompted
   assert TOK.decode(prompts[0]) == template.format(query=PROMPT, incorrect=NEG, correct=GOOD)
   np.testing.assert_array_equal(rows.valid, [True, False, False])
-  assert counts["tapo/constructions_parsed"] == 1
   assert texts(rows)[0] == recon
   n = len("12+7=19\n19+30=50\n")
   assert int(prefix[0]) == n
@@ -234,23 +236,32 @@ def test_policy_rows_prompt_parse_and_anchor():
   assert int(rows.tokens[0, length - 1]) == EOS  # the anchored row ends with EOS
 
 
-def make_tapo_cfg(**over):
-  c = config_lib.base_config().tapo
-  c.n_pos, c.n_neg, c.m_max = 1, 1, 2
-  c.diagnosis_template = DIAG
-  c.update(over)
-  return c
+def test_no_eligible_pair_prompts_nothing():
+  batch = pack([(GOOD, NEG, True)])
+  cands = one_pair_each(1).replace(valid=jnp.zeros((1, 1), bool))
+  rows, prefix, prompts = synthesize(batch, cands, "{query}|{incorrect}|{correct}", [])
+  assert prompts == [] and not np.asarray(rows.valid).any() and int(prefix[0]) == 0
 
 
 def grade(texts_, golds):
   return [float(f"\\boxed{{{g}}}" in t) for t, g in zip(texts_, golds, strict=True)]
 
 
-def test_construct_divergence_end_to_end():
+def graded(rows, golds, q):
+  """Rows with rewards set the way the loop sets them (valid rows only)."""
+  valid = np.flatnonzero(np.asarray(rows.valid))
+  rewards = np.zeros(rows.num_rows, np.float32)
+  if valid.size:
+    source = np.asarray(rows.group_ids)[valid] - q
+    all_texts = [TOK.decode(ids) for ids in response_ids(take_rows(rows, valid), [EOS])]
+    rewards[valid] = grade(all_texts, [golds[j] for j in source])
+  return rows.replace(rewards=jnp.asarray(rewards))
+
+
+def test_divergence_from_dcs_to_metrics():
   # query 0: 2 correct / 2 wrong -> 2 pairs; query 1: all correct -> none
   wrong = ["12+7=19\n19+30=50\n\\boxed{50}", "12+7=18\n18+30=48\n\\boxed{48}"]
   resp = [GOOD, wrong[0], GOOD, wrong[1]] + [GOOD] * 4
-  rewards = grade(resp, ["49"] * 8)
   batch = pack_rollouts(
     [TOK.encode(PROMPT)] * 2,
     [TOK.encode(r) + [EOS] for r in resp],
@@ -258,12 +269,13 @@ def test_construct_divergence_end_to_end():
     samples_per_prompt=4,
     max_len=128,
     eos_ids=[EOS],
-    rewards=rewards,
+    rewards=grade(resp, ["49"] * 8),
   )
-  rows, m = con.construct(
-    batch, ["49", "49"], jax.random.key(0), make_tapo_cfg(), k=4, tokenizer=TOK,
-    grade_fn=grade, tables=TABLES, eos_ids=[EOS],
-  )  # fmt: skip
+  cands = con.select(batch, jax.random.key(0), k=4, n_pos=1, n_neg=1, m_max=2)
+  diag, joiner = divergence.diagnosis_tokens(TOK, DIAG)
+  rows, prefix = divergence.divergence_rows(batch, cands, diag, joiner, TABLES, k=4)
+  rows = graded(rows, ["49", "49"], q=2)
+  m = con.construction_metrics(cands, rows, prefix)
   assert rows.num_rows == 4  # Q * m_max, fixed
   np.testing.assert_array_equal(rows.valid, [True, True, False, False])
   np.testing.assert_array_equal(rows.rewards, [1, 1, 0, 0])
@@ -279,7 +291,7 @@ def test_construct_divergence_end_to_end():
   )
 
 
-def test_construct_policy_end_to_end_with_failed_and_unparsable():
+def test_policy_from_dcs_to_metrics_with_failed_and_unparsable():
   resp = [GOOD, NEG, GOOD, NEG]
   batch = pack_rollouts(
     [TOK.encode(PROMPT)],
@@ -294,14 +306,14 @@ def test_construct_policy_end_to_end_with_failed_and_unparsable():
     "<analysis>a</analysis><reconstruction>12+7=19\nWait, no. \\boxed{48}</reconstruction>",
     "no tags at all",
   ]
-  calls = []
-  cfg = make_tapo_cfg(construction="policy", synthesis_template="{query}|{incorrect}|{correct}")
-  rows, m = con.construct(
-    batch, ["49"], jax.random.key(0), cfg, k=4, tokenizer=TOK, grade_fn=grade,
-    tables=TABLES, eos_ids=[EOS], generate_fn=fake_generate(outputs, calls), queries=["12+7+30?"],
-  )  # fmt: skip
-  assert len(calls[0][0]) == 2 and calls[0][1] == cfg.synthesis_max_new_tokens
-  assert TOK.decode(calls[0][0][0]) == f"12+7+30?|{NEG}|{GOOD}"  # the query text given
+  cands = con.select(batch, jax.random.key(0), k=4, n_pos=1, n_neg=1, m_max=2)
+  rows, prefix, prompts = synthesize(
+    batch, cands, "{query}|{incorrect}|{correct}", outputs, k=4, queries=["12+7+30?"]
+  )
+  assert len(prompts) == 2
+  assert TOK.decode(prompts[0]) == f"12+7+30?|{NEG}|{GOOD}"  # the query text given
+  rows = graded(rows, ["49"], q=1)
+  m = con.construction_metrics(cands, rows, prefix)
   np.testing.assert_array_equal(rows.valid, [True, False])
   assert texts(rows)[0] == "12+7=19\nWait, no. \\boxed{48}"
   np.testing.assert_array_equal(rows.rewards, [0, 0])  # parsed but wrong: kept with reward 0

@@ -1,4 +1,8 @@
-"""The TAPO/GRPO loss: chunked logprobs, PPO-clip, OTS, aggregation, λ = 0 == GRPO, additivity."""
+"""The TAPO/GRPO loss: chunked logprobs, PPO-clip, OTS, aggregation, λ = 0 == GRPO, additivity,
+and prepare_batch pinned to the values it gave before the typed-batch refactor."""
+
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +10,9 @@ import numpy as np
 import pytest
 
 from tapo_jax import config as config_lib
-from tapo_jax.tapo.batch import Rollouts
+from tapo_jax.tapo.batch import Rollouts, TrainBatch
 from tapo_jax.tapo.loss import (
+  LossConfig,
   ots_weights,
   policy_loss,
   prepare_batch,
@@ -25,7 +30,7 @@ def make_cfg(**over):
   for k, v in over.items():
     section, key = k.split("__") if "__" in k else (None, k)
     (c[section] if section else c)[key] = v
-  return c
+  return LossConfig.from_config(c)
 
 
 def reference_logprobs(hidden, w, targets):
@@ -148,8 +153,18 @@ def make_batch(seed=0, n_orig=6, n_cons=3, k=3):
     group_ids=jnp.asarray(groups),
     is_constructed=jnp.asarray(np.arange(r) >= n_orig),
     valid=jnp.ones(r, bool),
-    old_logprobs=jnp.asarray(-2.5 + rng.normal(size=(r, T)).astype(np.float32)),
   )
+
+
+def old_logprobs(batch, seed=0):
+  """A fixed π_old for the rows of `batch`."""
+  rng = np.random.default_rng(seed + 100)
+  return jnp.asarray(-2.5 + rng.normal(size=batch.tokens.shape).astype(np.float32))
+
+
+def prepare(batch, cfg):
+  prepared, metrics = prepare_batch(batch, cfg)
+  return prepared.replace(old_logprobs=old_logprobs(batch)), metrics
 
 
 def params(seed=0):
@@ -164,7 +179,7 @@ def rows(batch, idx):
 def loss_and_grad(p, batch, cfg):
   @jax.jit
   def run(p, batch):
-    prepared, _ = prepare_batch(batch, cfg)
+    prepared, _ = prepare(batch, cfg)
     f = lambda p_: tapo_loss(Stub(p_), prepared, cfg)  # noqa: E731
     (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(p)
     return loss, g, metrics
@@ -186,22 +201,14 @@ def test_ppo_clip_hand_computed():
   cfg = make_cfg()
   lp = jnp.log(jnp.asarray([[1.0, 1.0, 1.0, 1.0]]))  # log 1 = 0
   old = jnp.log(jnp.asarray([[1.0, 0.5, 1.25, 1.0]]))  # ratios 1, 2, 0.8, 1
-  b = Rollouts(
+  b = TrainBatch(
     tokens=jnp.zeros((2, 4), jnp.int32),
     positions=jnp.zeros((2, 4), jnp.int32),
     loss_mask=jnp.asarray([[0, 1, 1, 1], [0, 1, 1, 0]], bool),
-    sampler_logprobs=jnp.zeros((2, 4)),
-    from_learner=jnp.zeros((2, 4), bool),
-    prompt_lens=jnp.ones(2, jnp.int32),
-    response_lens=jnp.asarray([3, 2]),
-    truncated=jnp.zeros(2, bool),
-    rewards=jnp.zeros(2),
-    group_ids=jnp.zeros(2, jnp.int32),
-    is_constructed=jnp.zeros(2, bool),
-    valid=jnp.ones(2, bool),
     advantages=jnp.asarray([2.0, -1.0]),
     loss_scale=jnp.full(2, 1 / 5),
     token_scale=jnp.full(2, 1 / 5),
+    is_constructed=jnp.zeros(2, bool),
     old_logprobs=jnp.concatenate([old, old]),
   )
   loss, m = policy_loss(jnp.concatenate([lp, lp]), jnp.zeros((2, 4)), b, cfg)
@@ -242,16 +249,16 @@ def test_lambda_zero_equals_grpo_loss_and_grads():
 def test_ots_forced_to_one_gives_plain_ppo_clip_on_constructed_rows():
   batch, p = make_batch(), params()
   cfg = make_cfg(tapo__ots_min=1.0, tapo__ots_max=1.0)
-  prepared, _ = prepare_batch(batch, cfg)
+  prepared, _ = prepare(batch, cfg)
   lp, ent = sequence_logprobs(
-    Stub(p).hidden(batch.tokens, batch.positions), p[1], batch.tokens, cfg.loss.vocab_chunk
+    Stub(p).hidden(batch.tokens, batch.positions), p[1], batch.tokens, cfg.vocab_chunk
   )
   _, m = policy_loss(lp, ent, prepared, cfg)
   cons = np.arange(9) >= 6
   mask = np.asarray(prepared.loss_mask)[cons]
   ref = plain_ppo_clip(
     np.asarray(lp)[cons],
-    np.asarray(batch.old_logprobs)[cons],
+    np.asarray(prepared.old_logprobs)[cons],
     np.asarray(prepared.advantages)[cons],
     mask,
   )
@@ -266,9 +273,8 @@ def test_ots_forced_to_one_gives_plain_ppo_clip_on_constructed_rows():
 
 def test_micro_batches_add_up_to_the_full_batch():
   batch, p = make_batch(), params()
-  cfg = make_cfg(loss__kl_beta=0.1, loss__aggregation="seq-mean-token-mean")
-  batch = batch.replace(ref_logprobs=batch.old_logprobs * 0.9)
-  prepared, _ = prepare_batch(batch, cfg)
+  cfg = make_cfg(loss__aggregation="seq-mean-token-mean")
+  prepared, _ = prepare(batch, cfg)
   f = jax.jit(lambda b: tapo_loss(Stub(p), b, cfg))
   loss, metrics = f(prepared)
   parts = [f(rows(prepared, idx)) for idx in ([0, 4, 7], [1, 2, 3], [5, 6, 8])]
@@ -305,22 +311,12 @@ def _two_row_batch(loss_mask, constructed=(False, False)):
 )
 def test_aggregations_hand_computed(aggregation, expected):
   mask = [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]]
-  prepared, _ = prepare_batch(_two_row_batch(mask), make_cfg(loss__aggregation=aggregation))
+  prepared, _ = prepare(_two_row_batch(mask), make_cfg(loss__aggregation=aggregation))
+  prepared = prepared.replace(old_logprobs=jnp.zeros((2, 6)))
   # per-token loss 1 on row 0 and 2 on row 1, via A and ratio 1: loss = -A
   prepared = prepared.replace(advantages=jnp.asarray([-1.0, -2.0]))
   loss, _ = policy_loss(jnp.zeros((2, 6)), jnp.zeros((2, 6)), prepared, make_cfg())
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
-
-
-def test_k3_kl_hand_value():
-  mask = [[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
-  cfg = make_cfg(loss__kl_beta=0.5)
-  prepared, _ = prepare_batch(_two_row_batch(mask), cfg)
-  prepared = prepared.replace(advantages=jnp.zeros(2), ref_logprobs=jnp.full((2, 6), -1.0))
-  lp = jnp.full((2, 6), -2.0)  # d = ref - lp = 1: k3 = e - 1 - 1
-  loss, m = policy_loss(lp, jnp.zeros((2, 6)), prepared, cfg)
-  np.testing.assert_allclose(loss, 0.5 * (np.e - 2), rtol=1e-6)
-  np.testing.assert_allclose(m["loss/kl"], np.e - 2, rtol=1e-6)
 
 
 def test_prepare_filters_masks_and_penalties():
@@ -338,10 +334,15 @@ def test_prepare_filters_masks_and_penalties():
   # grpo: constructed rows leave the loss entirely
   g, _ = prepare_batch(batch, make_cfg(algorithm="grpo"))
   assert not np.asarray(g.loss_mask)[6:].any() and not np.asarray(g.advantages)[6:].any()
-  # overlong penalty: originals only
-  long = batch.replace(response_lens=jnp.full(9, 8, jnp.int32))
+  # overlong penalty: originals only (lengths 8 = max_new_tokens get -0.5, 6 get -0.25, 4 none)
+  lens = jnp.asarray([8, 4, 6, 8, 8, 4, 8, 8, 8], jnp.int32)
+  long = batch.replace(response_lens=lens)
   pen, _ = prepare_batch(long, make_cfg(loss__overlong_penalty=0.5, loss__overlong_buffer=4))
-  np.testing.assert_allclose(pen.rewards, np.asarray(batch.rewards) - 0.5 * (np.arange(9) < 6))
+  by_hand = np.asarray(batch.rewards) - np.asarray([0.5, 0, 0.25, 0.5, 0.5, 0, 0, 0, 0])
+  want, _ = prepare_batch(long.replace(rewards=jnp.asarray(by_hand)), make_cfg())
+  np.testing.assert_allclose(pen.advantages, want.advantages, rtol=1e-6)
+  plain, _ = prepare_batch(long, make_cfg())
+  assert not np.allclose(pen.advantages, plain.advantages)
 
 
 def test_tapo_loss_with_the_qwen_model_matches_full_logits():
@@ -359,7 +360,7 @@ def test_tapo_loss_with_the_qwen_model_matches_full_logits():
 
   @nnx.jit
   def both(model, batch):
-    prepared, _ = prepare_batch(batch, cfg)
+    prepared, _ = prepare(batch, cfg)
     loss, _ = tapo_loss(model, prepared, cfg)
     logp = jax.nn.log_softmax(model(batch.tokens, batch.positions), -1)
     lp = jnp.take_along_axis(logp[:, :-1], batch.tokens[:, 1:, None], -1)[..., 0]
@@ -372,3 +373,51 @@ def test_tapo_loss_with_the_qwen_model_matches_full_logits():
 
   loss, ref = both(model, batch)
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- prepare_batch, pinned values
+
+PINNED = pathlib.Path(__file__).parent / "data" / "prepare_batch_pinned.json"
+
+
+def pinned_batch():
+  """The fixed batch the pinned values were computed on (before the TrainBatch refactor): 2
+  queries x K=4 originals, 4 constructions, 2 invalid padding rows; T = 10."""
+  rng = np.random.default_rng(7)
+  r, t_len = 14, 10
+  plen = np.array([3] * 12 + [0] * 2, np.int32)
+  rlen = np.array([5, 7, 2, 7, 4, 6, 7, 3, 6, 5, 7, 4, 0, 0], np.int32)
+  t = np.arange(t_len)[None]
+  mask = (t >= plen[:, None]) & (t < (plen + rlen)[:, None])
+  return Rollouts(
+    tokens=jnp.asarray(rng.integers(0, 50, (r, t_len)).astype(np.int32)),
+    positions=jnp.asarray(np.where(mask | (t < plen[:, None]), t, 0).astype(np.int32)),
+    loss_mask=jnp.asarray(mask),
+    sampler_logprobs=jnp.asarray((-rng.random((r, t_len)) * mask).astype(np.float32)),
+    from_learner=jnp.asarray(mask),
+    prompt_lens=jnp.asarray(plen),
+    response_lens=jnp.asarray(rlen),
+    truncated=jnp.asarray(np.array([0, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], bool)),
+    rewards=jnp.asarray(np.array([1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0], np.float32)),
+    group_ids=jnp.asarray(np.array([0] * 4 + [1] * 4 + [2, 2, 3, 3] + [0, 0], np.int32)),
+    is_constructed=jnp.asarray(np.array([0] * 8 + [1] * 4 + [0, 0], bool)),
+    valid=jnp.asarray(np.array([1] * 12 + [0, 0], bool)),
+  )
+
+
+@pytest.mark.parametrize("case", sorted(json.loads(PINNED.read_text())))
+def test_prepare_batch_reproduces_the_pinned_values(case):
+  want = json.loads(PINNED.read_text())[case]
+  c = config_lib.base_config()
+  c.rollout.max_new_tokens = 7
+  for key, value in want["config"].items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  got, metrics = prepare_batch(pinned_batch(), LossConfig.from_config(c))
+  np.testing.assert_allclose(got.advantages, want["advantages"], atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(got.loss_mask).astype(int), want["loss_mask"])
+  np.testing.assert_allclose(got.loss_scale, want["loss_scale"], rtol=1e-6)
+  np.testing.assert_allclose(got.token_scale, want["token_scale"], rtol=1e-6)
+  assert set(metrics) == set(want["metrics"])
+  for key, value in want["metrics"].items():
+    np.testing.assert_allclose(metrics[key], value, atol=2e-6, err_msg=key)

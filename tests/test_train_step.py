@@ -51,19 +51,18 @@ def _batch(rows=8, t=12, seed=0):
   return sft.pack_sft(rows_, t, pad_id=0, round_to=t)
 
 
-def _run(dims, micro, batch, steps=2, lr=1e-2, loss_fn=None, devices=None):
+def _run(dims, micro, batch, steps=2, lr=1e-2, loss_fn=None, devices=None, ratio=1.0):
   mesh = sharding.make_mesh(dims, devices)
   model = Qwen(CFG, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  psh = state_lib.param_shardings(model, mesh)
-  params = jax.device_put(params, psh)
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
   oc = base.base_config().optim
   oc.lr, oc.warmup_steps = lr, 0
   tx = state_lib.make_optimizer(oc, 10)
-  state, ssh = state_lib.init_state(params, tx, psh, mesh)
+  state, ssh = state_lib.init_state(params, tx, mesh)
   fn = loss_fn or (lambda m, b: sft.sft_loss(m, b, chunk=16))
   with jax.set_mesh(mesh):
-    train_step = step_lib.make_train_step(graphdef, tx, fn, ssh, None)
+    train_step = step_lib.make_train_step(graphdef, tx, fn, ssh, max_update_ratio=ratio)
     out = []
     for _ in range(steps):
       state, m = train_step(state, step_lib.split_micro_batches(batch, micro))
@@ -108,6 +107,57 @@ def test_non_finite_loss_skips_update():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(init.opt_state), jax.tree.leaves(state.opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("lr", [float("nan"), 1e6, float("inf")])
+def test_non_finite_or_exploding_update_is_skipped(lr):
+  batch = _batch()
+  dev = jax.devices()[:1]
+  init, _ = _run({}, 8, batch, steps=0, devices=dev)
+  state, ms = _run({}, 8, batch, steps=2, lr=lr, devices=dev)
+  assert [int(m["skipped"]) for m in ms] == [1, 1] and int(state.step) == 0
+  for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # without the ratio guard a finite but huge learning rate goes through
+  if np.isfinite(lr):
+    state, ms = _run({}, 8, batch, steps=1, lr=lr, devices=dev, ratio=0.0)
+    assert int(ms[0]["skipped"]) == 0 and float(ms[0]["update_norm"]) > 1e3
+
+
+def test_minibatches_deal_originals_and_constructions_evenly():
+  from tapo_jax.tapo.batch import TrainBatch
+
+  r, t = 24, 5
+  constructed = np.zeros(r, bool)
+  constructed[[1, 4, 5, 9, 13, 20]] = True
+  batch = TrainBatch(
+    tokens=jnp.arange(r * t, dtype=jnp.int32).reshape(r, t),
+    positions=jnp.zeros((r, t), jnp.int32),
+    loss_mask=jnp.ones((r, t), bool),
+    advantages=jnp.arange(r, dtype=jnp.float32),
+    loss_scale=jnp.full(r, 0.5),
+    token_scale=jnp.ones(r),
+    is_constructed=jnp.asarray(constructed),
+    old_logprobs=jnp.zeros((r, t)),
+  )
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  parts = step_lib.minibatches(batch, jax.random.key(3), 3, 4, mesh)
+  seen = []
+  for part in parts:
+    assert part.tokens.shape == (2, 4, t)  # 8 rows as 2 micro-batches of 4
+    assert part.tokens.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
+    rows = np.asarray(part.advantages).reshape(-1).astype(int)
+    assert constructed[rows].sum() == 2  # 6 constructions over 3 minibatches
+    np.testing.assert_array_equal(np.asarray(part.loss_scale), 1.5)  # x 3: the step's weight
+    np.testing.assert_array_equal(np.asarray(part.tokens)[..., 0].reshape(-1), rows * t)
+    seen += rows.tolist()
+  assert sorted(seen) == list(range(r))
+  again = step_lib.minibatches(batch, jax.random.key(3), 3, 4, mesh)
+  assert all(
+    (np.asarray(a.advantages) == np.asarray(b.advantages)).all() for a, b in zip(parts, again)
+  )
+  with pytest.raises(ValueError, match="do not split"):
+    step_lib.minibatches(batch, jax.random.key(3), 5, 4, mesh)
 
 
 def test_sft_loss_counts_response_tokens_only():
@@ -159,9 +209,11 @@ def test_optimizer_state_is_sharded_like_params():
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
   model = Qwen(CFG, rngs=nnx.Rngs(0))
   _, params = nnx.split(model, nnx.Param)
-  psh = state_lib.param_shardings(model, mesh)
+  psh = sharding.param_shardings(params, mesh)
   tx = state_lib.make_optimizer(base.base_config().optim, 10)
-  state, _ = state_lib.init_state(jax.device_put(params, psh), tx, psh, mesh)
+  state, ssh = state_lib.init_state(jax.device_put(params, psh), tx, mesh)
+  assert ssh.opt_state[0] == ()  # clip_by_global_norm keeps no state
+  assert ssh.opt_state[1][0].count.spec == jax.sharding.PartitionSpec()
   adam = state.opt_state[1][0]
   mu = adam.mu["layers"][0]["mlp"]["down_proj"][...]
   assert mu.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")

@@ -30,9 +30,9 @@ import numpy as np
 
 from tapo_jax import config as config_lib
 from tapo_jax.tapo import construct as con
-from tapo_jax.tapo import dcs
+from tapo_jax.tapo import dcs, divergence, synthesis
 from tapo_jax.tapo.batch import Rollouts, concat_rollouts
-from tapo_jax.tapo.loss import prepare_batch
+from tapo_jax.tapo.loss import LossConfig, prepare_batch
 
 EOS, NEWLINE = 1, 2
 
@@ -112,34 +112,37 @@ def core_times(q, k, m, t, a) -> dict[str, float]:
   grid = (batch.rewards > 0.5).reshape(q, k)
   select = jax.jit(lambda g, key_: dcs.select_candidates(g, key_, 2, 4, m))
   cands = select(grid, key)
-  rows, _ = con.divergence_rows(batch, cands, diag, jnp.int32(NEWLINE), tables, k=k)
+  rows, _ = divergence.divergence_rows(batch, cands, diag, jnp.int32(NEWLINE), tables, k=k)
   full = concat_rollouts(batch, rows)
-  pieces = tuple(jnp.arange(3, 3 + n, dtype=jnp.int32) for n in (60, 8, 8, 80))
+  template = synthesis.Template(
+    pieces=tuple(tuple(range(3, 3 + n)) for n in (60, 8, 8, 80)),
+    names=("query", "incorrect", "correct"),
+  )
   queries, query_lens = batch.tokens[::k, : a.prompt_len], batch.prompt_lens[::k]
   c = q * m
   rest = jnp.asarray(np.random.default_rng(1).integers(3, vocab, (c, t)), jnp.int32)
   prefix_lens = jnp.full((c,), (t - a.prompt_len) // 4, jnp.int32)
   rest_lens = jnp.full((c,), (t - a.prompt_len) // 2, jnp.int32)
-  prepare = jax.jit(lambda b: prepare_batch(b, cfg))
-  names = ("query", "incorrect", "correct")
+  loss_cfg = LossConfig.from_config(cfg)
+  prepare = lambda b: prepare_batch(b, loss_cfg)  # noqa: E731 (jitted itself)
   out = {
     "dcs": _time(select, grid, key, repeats=a.repeats),
     "divergence": _time(
-      lambda b, c_: con.divergence_rows(b, c_, diag, jnp.int32(NEWLINE), tables, k=k),
+      lambda b, c_: divergence.divergence_rows(b, c_, diag, jnp.int32(NEWLINE), tables, k=k),
       batch,
       cands,
       repeats=a.repeats,
     ),
     "synthesis": _time(
-      lambda b, c_: con.synthesis_prompts(
-        b, c_, pieces, queries, query_lens, tables.is_eos, k=k, names=names
+      lambda b, c_: synthesis.synthesis_prompts(
+        b, c_, queries, query_lens, tables.is_eos, k=k, template=template
       ),
       batch,
       cands,
       repeats=a.repeats,
     ),
     "anchor": _time(
-      lambda b, c_: con.anchored_rows(
+      lambda b, c_: synthesis.anchored_rows(
         b, c_, prefix_lens, rest, rest_lens, c_.valid.reshape(-1), k=k
       ),
       batch,
@@ -161,21 +164,21 @@ def rollout_seconds(q, k, t, a) -> dict:
 
   from tapo_jax.bench.sampler import SHAPES
   from tapo_jax.models.qwen import Qwen
-  from tapo_jax.sampling import generate
+  from tapo_jax.sampling import QwenEngine, Sampling, generate
 
   shape = SHAPES[a.rollout_shape]
   model = Qwen(shape, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, shape.vocab_size, (q, a.prompt_len)).tolist()
-  kw = dict(
-    n=k,
-    max_new_tokens=a.rollout_tokens,
-    slots=min(64, q * k),
+  engine = QwenEngine(
+    model, slots=min(64, q * k), max_len=a.prompt_len + a.rollout_tokens,
     prefill_buckets=(a.prompt_len,),
-  )
-  generate(model, prompts, seed=0, **kw)  # compile
+  )  # fmt: skip
+  params = engine.load_params(model)
+  kw = dict(n=k, max_new_tokens=a.rollout_tokens)
+  generate(engine, params, prompts, Sampling(), seed=0, **kw)  # compile
   t0 = time.perf_counter()
-  generate(model, prompts, seed=1, **kw)
+  generate(engine, params, prompts, Sampling(), seed=1, **kw)
   measured = time.perf_counter() - t0
   new_tokens = t - a.prompt_len
   return dict(

@@ -72,23 +72,22 @@ def bench_ours(args, cfg) -> dict:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   from tapo_jax import sharding
 
-  mesh = sharding.make_mesh({"fsdp": -1})
+  mesh = sharding.make_mesh()
   model = Qwen(
     cfg, dtype=dtype, param_dtype=jnp.float32, remat=args.remat,
     attention_impl=args.attention or None, rngs=nnx.Rngs(0),
   )  # fmt: skip
   graphdef, params = nnx.split(model, nnx.Param)
-  psh = state_lib.param_shardings(model, mesh)
-  params = jax.device_put(params, psh)
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
   oc = base.base_config().optim
   tx = state_lib.make_optimizer(oc, 1000)
-  state, ssh = state_lib.init_state(params, tx, psh, mesh)
+  state, ssh = state_lib.init_state(params, tx, mesh)
   rng = np.random.default_rng(0)
   rows = [(rng.integers(0, cfg.vocab_size, args.seq).tolist(), [True] * args.seq)] * args.batch
   batch = sft.pack_sft(rows, args.seq, 0, round_to=args.seq)
   micro = step_lib.split_micro_batches(batch, args.batch)
   with jax.set_mesh(mesh):
-    fn = step_lib.make_train_step(graphdef, tx, lambda m, b: sft.sft_loss(m, b, 8192), ssh, None)
+    fn = step_lib.make_train_step(graphdef, tx, lambda m, b: sft.sft_loss(m, b, 8192), ssh)
     t0 = time.perf_counter()
     state, m = fn(state, micro)
     jax.block_until_ready(m)

@@ -2,6 +2,7 @@
 
 from tapo_jax.eval.evaluate import (
   compute_pass_rates,
+  decode_responses,
   default_eos_ids,
   eval_kwargs,
   evaluate,
@@ -30,6 +31,7 @@ __all__ = [
   "avg_at_k",
   "canonical",
   "compute_pass_rates",
+  "decode_responses",
   "default_eos_ids",
   "dsr",
   "err",

@@ -1,7 +1,9 @@
 """Sample k responses per problem, grade them, write per-problem JSONL and return the metrics.
 
-The sampler and the verifier are injectable (`generate_fn`, `grade_fn`, `extract_fn`); they default
-to tapo_jax.sampling.generate and tapo_jax.rewards.{grade_batch, extract_answer}, imported lazily.
+Sampling goes through an engine built by the caller (once, on the params' mesh) and the params
+given; grading through the caller's `grade_fn` (e.g. the run's one verifier pool: `pool.grade`).
+`generate_fn` (default tapo_jax.sampling.generate) and `extract_fn` (default
+tapo_jax.rewards.extract_answer) are injectable for tests.
 """
 
 from __future__ import annotations
@@ -38,23 +40,22 @@ def verifier_equiv(a: str, b: str) -> bool:
   return grade(f"\\boxed{{{a}}}", b) > 0.5
 
 
-def _default_grade(timeout_s: float, workers: int) -> GradeFn:
-  from tapo_jax.rewards import grade_batch
-
-  return lambda responses, golds: grade_batch(
-    list(responses), list(golds), timeout_s=timeout_s, workers=workers
-  )
-
-
-def _decode(tokenizer: Any, ids: Sequence[int], eos: set[int]) -> str:
-  ids = list(ids)
-  while ids and ids[-1] in eos:
-    ids.pop()
-  return tokenizer.decode(ids, skip_special_tokens=True)
+def decode_responses(tokenizer: Any, responses: Sequence[Sequence[int]], eos_ids) -> list[str]:
+  """Response texts as the verifier reads them: trailing EOS ids removed, special tokens
+  skipped. Originals, constructions and eval samples are all decoded by this one function."""
+  eos = set(eos_ids)
+  texts = []
+  for ids in responses:
+    ids = list(ids)
+    while ids and ids[-1] in eos:
+      ids.pop()
+    texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+  return texts
 
 
 def sample_and_grade(
-  model: Any,
+  engine: Any,
+  params: Any,
   tokenizer: Any,
   problems: Sequence[Problem],
   *,
@@ -62,36 +63,27 @@ def sample_and_grade(
   temperature: float,
   top_p: float,
   max_new_tokens: int,
+  grade_fn: GradeFn,
   top_k: int = 0,
   template: str | None = DEFAULT_TEMPLATE,
   use_chat_template: bool = True,
   generate_fn: Callable | None = None,
-  grade_fn: GradeFn | None = None,
   extract_fn: ExtractFn | None = None,
   eos_token_ids: Sequence[int] | None = None,
   seed: int = 0,
-  timeout_s: float = 5.0,
-  workers: int = 2,
 ) -> list[ProblemResult]:
   """k graded samples for each problem."""
+  from tapo_jax.sampling import Sampling
+
   if generate_fn is None:
     from tapo_jax.sampling import generate as generate_fn
-  if grade_fn is None:
-    grade_fn = _default_grade(timeout_s, workers)
   if extract_fn is None:
     from tapo_jax.rewards import extract_answer as extract_fn
   eos = list(default_eos_ids(tokenizer) if eos_token_ids is None else eos_token_ids)
   prompts = format_prompts(problems, template, tokenizer, use_chat_template)
+  sampling = Sampling(float(temperature), float(top_p), int(top_k), tuple(eos))
   out = generate_fn(
-    model,
-    prompts,
-    n=k,
-    max_new_tokens=max_new_tokens,
-    temperature=temperature,
-    top_p=top_p,
-    top_k=top_k,
-    eos_token_ids=eos,
-    seed=seed,
+    engine, params, prompts, sampling, n=k, max_new_tokens=max_new_tokens, seed=seed
   )
   completions = [list(c) for c in out.completions]
   if len(completions) != k * len(problems):
@@ -99,7 +91,7 @@ def sample_and_grade(
   truncated = getattr(out, "truncated", None)
   if truncated is None:
     truncated = [len(c) >= max_new_tokens and not (c and c[-1] in eos) for c in completions]
-  texts = [_decode(tokenizer, c, set(eos)) for c in completions]
+  texts = decode_responses(tokenizer, completions, eos)
   golds = [p.answer for p in problems for _ in range(k)]
   scores = list(grade_fn(texts, golds))
   if len(scores) != len(texts):
@@ -131,7 +123,8 @@ def write_results(results: Sequence[ProblemResult], path: str | pathlib.Path) ->
 
 
 def evaluate(
-  model: Any,
+  engine: Any,
+  params: Any,
   tokenizer: Any,
   problems: Sequence[Problem],
   *,
@@ -139,10 +132,10 @@ def evaluate(
   temperature: float,
   top_p: float,
   max_new_tokens: int,
+  grade_fn: GradeFn,
   pass_ks: Sequence[int] = (1,),
   markers: Sequence[str] = (),
   generate_fn: Callable | None = None,
-  grade_fn: GradeFn | None = None,
   extract_fn: ExtractFn | None = None,
   equiv_fn: Equiv | None = None,
   seed: int = 0,
@@ -151,12 +144,11 @@ def evaluate(
   top_k: int = 0,
   template: str | None = DEFAULT_TEMPLATE,
   use_chat_template: bool = True,
-  timeout_s: float = 5.0,
-  workers: int = 2,
 ) -> dict[str, float]:
   """Samples k responses per problem, grades them and returns summarize()'s metrics."""
   results = sample_and_grade(
-    model,
+    engine,
+    params,
     tokenizer,
     problems,
     k=k,
@@ -171,8 +163,6 @@ def evaluate(
     extract_fn=extract_fn,
     eos_token_ids=eos_token_ids,
     seed=seed,
-    timeout_s=timeout_s,
-    workers=workers,
   )
   if out_path is not None:
     write_results(results, out_path)
@@ -180,7 +170,8 @@ def evaluate(
 
 
 def evaluate_sets(
-  model: Any,
+  engine: Any,
+  params: Any,
   tokenizer: Any,
   sets: Mapping[str, Sequence[Problem]],
   *,
@@ -191,7 +182,7 @@ def evaluate_sets(
   summary = {}
   for name, problems in sets.items():
     out_path = None if out_dir is None else pathlib.Path(out_dir) / f"{name}.jsonl"
-    metrics = evaluate(model, tokenizer, problems, out_path=out_path, **kwargs)
+    metrics = evaluate(engine, params, tokenizer, problems, out_path=out_path, **kwargs)
     summary.update({f"{name}/{key}": v for key, v in metrics.items()})
   return summary
 
@@ -223,14 +214,12 @@ def eval_kwargs(cfg: Any) -> dict[str, Any]:
     template=cfg.data.prompt_template,
     use_chat_template=cfg.data.use_chat_template,
     seed=cfg.seed,
-    timeout_s=cfg.reward.timeout_s,
-    workers=cfg.reward.workers,
   )
 
 
 def compute_pass_rates(
-  model: Any, tokenizer: Any, problems: Sequence[Problem], **kwargs: Any
+  engine: Any, params: Any, tokenizer: Any, problems: Sequence[Problem], **kwargs: Any
 ) -> dict[str, float]:
   """{problem id: share of its k samples correct} for filter_by_pass_rate; sample_and_grade args."""
-  results = sample_and_grade(model, tokenizer, problems, **kwargs)
+  results = sample_and_grade(engine, params, tokenizer, problems, **kwargs)
   return {r.id: sum(r.correct) / len(r.correct) for r in results}

@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from tapo_jax import sharding
 from tapo_jax.models.qwen import Qwen, QwenConfig
-from tapo_jax.sharding import named_sharding
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -246,6 +246,8 @@ def load_pretrained(
   if set(variables) != set(layout):  # the architecture and the table disagree: a bug here
     raise AssertionError(f"params without an HF name: {sorted(set(variables) ^ set(layout))}")
   abstract = {p: v.get_value() for p, v in variables.items()}
+  if mesh is not None:
+    placement = dict(nnx.to_flat_state(sharding.param_shardings(state, mesh)))
   files, listing = _weight_map(path)
   with contextlib.ExitStack() as stack:
     reader = _Reader(stack)
@@ -257,8 +259,7 @@ def load_pretrained(
       if mesh is None:
         var.set_value(jax.device_put(w))
       else:
-        axes = var.get_metadata().get("logical_axes")
-        var.set_value(jax.device_put(w, named_sharding(mesh, axes, shape)))
+        var.set_value(jax.device_put(w, placement[our_path].get_value()))
       del w
   return nnx.merge(graphdef, state)
 

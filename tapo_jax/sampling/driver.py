@@ -1,14 +1,24 @@
-"""generate(): n samples per prompt with continuous batching over a QwenEngine's slots.
+"""generate(): n samples per prompt with continuous batching over an engine's slots.
 
 Legend: P prompts, R = P * n rows (prompt-major: prompt i's samples are rows i*n .. i*n+n-1),
-T padded row length, B slots.
+B slots.
 
-The loop: fill free slots with the next pending (prompt, sample) — one prefill per prompt, inserted
-into as many slots as it has samples — then run `steps_per_sync` generate steps in one jitted call
-and look at the slots' status on the host. While requests are pending the host syncs after every
-chunk (finished slots are read out and refilled); once none are pending, the next chunk is
-dispatched before the previous chunk's status is read (a chunk whose slots are all done exits at
-once), and the sequences are read back at the end.
+Any `jetstream.engine.engine_api.Engine` works: the driver prefills each prompt once
+(`prefill`), inserts the prefix into a free slot for each of its samples (`insert`), and steps
+every slot at once (`generate` -> `ResultTokens`), reading one token per slot per step on the host
+and freeing a slot at EOS or `max_new_tokens`. A plain Engine samples with its own settings
+(`Sampling.eos_ids` still stop rows) and reports no logprobs (NaN). An engine that also offers the
+batched fast path (the methods in FAST_PATH, as `QwenEngine` does) is driven through it instead:
+several prompts per prefill call, several inserts per call, `steps_per_sync` generate steps in one
+jitted call with sampling settings per call and per-token logprobs. While requests are pending
+the host syncs after every chunk (finished slots are read out and refilled); once none are
+pending, the next chunk is dispatched before the previous chunk's status is read (a chunk whose
+slots are all done exits at once), and the sequences are read back at the end.
+
+To plug in another engine: subclass `engine_api.Engine` (prefill of one padded prompt -> a
+prefix; insert(prefix, decode_state, slot); generate(params, decode_state) -> (decode_state,
+ResultTokens with one token per slot); max_concurrent_decodes; max_prefill_length) and pass it
+with its params to `generate`.
 """
 
 from __future__ import annotations
@@ -17,7 +27,6 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-import flax.struct
 import jax
 import numpy as np
 from flax import nnx
@@ -26,19 +35,8 @@ from tapo_jax.models.qwen import Qwen
 from tapo_jax.sampling.engine import DEFAULT_BUCKETS, QwenEngine
 from tapo_jax.sampling.sample import Sampling
 
-
-@flax.struct.dataclass
-class PaddedRollouts:
-  """Prompt then response per row, right-padded; what the trainer consumes (numpy arrays)."""
-
-  tokens: np.ndarray  # [R, T] int32
-  positions: np.ndarray  # [R, T] int32
-  loss_mask: np.ndarray  # [R, T] bool  response tokens
-  sampler_logprobs: np.ndarray  # [R, T] f32  logprob of tokens[:, t] as sampled (0 off-response)
-  policy_logprobs: np.ndarray  # [R, T] f32  same at temperature 1, untruncated
-  prompt_lens: np.ndarray  # [R] int32
-  response_lens: np.ndarray  # [R] int32
-  truncated: np.ndarray  # [R] bool
+# What an engine must offer (besides the Engine API) for the batched fast path.
+FAST_PATH = ("prefill_many", "insert_many", "generate_steps", "bucket", "window", "max_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,68 +46,8 @@ class Generation:
   prompts: list[list[int]]  # P
   n: int
   completions: list[list[int]]  # R
-  logprobs: list[np.ndarray]  # R x [len] f32 under the distribution sampled (0 when greedy)
-  policy_logprobs: list[np.ndarray]  # R x [len] f32 under the policy, temperature 1
+  logprobs: list[np.ndarray]  # R x [len] f32 under the distribution sampled (0 greedy, NaN unknown)
   truncated: list[bool]  # R  hit max_new_tokens without EOS
-
-  def padded(self, length: int | None = None, pad_id: int = 0) -> PaddedRollouts:
-    """The rows as right-padded arrays of `length` (default: the longest row)."""
-    r = len(self.completions)
-    plens = np.array([len(self.prompts[i // self.n]) for i in range(r)], np.int32)
-    rlens = np.array([len(c) for c in self.completions], np.int32)
-    longest = int((plens + rlens).max()) if r else 0
-    t = longest if length is None else length
-    if longest > t:
-      raise ValueError(f"a row of {longest} tokens does not fit length {t}")
-    tokens = np.full((r, t), pad_id, np.int32)
-    mask = np.zeros((r, t), bool)
-    lps, plps = np.zeros((r, t), np.float32), np.zeros((r, t), np.float32)
-    for i, completion in enumerate(self.completions):
-      p, n = plens[i], rlens[i]
-      tokens[i, :p] = self.prompts[i // self.n]
-      tokens[i, p : p + n] = completion
-      mask[i, p : p + n] = True
-      lps[i, p : p + n] = self.logprobs[i]
-      plps[i, p : p + n] = self.policy_logprobs[i]
-    return PaddedRollouts(
-      tokens=tokens,
-      positions=np.broadcast_to(np.arange(t, dtype=np.int32), (r, t)).copy(),
-      loss_mask=mask,
-      sampler_logprobs=lps,
-      policy_logprobs=plps,
-      prompt_lens=plens,
-      response_lens=rlens,
-      truncated=np.array(self.truncated, bool),
-    )
-
-
-_ENGINES: collections.OrderedDict = collections.OrderedDict()
-
-
-def engine_for(
-  model: Qwen,
-  *,
-  slots: int,
-  max_len: int,
-  prefill_buckets: Sequence[int] = DEFAULT_BUCKETS,
-  mesh: jax.sharding.Mesh | None = None,
-) -> QwenEngine:
-  """A QwenEngine for models of this structure (cached: same structure, same compiled code)."""
-  graphdef = nnx.graphdef(model)
-  key = (graphdef, slots, max_len, tuple(prefill_buckets), mesh)
-  if key not in _ENGINES:
-    _ENGINES[key] = QwenEngine(
-      model,
-      slots=slots,
-      max_len=max_len,
-      prefill_buckets=tuple(prefill_buckets),
-      mesh=mesh,
-      keep_params=False,
-    )
-    while len(_ENGINES) > 4:
-      _ENGINES.popitem(last=False)
-  _ENGINES.move_to_end(key)
-  return _ENGINES[key]
 
 
 def _validate(prompts, n, max_new_tokens, vocab_size):
@@ -123,67 +61,133 @@ def _validate(prompts, n, max_new_tokens, vocab_size):
     if len(prompt) == 0:
       raise ValueError(f"prompt {i} is empty")
     lo, hi = min(prompt), max(prompt)
-    if lo < 0 or hi >= vocab_size:
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
       raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {lo}..{hi}")
 
 
+def has_fast_path(engine) -> bool:
+  return all(hasattr(engine, name) for name in FAST_PATH)
+
+
 def generate(
-  model: Qwen | None,
+  engine,
+  params,
   prompts: Sequence[Sequence[int]],
+  sampling: Sampling,
   *,
   n: int = 1,
   max_new_tokens: int,
-  temperature: float = 1.0,
-  top_p: float = 1.0,
-  top_k: int = 0,
-  eos_token_ids: Sequence[int] = (),
   seed: int = 0,
-  engine: QwenEngine | None = None,
-  params=None,
-  slots: int | None = None,
-  max_len: int | None = None,
-  prefill_buckets: Sequence[int] = DEFAULT_BUCKETS,
-  mesh: jax.sharding.Mesh | None = None,
   steps_per_sync: int = 16,
 ) -> Generation:
-  """n samples for each prompt (lists of token ids). Pass `engine` (and `params`, new weights
-  each RL step) to reuse compiled code; otherwise one is built (and cached) for `model`."""
+  """n samples of at most `max_new_tokens` tokens for each prompt (lists of token ids) from
+  `engine` with `params` (new weights each call compile nothing)."""
   prompts = [[int(t) for t in p] for p in prompts]
-  if engine is None and model is None:
-    raise ValueError("pass a model or an engine")
-  cfg = engine.cfg if engine is not None else model.cfg
-  _validate(prompts, n, max_new_tokens, cfg.vocab_size)
-  sampling = Sampling(float(temperature), float(top_p), int(top_k), tuple(map(int, eos_token_ids)))
+  cfg = getattr(engine, "cfg", None)
+  _validate(prompts, n, max_new_tokens, None if cfg is None else cfg.vocab_size)
   if steps_per_sync < 1:
     raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
   longest = max(len(p) for p in prompts)
-  if engine is None:
-    buckets = tuple(sorted(prefill_buckets))
-    if longest > buckets[-1]:
-      raise ValueError(
-        f"prompt of {longest} tokens is longer than the largest prefill bucket {buckets[-1]}"
-      )
-    bucket = next(b for b in buckets if b >= longest)
-    rows = len(prompts) * n
-    engine = engine_for(
-      model,
-      slots=slots or min(64, 1 << (rows - 1).bit_length()),
-      max_len=max_len or bucket + max_new_tokens,
-      prefill_buckets=buckets,
-      mesh=mesh,
+  if longest > engine.max_prefill_length:
+    raise ValueError(
+      f"prompt of {longest} tokens is longer than the largest prefill bucket "
+      f"{engine.max_prefill_length}"
     )
-  else:
-    engine.bucket(longest)  # raises for a prompt longer than the largest bucket
+  if not has_fast_path(engine):
+    return _run_engine_api(engine, params, prompts, n, max_new_tokens, sampling.eos_ids)
   if longest + max_new_tokens > engine.max_len:
     raise ValueError(
       f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the cache length "
       f"{engine.max_len}"
     )
-  params = engine.load_params(params if params is not None else model)
+  params = engine.load_params(params)
   return _run(engine, params, prompts, n, max_new_tokens, sampling, seed, steps_per_sync)
 
 
+def sample_from(
+  model: Qwen,
+  prompts: Sequence[Sequence[int]],
+  sampling: Sampling,
+  *,
+  n: int = 1,
+  max_new_tokens: int,
+  seed: int = 0,
+  slots: int = 64,
+  prefill_buckets: Sequence[int] = DEFAULT_BUCKETS,
+) -> Generation:
+  """One-off convenience: builds an engine on the mesh of `model`'s params, sized for these
+  prompts, and generates. Loops that sample repeatedly build their engine once instead."""
+  longest = max((len(p) for p in prompts), default=1)
+  bucket = next((b for b in sorted(prefill_buckets) if b >= longest), longest)
+  engine = QwenEngine(
+    model,
+    slots=min(slots, 1 << (len(prompts) * n - 1).bit_length()) if prompts else slots,
+    max_len=bucket + max_new_tokens,
+    prefill_buckets=tuple(prefill_buckets),
+  )
+  params = nnx.state(model, nnx.Param)
+  return generate(engine, params, prompts, sampling, n=n, max_new_tokens=max_new_tokens, seed=seed)
+
+
+def _prefill_length(length: int, limit: int) -> int:
+  """Padded prefill length for the Engine API path: a power of two (>= 16), at most `limit`."""
+  return min(limit, max(16, 1 << (length - 1).bit_length()))
+
+
+def _run_engine_api(engine, params, prompts, n, max_new_tokens, eos_ids) -> Generation:
+  """The portable path: prefill / insert / one-token generate steps of the Engine API."""
+  rows = len(prompts) * n
+  eos = set(eos_ids)
+  pending = collections.deque(range(rows))
+  slot_row = np.full(engine.max_concurrent_decodes, -1)
+  left = [n] * len(prompts)
+  prefixes: dict[int, object] = {}
+  tokens: list[list[int]] = [[] for _ in range(rows)]
+  state = engine.init_decode_state()
+  while True:
+    for s in np.flatnonzero(slot_row < 0):
+      if not pending:
+        break
+      r = pending.popleft()
+      i = r // n
+      if i not in prefixes:
+        prompt = prompts[i]
+        padded = np.zeros(_prefill_length(len(prompt), engine.max_prefill_length), np.int32)
+        padded[: len(prompt)] = prompt
+        prefixes[i] = engine.prefill(params=params, padded_tokens=padded, true_length=len(prompt))
+      state = engine.insert(prefixes[i], state, int(s))
+      slot_row[s] = r
+      left[i] -= 1
+      if not left[i]:
+        del prefixes[i]
+    busy = np.flatnonzero(slot_row >= 0)
+    if not len(busy):
+      break
+    state, result = engine.generate(params, state)
+    result = result.convert_to_numpy()
+    progressed = False
+    for s in busy:
+      slot = result.get_result_at_slot(int(s))
+      if not slot.valid[0, 0]:
+        continue
+      progressed = True
+      r = slot_row[s]
+      tokens[r].append(int(slot.tokens[0, 0]))
+      if tokens[r][-1] in eos or len(tokens[r]) >= max_new_tokens:
+        slot_row[s] = -1
+    if not progressed:
+      raise RuntimeError("the engine's generate step returned no valid token for any busy slot")
+  return Generation(
+    prompts=prompts,
+    n=n,
+    completions=tokens,
+    logprobs=[np.full(len(t), np.nan, np.float32) for t in tokens],
+    truncated=[len(t) >= max_new_tokens and t[-1] not in eos for t in tokens],
+  )
+
+
 def _run(engine, params, prompts, n, max_new_tokens, sampling, seed, k) -> Generation:
+  """The fast path (see the module docstring)."""
   rows = len(prompts) * n
   b = engine.max_concurrent_decodes
   pending = collections.deque(range(rows))
@@ -197,11 +201,11 @@ def _run(engine, params, prompts, n, max_new_tokens, sampling, seed, k) -> Gener
   data = None
 
   def collect(slots_done, lengths):
-    toks, lps, plps = jax.device_get((state.tokens, state.logprobs, state.policy_logprobs))
+    toks, lps = jax.device_get((state.tokens, state.logprobs))
     for s in slots_done:
       r = slot_row[s]
       p, end = len(prompts[r // n]), int(lengths[s])
-      results[r] = (toks[s, p:end].tolist(), lps[s, p:end], plps[s, p:end])
+      results[r] = (toks[s, p:end].tolist(), lps[s, p:end])
       slot_row[s] = -1
 
   while True:
@@ -244,10 +248,9 @@ def _run(engine, params, prompts, n, max_new_tokens, sampling, seed, k) -> Gener
   return Generation(
     prompts=prompts,
     n=n,
-    completions=[c for c, _, _ in results],
-    logprobs=[lp for _, lp, _ in results],
-    policy_logprobs=[plp for _, _, plp in results],
-    truncated=[len(c) >= max_new_tokens and c[-1] not in eos for c, _, _ in results],
+    completions=[c for c, _ in results],
+    logprobs=[lp for _, lp in results],
+    truncated=[len(c) >= max_new_tokens and c[-1] not in eos for c, _ in results],
   )
 
 

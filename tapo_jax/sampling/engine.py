@@ -7,7 +7,9 @@ K kv-heads, H head dim, V vocab.
 A slot holds one sequence. Prefill writes the KV of a prompt's tokens; the last prompt token is
 fed again by the first generate step (which samples the first new token), so a prefill samples
 nothing and one prefix serves all n samples of a prompt. Params are an explicit argument of every
-jitted call, so new weights need no recompile; the decode state is donated.
+jitted call, so new weights need no recompile; the decode state is donated. An engine is built
+once per purpose (rollouts, synthesis, eval) on the mesh of the params it will be given, and
+`traces` counts the traces of its jitted functions (a retrace is a recompile).
 """
 
 from __future__ import annotations
@@ -23,14 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tapo_jax import sharding
 from tapo_jax.models.kv_cache import CACHE_AXES, KVCache
-from tapo_jax.models.qwen import Qwen, param_logical_axes
+from tapo_jax.models.qwen import Qwen
 from tapo_jax.sampling.jetstream_compat import engine_api
 from tapo_jax.sampling.sample import Sampling, sample
-from tapo_jax.sharding import make_mesh, named_sharding
-
-# name of a jitted function -> times its Python body was traced (a retrace means a recompile)
-TRACES: collections.Counter = collections.Counter()
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 GREEDY = Sampling(temperature=0.0)
@@ -52,15 +51,10 @@ class DecodeState:
   cache: KVCache  # L x [B, K, S, H]
   tokens: jax.Array  # [B, S] int32  prompt, then sampled tokens
   logprobs: jax.Array  # [B, S] f32  of the token at p under the distribution sampled (0 on prompt)
-  policy_logprobs: jax.Array  # [B, S] f32  same under the policy (temperature 1, no truncation)
   lengths: jax.Array  # [B] int32  tokens so far; the last one has no KV in the cache yet
   limits: jax.Array  # [B] int32  the length at which the slot stops
   done: jax.Array  # [B] bool  finished (EOS or limit) or never filled
   rng: jax.Array  # [2] uint32  split on every step
-
-
-def _is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 def _state_axes(layers: int) -> DecodeState:
@@ -70,7 +64,6 @@ def _state_axes(layers: int) -> DecodeState:
     cache=KVCache(k=(CACHE_AXES,) * layers, v=(CACHE_AXES,) * layers),
     tokens=row,
     logprobs=row,
-    policy_logprobs=row,
     lengths=("batch",),
     limits=("batch",),
     done=("batch",),
@@ -79,8 +72,11 @@ def _state_axes(layers: int) -> DecodeState:
 
 
 class QwenEngine(engine_api.Engine):
-  """Engine API (google-jetstream 0.2.2) for `tapo_jax.models.qwen.Qwen` plus batched helpers
-  (`prefill` of P prompts at once, `insert_many`, `generate_steps`) that the driver uses."""
+  """Engine API (google-jetstream 0.2.2) for `tapo_jax.models.qwen.Qwen` plus the batched fast
+  path the driver prefers (`prefill_many`, `insert_many`, `generate_steps`, `bucket`, `window`).
+
+  `mesh` defaults to the mesh of `model`'s params; the engine keeps no params (every call takes
+  them). `sampling` is what the Engine API's one-step `generate` samples with."""
 
   def __init__(
     self,
@@ -96,7 +92,6 @@ class QwenEngine(engine_api.Engine):
     windowed: bool = True,
     cache_dtype: Any = None,
     tokenizer_path: str = "",
-    keep_params: bool = True,
   ):
     if slots < 1 or max_len < 2:
       raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
@@ -111,27 +106,21 @@ class QwenEngine(engine_api.Engine):
       if windowed
       else (self.max_len,)
     )
-    self._mesh = mesh if mesh is not None else make_mesh({}, jax.devices()[:1])
+    self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
+    self._mesh = mesh if mesh is not None else sharding.mesh_of(params)
     self.sampling = sampling
     self.prefill_batch, self.prefill_tokens = int(prefill_batch), int(prefill_tokens)
     self.cache_dtype = cache_dtype or model.dtype
     self.tokenizer_path = tokenizer_path
-    self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
-    self.param_shardings = jax.tree.map(
-      lambda axes, x: named_sharding(self._mesh, axes, x.shape),
-      param_logical_axes(model),
-      params,
-      is_leaf=lambda x: isinstance(x, tuple) or x is None,
-    )
+    self.traces: collections.Counter = collections.Counter()  # jitted function -> traces
+    self.param_shardings = sharding.param_shardings(params, self._mesh)
     self._param_tree = jax.tree.structure(params)
-    self.params = self.load_params(params) if keep_params else None
-    self.state_shardings = jax.tree.map(
-      lambda axes, x: named_sharding(self._mesh, axes, x.shape),
+    self.state_shardings = sharding.tree_shardings(
+      self._mesh,
       _state_axes(self.cfg.num_hidden_layers),
       jax.eval_shape(self._zero_state, jnp.zeros((2,), jnp.uint32)),
-      is_leaf=_is_axes,
     )
-    rep = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+    rep = sharding.replicated(self._mesh)
     self._init_jit = jax.jit(self._zero_state, out_shardings=self.state_shardings)
     self._prefill_jit = jax.jit(self._prefill_fn)
     self._insert_jit = jax.jit(
@@ -155,7 +144,6 @@ class QwenEngine(engine_api.Engine):
       cache=KVCache.zeros(self.cfg, b, s, self.cache_dtype),
       tokens=jnp.zeros((b, s), jnp.int32),
       logprobs=jnp.zeros((b, s), jnp.float32),
-      policy_logprobs=jnp.zeros((b, s), jnp.float32),
       lengths=jnp.zeros((b,), jnp.int32),
       limits=jnp.zeros((b,), jnp.int32),
       done=jnp.ones((b,), bool),
@@ -163,17 +151,17 @@ class QwenEngine(engine_api.Engine):
     )
 
   def _prefill_fn(self, params, tokens_PT, lengths_P) -> Prefix:
-    TRACES["prefill"] += 1
+    self.traces["prefill"] += 1
     p, t = tokens_PT.shape
     cache = KVCache.zeros(self.cfg, p, t, self.cache_dtype)
-    kv = named_sharding(self._mesh, CACHE_AXES, cache.k[0].shape)
+    kv = sharding.named_sharding(self._mesh, CACHE_AXES, cache.k[0].shape)
     cache = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv), cache)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
     _, cache = self._model(params).decode(tokens_PT, positions, cache)  # logits are dead code
     return Prefix(cache=cache, tokens=tokens_PT, lengths=lengths_P)
 
   def _insert_fn(self, prefix: Prefix, state: DecodeState, slots_M, rows_M, limits_M, count):
-    TRACES["insert"] += 1
+    self.traces["insert"] += 1
     zeros_1S = jnp.zeros((1, self.max_len), jnp.float32)
 
     def put(i, st: DecodeState) -> DecodeState:
@@ -188,7 +176,6 @@ class QwenEngine(engine_api.Engine):
         cache=jax.tree.map(kv, st.cache, prefix.cache),
         tokens=jax.lax.dynamic_update_slice(st.tokens, tok_1T, (slot, 0)),
         logprobs=jax.lax.dynamic_update_slice(st.logprobs, zeros_1S, (slot, 0)),
-        policy_logprobs=jax.lax.dynamic_update_slice(st.policy_logprobs, zeros_1S, (slot, 0)),
         lengths=st.lengths.at[slot].set(prefix.lengths[row]),
         limits=st.limits.at[slot].set(limits_M[i]),
         done=st.done.at[slot].set(False),
@@ -197,7 +184,7 @@ class QwenEngine(engine_api.Engine):
     return jax.lax.fori_loop(0, count, put, state)
 
   def _generate_fn(self, params, state: DecodeState, sampling: Sampling, steps: int, window: int):
-    TRACES["generate"] += 1
+    self.traces["generate"] += 1
     model = self._model(params)
     b, s = state.tokens.shape
     rows = jnp.arange(b)
@@ -210,14 +197,13 @@ class QwenEngine(engine_api.Engine):
       pos = jnp.where(active, st.lengths - 1, 0)
       tok_in = st.tokens[rows, pos]
       logits, cache = model.decode(tok_in[:, None], pos[:, None], cache)
-      new, lp, plp = sample(logits[:, 0], key, sampling)
+      new, lp = sample(logits[:, 0], key, sampling)
       at = jnp.where(active, st.lengths, s)  # out of range: dropped
       lengths = st.lengths + active
       finished = active & (jnp.isin(new, eos) | (lengths >= st.limits))
       st = st.replace(
         tokens=st.tokens.at[rows, at].set(new, mode="drop"),
         logprobs=st.logprobs.at[rows, at].set(lp, mode="drop"),
-        policy_logprobs=st.policy_logprobs.at[rows, at].set(plp, mode="drop"),
         lengths=lengths,
         done=st.done | finished,
         rng=rng,
@@ -294,13 +280,9 @@ class QwenEngine(engine_api.Engine):
 
   # ---- Engine API ----------------------------------------------------------------------------
 
-  def load_params(self, params=None, *args, **kwargs):
-    """Params (an nnx.State of nnx.Param, or a Qwen module) placed with the engine's shardings;
-    None: the params the engine was built with."""
-    if params is None:
-      if self.params is None:
-        raise ValueError("this engine keeps no params: pass them")
-      return self.params
+  def load_params(self, params, *args, **kwargs):
+    """Params (an nnx.State of nnx.Param, or a Qwen module) placed with the engine's shardings
+    (no copy when they already are, e.g. the trainer's params on the same mesh)."""
     if isinstance(params, nnx.Module):
       params = nnx.state(params, nnx.Param)
     # rebuilt in the engine's own tree structure: any metadata difference would retrace
@@ -322,10 +304,10 @@ class QwenEngine(engine_api.Engine):
     lengths = np.asarray(true_length, np.int32)
     if tokens.ndim == 1:
       tokens, lengths = tokens[None], lengths.reshape(1)
-    if tokens.shape[1] not in self.buckets:
-      raise ValueError(f"padded length {tokens.shape[1]} is not a bucket {self.buckets}")
     if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
       raise ValueError(f"true_length {lengths} outside [1, {tokens.shape[1]}]")
+    bucket = self.bucket(int(lengths.max()))  # any padding works: re-padded to a bucket
+    tokens = np.pad(tokens[:, :bucket], ((0, 0), (0, max(0, bucket - tokens.shape[1]))))
     with jax.set_mesh(self._mesh):
       return self._prefill_jit(params, jnp.asarray(tokens), jnp.asarray(lengths))
 
@@ -341,11 +323,11 @@ class QwenEngine(engine_api.Engine):
   def get_prefix_destination_sharding(self) -> Prefix:
     t = self.buckets[-1]
     shape = (1, self.cfg.num_key_value_heads, t, self.cfg.head_dim)
-    kv = (named_sharding(self._mesh, CACHE_AXES, shape),) * self.cfg.num_hidden_layers
+    kv = (sharding.named_sharding(self._mesh, CACHE_AXES, shape),) * self.cfg.num_hidden_layers
     return Prefix(
       cache=KVCache(k=kv, v=kv),
-      tokens=named_sharding(self._mesh, ("batch", "seq"), (1, t)),
-      lengths=named_sharding(self._mesh, ("batch",), (1,)),
+      tokens=sharding.named_sharding(self._mesh, ("batch", "seq"), (1, t)),
+      lengths=sharding.named_sharding(self._mesh, ("batch",), (1,)),
     )
 
   def get_tokenizer(self):
@@ -375,6 +357,14 @@ class QwenEngine(engine_api.Engine):
   @property
   def colocated_cpus(self) -> None:
     return None
+
+  def describe(self) -> str:
+    """One line for logs: slots, cache length, buckets, mesh, KV cache size."""
+    mesh = " ".join(f"{k}={v}" for k, v in self._mesh.shape.items())
+    return (
+      f"{self.slots} slots x {self.max_len} tokens, prefill buckets {self.buckets}, "
+      f"mesh {mesh}, KV cache {self.cache_bytes / 2**20:.1f} MiB"
+    )
 
   @functools.cached_property
   def cache_bytes(self) -> int:

@@ -71,11 +71,9 @@ def _top_p(logits_BV, sorted_BK, lse_B1, top_p):
   return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
 
 
-def sample(
-  logits_BV: jax.Array, key: jax.Array, sampling: Sampling
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws one token per row; returns (tokens [B] int32, logprob under the distribution sampled
-  [B], logprob under the unmodified policy, temperature 1 and no truncation [B])."""
+def sample(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns (tokens [B] int32, logprob [B] f32 under the distribution
+  sampled: temperature and truncation applied, 0 when greedy)."""
   logits_BV = logits_BV.astype(jnp.float32)
   # logprob of one token = its logit - logsumexp: no [B, V] log-softmax is materialized
   pick = lambda x_BV, t_B: jnp.take_along_axis(x_BV, t_B[:, None], axis=-1)[:, 0]
@@ -86,5 +84,4 @@ def sample(
     warped_BV = truncate(logits_BV / sampling.temperature, sampling.top_p, sampling.top_k)
     tokens_B = jax.random.categorical(key, warped_BV, axis=-1).astype(jnp.int32)
     sampled_lp_B = pick(warped_BV, tokens_B) - jax.nn.logsumexp(warped_BV, axis=-1)
-  policy_lp_B = pick(logits_BV, tokens_B) - jax.nn.logsumexp(logits_BV, axis=-1)
-  return tokens_B, sampled_lp_B, policy_lp_B
+  return tokens_B, sampled_lp_B

@@ -1,16 +1,20 @@
-"""TAPO's method core: DCS, constructions, the splicer, DAE and the loss (see docs in each)."""
+"""TAPO's method core: DCS, the constructions, the splicer, DAE and the loss (see each module)."""
 
 from tapo_jax.tapo.advantages import decoupled_advantages, overlong_penalty
-from tapo_jax.tapo.batch import Rollouts, concat_rollouts, pack_rollouts, response_ids
-from tapo_jax.tapo.construct import (
-  SYNTHESIS_TEMPLATE,
-  TokenTables,
-  common_prefix_len,
-  parse_construction,
-  token_tables,
+from tapo_jax.tapo.batch import (
+  Rollouts,
+  TrainBatch,
+  concat_rollouts,
+  pack_rollouts,
+  pad_rows,
+  response_ids,
+  take_rows,
 )
+from tapo_jax.tapo.construct import TokenTables, select, token_tables
 from tapo_jax.tapo.dcs import Candidates, select_candidates
+from tapo_jax.tapo.divergence import diagnosis_tokens, divergence_rows
 from tapo_jax.tapo.loss import (
+  LossConfig,
   policy_loss,
   prepare_batch,
   sequence_logprobs,
@@ -18,25 +22,45 @@ from tapo_jax.tapo.loss import (
   token_logprobs_and_entropy,
 )
 from tapo_jax.tapo.splice import Spliced, splice
+from tapo_jax.tapo.synthesis import (
+  SYNTHESIS_TEMPLATE,
+  anchor,
+  anchored_rows,
+  common_prefix_len,
+  encode_template,
+  parse_construction,
+  synthesis_prompts,
+)
 
 __all__ = [
   "SYNTHESIS_TEMPLATE",
   "Candidates",
+  "LossConfig",
   "Rollouts",
   "Spliced",
   "TokenTables",
+  "TrainBatch",
+  "anchor",
+  "anchored_rows",
   "common_prefix_len",
   "concat_rollouts",
   "decoupled_advantages",
+  "diagnosis_tokens",
+  "divergence_rows",
+  "encode_template",
   "overlong_penalty",
   "pack_rollouts",
+  "pad_rows",
   "parse_construction",
   "policy_loss",
   "prepare_batch",
   "response_ids",
+  "select",
   "select_candidates",
   "sequence_logprobs",
   "splice",
+  "synthesis_prompts",
+  "take_rows",
   "tapo_loss",
   "token_logprobs_and_entropy",
   "token_tables",

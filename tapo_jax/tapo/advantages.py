@@ -23,8 +23,6 @@ import jax.numpy as jnp
 def dae_groups(group_ids: jax.Array, is_constructed: jax.Array, scope: str = "batch") -> jax.Array:
   """[R] statistics group of each row in [0, 2R]: originals keep their id, constructions are
   shifted past every original id (scope batch: all into one group)."""
-  if scope not in ("batch", "query"):
-    raise ValueError(f"ref scope {scope!r}: expected batch or query")
   r = group_ids.shape[0]
   ref = r + (group_ids if scope == "query" else jnp.zeros_like(group_ids))
   return jnp.where(is_constructed, ref, group_ids).astype(jnp.int32)
@@ -57,8 +55,6 @@ def decoupled_advantages(
 
   Invalid rows, and failed constructions (reward <= 0) when not `keep_failed`, get advantage 0
   and are left out of every statistic."""
-  if baseline not in ("group", "orig"):
-    raise ValueError(f"ref baseline {baseline!r}: expected group or orig")
   rewards = rewards.astype(jnp.float32)
   rows = included_rows(rewards, is_constructed, valid, keep_failed)
   groups = dae_groups(group_ids, is_constructed, scope)

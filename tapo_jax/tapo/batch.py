@@ -1,4 +1,4 @@
-"""The padded trajectory batch every TAPO step passes around, and its host-side packer.
+"""The two batches of a TAPO step: `Rollouts` (what happened) and `TrainBatch` (what to train on).
 
 Legend: R rows, T tokens per row, Q queries, K samples per query.
 
@@ -6,6 +6,8 @@ A row is (prompt, response, padding), right-padded to T. Original rows of query 
 constructed rows have group id Q + q (q = the query they were built from) and `is_constructed`.
 `from_learner` marks the tokens the learner sampled in exactly this context, i.e. those whose
 `sampler_logprobs` are valid (the anchored prefix of a construction, not its inserted part).
+`tapo.loss.prepare_batch` turns Rollouts into a TrainBatch (advantages, filtered loss mask, loss
+scales); both have fixed shapes and no optional fields.
 """
 
 from __future__ import annotations
@@ -34,13 +36,24 @@ class Rollouts:
   group_ids: jax.Array  # [R] int32  originals: query index q; constructions: Q + q
   is_constructed: jax.Array  # [R] bool
   valid: jax.Array  # [R] bool   False on rows that only pad the batch to a fixed size
-  # Filled by `tapo.loss.prepare_batch` (over the whole batch, before micro-batching):
-  advantages: jax.Array | None = None  # [R] f32
-  loss_scale: jax.Array | None = None  # [R] f32  per-token weight of the row in L_orig / L_ref
-  token_scale: jax.Array | None = None  # [R] f32  1 / loss tokens of the row's group (metrics)
-  # Filled by the trainer when it has them:
-  old_logprobs: jax.Array | None = None  # [R, T] f32  π_old, token-aligned; None: π_old = π_θ
-  ref_logprobs: jax.Array | None = None  # [R, T] f32  reference policy, for the k3 KL term
+
+  @property
+  def num_rows(self) -> int:
+    return self.tokens.shape[0]
+
+
+@flax.struct.dataclass
+class TrainBatch:
+  """What the update reads: one row per trajectory, normalizers of the whole step folded in."""
+
+  tokens: jax.Array  # [R, T] int32
+  positions: jax.Array  # [R, T] int32
+  loss_mask: jax.Array  # [R, T] bool  response tokens of the rows that are trained
+  advantages: jax.Array  # [R] f32
+  loss_scale: jax.Array  # [R] f32  per-token weight of the row in L_orig / L_ref (whole step)
+  token_scale: jax.Array  # [R] f32  1 / loss tokens of the row's part (token means in metrics)
+  is_constructed: jax.Array  # [R] bool
+  old_logprobs: jax.Array  # [R, T] f32  π_old, token-aligned (the params the step started with)
 
   @property
   def num_rows(self) -> int:
@@ -109,8 +122,22 @@ def pack_rollouts(
 
 
 def concat_rollouts(a: Rollouts, b: Rollouts) -> Rollouts:
-  """Rows of `a` then rows of `b` (same T; optional fields must be set in both or neither)."""
+  """Rows of `a` then rows of `b` (same T)."""
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
+
+
+def take_rows(batch, rows):
+  """The rows `rows` (an index array) of every leaf."""
+  return jax.tree.map(lambda x: x[rows], batch)
+
+
+def pad_rows(batch: Rollouts, multiple: int) -> Rollouts:
+  """Appends invalid all-padding rows until the row count is a multiple of `multiple`."""
+  extra = -batch.num_rows % multiple
+  if not extra:
+    return batch
+  return jax.tree.map(lambda x: jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)]),
+                      batch)  # fmt: skip
 
 
 def response_ids(batch: Rollouts, eos_ids: Sequence[int] = ()) -> list[list[int]]:

@@ -6,23 +6,75 @@ Alignment: logprobs and entropies are token-aligned like the sampler's, lp[:, t]
 log p(tokens[t] | tokens[<t]) (predicted from hidden[:, t-1]), H[:, t] the entropy of that same
 distribution, and lp[:, 0] = H[:, 0] = 0.
 
-`prepare_batch` runs once over the whole batch (rewards -> advantages, masks, per-row loss
-scales); `tapo_loss` on any micro-batch of it then returns that micro-batch's share, so the sum
-over micro-batches is the full-batch loss (and the metrics sum to full-batch means):
+`prepare_batch` runs once over the whole step's rows (rewards -> advantages, masks, per-row loss
+scales) and returns a `TrainBatch`; `tapo_loss` on any micro-batch of it then returns that
+micro-batch's share, so the sum over micro-batches is the full-batch loss (and the metrics sum to
+full-batch means):
   L = L_orig + λ · L_ref,  each aggregated over its own rows (token-mean by default),
-  per token: w_t · max(-A r_t, -A clip(r_t, 1-ε_low, 1+ε_high)) + β · k3(π_ref, π_θ),
+  per token: w_t · max(-A r_t, -A clip(r_t, 1-ε_low, 1+ε_high)),  r_t = π_θ(y_t) / π_old(y_t),
   w_t = clamp(exp(sg(log π_θ(y_t) + H_t)), ots_min, ots_max) on constructed rows (OTS), else 1.
+Both jitted pieces read a `LossConfig`: a small frozen, hashable view of the keys they use.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from tapo_jax.tapo import advantages as adv_lib
-from tapo_jax.tapo.batch import Rollouts
+from tapo_jax.tapo.batch import Rollouts, TrainBatch
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Exactly the config keys `prepare_batch` and `tapo_loss` read (a jit static argument)."""
+
+  algorithm: str = "tapo"  # grpo ignores constructed rows
+  max_new_tokens: int = 1024  # rollout.max_new_tokens: overlong penalty, token-sum-norm
+  eps_low: float = 0.2
+  eps_high: float = 0.28
+  adv_eps: float = 1e-6
+  aggregation: str = "token-mean"
+  vocab_chunk: int = 4096
+  filter_zero_variance: bool = True
+  mask_truncated: bool = False
+  overlong_penalty: float = 0.0
+  overlong_buffer: int = 256
+  ref_scope: str = "batch"
+  ref_baseline: str = "group"
+  keep_failed: bool = True
+  lam: float = 1.0
+  ots: bool = True
+  ots_min: float = 0.01
+  ots_max: float = 10.0
+
+  @classmethod
+  def from_config(cls, cfg) -> LossConfig:
+    """From a base_config() tree (validated by config.check_enums)."""
+    lc, tc = cfg.loss, cfg.tapo
+    return cls(
+      algorithm=cfg.algorithm,
+      max_new_tokens=int(cfg.rollout.max_new_tokens),
+      eps_low=float(lc.eps_low),
+      eps_high=float(lc.eps_high),
+      adv_eps=float(lc.adv_eps),
+      aggregation=lc.aggregation,
+      vocab_chunk=int(lc.vocab_chunk),
+      filter_zero_variance=bool(lc.filter_zero_variance),
+      mask_truncated=bool(lc.mask_truncated),
+      overlong_penalty=float(lc.overlong_penalty),
+      overlong_buffer=int(lc.overlong_buffer),
+      ref_scope=tc.ref_scope,
+      ref_baseline=tc.ref_baseline,
+      keep_failed=bool(tc.keep_failed),
+      lam=float(tc.lam),
+      ots=bool(tc.ots),
+      ots_min=float(tc.ots_min),
+      ots_max=float(tc.ots_max),
+    )
 
 
 def token_logprobs_and_entropy(
@@ -73,38 +125,34 @@ def sequence_logprobs(
   return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
 
 
-def prepare_batch(batch: Rollouts, cfg) -> tuple[Rollouts, dict[str, jax.Array]]:
-  """Whole batch: penalties -> DAE advantages -> filtered loss mask -> per-row loss scales.
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[str, jax.Array]]:
+  """Whole step: penalties -> DAE advantages -> filtered loss mask -> per-row loss scales.
 
-  `cfg` is the full config (algorithm, tapo.*, loss.*, rollout.max_new_tokens). grpo ignores
-  constructed rows. The overlong penalty applies to originals only (constructions are not
-  bounded by max_new_tokens). Zero-variance groups (originals' and G_ref alike) and, with
-  loss.mask_truncated, truncated rows keep their place in the statistics but leave the loss.
+  grpo ignores constructed rows. The overlong penalty applies to originals only (constructions
+  are not bounded by max_new_tokens). Zero-variance groups (originals' and G_ref alike) and, with
+  mask_truncated, truncated rows keep their place in the statistics but leave the loss.
+  `old_logprobs` is left at 0: the loop fills it with the step's starting params.
   """
-  lc, tc = cfg.loss, cfg.tapo
-  if cfg.algorithm not in ("grpo", "tapo"):
-    raise ValueError(f"algorithm={cfg.algorithm!r}: expected grpo or tapo")
-  if lc.aggregation not in AGGREGATIONS:
-    raise ValueError(f"loss.aggregation={lc.aggregation!r}: expected one of {AGGREGATIONS}")
   constructed = batch.is_constructed
   rows = batch.valid & (~constructed if cfg.algorithm == "grpo" else True)
-  rows = adv_lib.included_rows(batch.rewards, constructed, rows, tc.keep_failed)
+  rows = adv_lib.included_rows(batch.rewards, constructed, rows, cfg.keep_failed)
   penalty = adv_lib.overlong_penalty(
-    batch.response_lens, cfg.rollout.max_new_tokens, lc.overlong_buffer, lc.overlong_penalty
+    batch.response_lens, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
   )
   rewards = batch.rewards + jnp.where(constructed, 0.0, penalty)
   advantages = adv_lib.decoupled_advantages(
-    rewards, batch.group_ids, constructed, rows, tc.ref_scope, lc.adv_eps,
-    baseline=tc.ref_baseline,
+    rewards, batch.group_ids, constructed, rows, cfg.ref_scope, cfg.adv_eps,
+    baseline=cfg.ref_baseline,
   )  # fmt: skip
-  groups = adv_lib.dae_groups(batch.group_ids, constructed, tc.ref_scope)
+  groups = adv_lib.dae_groups(batch.group_ids, constructed, cfg.ref_scope)
   zero_var = adv_lib.zero_variance_rows(rewards, groups, rows)
-  if tc.ref_baseline == "orig":  # constructions: no signal exactly when r equals the baseline
+  if cfg.ref_baseline == "orig":  # constructions: no signal exactly when r equals the baseline
     zero_var = jnp.where(constructed, rows & (advantages == 0.0), zero_var)
   trained = rows
-  if lc.filter_zero_variance:
+  if cfg.filter_zero_variance:
     trained = trained & ~zero_var
-  if lc.mask_truncated:
+  if cfg.mask_truncated:
     trained = trained & ~batch.truncated
   loss_mask = batch.loss_mask & trained[:, None]
   n_tok = loss_mask.sum(axis=1).astype(jnp.float32)
@@ -115,12 +163,12 @@ def prepare_batch(batch: Rollouts, cfg) -> tuple[Rollouts, dict[str, jax.Array]]
   tokens_in = jnp.where(constructed, total(n_tok, constructed), total(n_tok, ~constructed))
   has_tok = (n_tok > 0).astype(jnp.float32)
   seqs_in = jnp.where(constructed, total(has_tok, constructed), total(has_tok, ~constructed))
-  if lc.aggregation == "token-mean":
+  if cfg.aggregation == "token-mean":
     scale = 1.0 / tokens_in
-  elif lc.aggregation == "seq-mean-token-mean":
+  elif cfg.aggregation == "seq-mean-token-mean":
     scale = 1.0 / (seqs_in * jnp.maximum(n_tok, 1.0))
-  else:
-    scale = jnp.full(n_tok.shape, 1.0 / cfg.rollout.max_new_tokens) / seqs_in
+  else:  # seq-mean-token-sum-norm
+    scale = jnp.full(n_tok.shape, 1.0 / cfg.max_new_tokens) / seqs_in
   scale = scale * has_tok
   ref_rows = rows & constructed
   metrics = {
@@ -129,14 +177,17 @@ def prepare_batch(batch: Rollouts, cfg) -> tuple[Rollouts, dict[str, jax.Array]]
     "tapo/ref_rows": ref_rows.sum().astype(jnp.float32),
     **adv_lib.ref_stats(advantages, ref_rows),
   }
-  batch = batch.replace(
-    rewards=rewards,
-    advantages=advantages,
+  train = TrainBatch(
+    tokens=batch.tokens,
+    positions=batch.positions,
     loss_mask=loss_mask,
+    advantages=advantages,
     loss_scale=scale,
     token_scale=1.0 / tokens_in,
+    is_constructed=constructed,
+    old_logprobs=jnp.zeros(batch.tokens.shape, jnp.float32),
   )
-  return batch, metrics
+  return train, metrics
 
 
 def ots_weights(logprobs: jax.Array, entropy: jax.Array, lo: float, hi: float) -> jax.Array:
@@ -146,36 +197,27 @@ def ots_weights(logprobs: jax.Array, entropy: jax.Array, lo: float, hi: float) -
 
 
 def policy_loss(
-  logprobs_RT: jax.Array, entropy_RT: jax.Array, batch: Rollouts, cfg
+  logprobs_RT: jax.Array, entropy_RT: jax.Array, batch: TrainBatch, cfg: LossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The summed, scaled PPO-clip (+ OTS, + k3 KL) loss of `batch` (prepared) and its metrics."""
-  lc, tc = cfg.loss, cfg.tapo
+  """The summed, scaled PPO-clip (+ OTS) loss of `batch` (a micro-batch) and its metrics."""
   mask = batch.loss_mask
   constructed = batch.is_constructed[:, None]
-  old = jax.lax.stop_gradient(logprobs_RT) if batch.old_logprobs is None else batch.old_logprobs
-  log_ratio = jnp.where(mask, logprobs_RT - old, 0.0)
+  log_ratio = jnp.where(mask, logprobs_RT - batch.old_logprobs, 0.0)
   ratio = jnp.exp(log_ratio)
   a = batch.advantages[:, None]
   pg_unclipped = -a * ratio
-  pg_clipped = -a * jnp.clip(ratio, 1.0 - lc.eps_low, 1.0 + lc.eps_high)
+  pg_clipped = -a * jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
   pg = jnp.maximum(pg_unclipped, pg_clipped)
   w = jnp.ones_like(pg)
-  if tc.ots and cfg.algorithm == "tapo":
-    w = jnp.where(constructed, ots_weights(logprobs_RT, entropy_RT, tc.ots_min, tc.ots_max), 1.0)
+  if cfg.ots and cfg.algorithm == "tapo":
+    w = jnp.where(constructed, ots_weights(logprobs_RT, entropy_RT, cfg.ots_min, cfg.ots_max), 1.0)
   per_token = w * pg
-  kl = jnp.zeros_like(pg)
-  if lc.kl_beta:
-    if batch.ref_logprobs is None:
-      raise ValueError("loss.kl_beta > 0 needs ref_logprobs in the batch")
-    d = jnp.where(mask, batch.ref_logprobs - logprobs_RT, 0.0)
-    kl = jnp.exp(d) - d - 1.0
-    per_token = per_token + lc.kl_beta * kl
   scale = batch.loss_scale[:, None] * mask
   l_orig = jnp.sum(per_token * scale * ~constructed)
   l_ref = jnp.sum(per_token * scale * constructed)
-  loss = l_orig + tc.lam * l_ref if cfg.algorithm == "tapo" else l_orig
+  loss = l_orig + cfg.lam * l_ref if cfg.algorithm == "tapo" else l_orig
 
-  mean = batch.token_scale[:, None] * mask  # sums to 1 over each part's tokens (whole batch)
+  mean = batch.token_scale[:, None] * mask  # sums to 1 over each part's tokens (whole step)
   orig, ref = mean * ~constructed, mean * constructed
   clipped = (pg_clipped > pg_unclipped).astype(jnp.float32)
   ent = jax.lax.stop_gradient(entropy_RT)
@@ -186,14 +228,19 @@ def policy_loss(
     "loss/clip_frac_ref": jnp.sum(clipped * ref),
     "loss/entropy_orig": jnp.sum(ent * orig),
     "loss/entropy_ref": jnp.sum(ent * ref),
-    "loss/kl": jnp.sum(jax.lax.stop_gradient(kl) * (orig + ref)),
     "tapo/ots_weight_mean": jnp.sum(jax.lax.stop_gradient(w) * ref),
   }
   return loss, metrics
 
 
-def tapo_loss(model, batch: Rollouts, cfg) -> tuple[jax.Array, dict[str, jax.Array]]:
+def tapo_loss(model, batch: TrainBatch, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of a prepared (micro-)batch under `model` (anything with .hidden/.lm_head)."""
   hidden = model.hidden(batch.tokens, batch.positions)
-  lp, ent = sequence_logprobs(hidden, model.lm_head(), batch.tokens, cfg.loss.vocab_chunk)
+  lp, ent = sequence_logprobs(hidden, model.lm_head(), batch.tokens, cfg.vocab_chunk)
   return policy_loss(lp, ent, batch, cfg)
+
+
+def logprobs(model, tokens: jax.Array, positions: jax.Array, chunk: int) -> jax.Array:
+  """[R, T] token-aligned logprobs of `tokens` under `model` (π_old of a step)."""
+  lp, _ = sequence_logprobs(model.hidden(tokens, positions), model.lm_head(), tokens, chunk)
+  return lp

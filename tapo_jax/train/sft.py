@@ -20,7 +20,7 @@ from flax import nnx
 from tapo_jax.data import load_sft
 from tapo_jax.data.prompts import tokenize_sft
 from tapo_jax.tapo.loss import sequence_logprobs
-from tapo_jax.train import checkpoint, metrics, setup
+from tapo_jax.train import checkpoint, metrics
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 from tapo_jax.train.iterator import BatchIterator
@@ -51,7 +51,7 @@ def sft_loss(model, batch, chunk: int = 4096):
 
 def run(cfg, workdir: str) -> None:
   """The SFT loop: resumes from the newest checkpoint in `workdir` when there is one."""
-  mesh, model, tokenizer = setup.load_policy(cfg)
+  mesh, model, tokenizer = state_lib.load_policy(cfg)
   examples = load_sft(cfg.sft.path)
   rows = [tokenize_sft(e, tokenizer, cfg.data.use_chat_template) for e in examples]
   bs = cfg.sft.batch_size
@@ -67,7 +67,11 @@ def run(cfg, workdir: str) -> None:
   chunk = cfg.loss.vocab_chunk
   with jax.set_mesh(mesh):
     train_step = step_lib.make_train_step(
-      graphdef, optimizer, lambda m, b: sft_loss(m, b, chunk), ssh, None
+      graphdef,
+      optimizer,
+      lambda m, b: sft_loss(m, b, chunk),
+      ssh,
+      max_update_ratio=cfg.optim.max_update_ratio,
     )
   micro = min(cfg.optim.micro_batch, bs) if bs % cfg.optim.micro_batch == 0 else bs
   stop = checkpoint.PreemptionGuard()

@@ -1,4 +1,5 @@
-"""Train state, optimizer and shardings: built sharded, never materialized on one device first."""
+"""The policy every mode starts from, the train state and optimizer: built sharded, never
+materialized on one device first."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+import transformers
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from tapo_jax import sharding
+from tapo_jax.models import load_pretrained
+from tapo_jax.toy import arith
 
 
 @flax.struct.dataclass
@@ -19,7 +23,29 @@ class TrainState:
   step: jax.Array  # [] int32  optimizer updates applied
   params: nnx.State  # the model's nnx.Param state (master weights)
   opt_state: optax.OptState
-  skipped: jax.Array  # [] int32  updates skipped for a non-finite loss or gradient
+  skipped: jax.Array  # [] int32  updates skipped for a non-finite loss, gradient or update
+
+
+def model_dir(cfg) -> str:
+  """The local HF directory of the policy: config.model.path, else the shipped toy checkpoint."""
+  return cfg.model.path or str(arith.CHECKPOINT_DIR)
+
+
+def load_policy(cfg):
+  """(mesh from config.mesh, model sharded over it, tokenizer) from the local model directory."""
+  mesh = sharding.make_mesh(dict(cfg.mesh))
+  path = model_dir(cfg)
+  with jax.set_mesh(mesh):
+    model = load_pretrained(
+      path,
+      dtype=jnp.dtype(cfg.model.dtype),
+      param_dtype=jnp.dtype(cfg.model.param_dtype),
+      mesh=mesh,
+      remat=cfg.model.remat,
+      attention_impl=cfg.model.attention_impl or None,
+    )
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  return mesh, model, tokenizer
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -38,44 +64,14 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh) -> nnx.State:
-  """NamedSharding of every parameter, from its logical axes through the rules table."""
-  state = nnx.state(model, nnx.Param)
-
-  def one(v):
-    return sharding.named_sharding(mesh, v.get_metadata().get("logical_axes"), v.shape)
-
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _path_key(path) -> tuple:
-  keys = (str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-  return tuple(k for k in keys if k != "value")  # nnx.Variable leaves add a trailing "value"
-
-
-def tree_shardings_like_params(tree, params_sharding, mesh: Mesh):
-  """Shardings for an optimizer-state tree: leaves whose path ends with a parameter's path get
-  that parameter's sharding, everything else (counts, scalars) is replicated."""
-  by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]}
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def one(path, leaf):
-    key = _path_key(path)
-    for n in range(len(key)):
-      if key[n:] in by_path and getattr(leaf, "ndim", 0) > 0:
-        return by_path[key[n:]]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def init_state(
-  params: nnx.State, optimizer: optax.GradientTransformation, params_sharding, mesh: Mesh
+  params: nnx.State, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[TrainState, TrainState]:
-  """(state, state_sharding); the optimizer state is created directly in its sharding."""
-  opt_abstract = jax.eval_shape(optimizer.init, params)
-  opt_sharding = tree_shardings_like_params(opt_abstract, params_sharding, mesh)
-  replicated = NamedSharding(mesh, PartitionSpec())
+  """(state, state_sharding) for params already placed on `mesh`; the optimizer state is
+  created directly in its sharding."""
+  params_sharding = sharding.param_shardings(params, mesh)
+  opt_sharding = sharding.opt_shardings(optimizer, params, params_sharding, mesh)
+  replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
     step=replicated, params=params_sharding, opt_state=opt_sharding, skipped=replicated
   )
@@ -88,5 +84,5 @@ def init_state(
 def create(model: nnx.Module, mesh: Mesh, optimizer: optax.GradientTransformation):
   """(graphdef, state, state_sharding) for `model`, whose params are already placed on `mesh`."""
   graphdef, params = nnx.split(model, nnx.Param)
-  state, state_sharding = init_state(params, optimizer, param_shardings(model, mesh), mesh)
+  state, state_sharding = init_state(params, optimizer, mesh)
   return graphdef, state, state_sharding

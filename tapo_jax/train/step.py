@@ -1,8 +1,13 @@
-"""The one jitted update: gradient accumulation over micro-batches, clipping, AdamW, NaN skip.
+"""The one jitted update and the split of a step's batch into minibatches of micro-batches.
 
 `loss_fn(model, micro_batch) -> (loss, metrics)` must be *additive* over micro-batches: the batch
 carries its global normalizers, so the sum of the micro-batch losses is the full-batch loss (and
 the gradient of the sum is the full-batch gradient, whatever the micro-batch count).
+
+An update is skipped (params and optimizer state unchanged, `skipped` counted) when the loss, the
+gradient norm or the updated params are not finite, or when the update is larger than
+`max_update_ratio` times the params' norm (an exploding step: a bad learning rate, a broken
+batch). Skipped updates never reach a checkpoint.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from tapo_jax import sharding
+from tapo_jax.tapo import loss as loss_lib
 from tapo_jax.train.state import TrainState
 
 
@@ -29,19 +37,40 @@ def split_micro_batches(batch, micro_batch: int):
   return jax.tree.map(one, batch)
 
 
+def minibatches(batch, key: jax.Array, n: int, micro_batch: int, mesh) -> list:
+  """The step's rows in `n` shuffled minibatches, each [M, micro_batch, ...] on `mesh` (rows over
+  the data axes), with the loss scaled so each update has the whole step's weight.
+
+  Originals and constructions are dealt to the minibatches separately (each minibatch holds
+  1/n of each, ±1 row), so L_ref keeps its weight λ relative to L_orig in every update, not
+  only on average. R must be a multiple of n * micro_batch."""
+  r = batch.num_rows
+  if r % (n * micro_batch):
+    raise ValueError(f"{r} rows do not split into {n} minibatches of micro_batch={micro_batch}")
+  perm = np.asarray(jax.random.permutation(key, r))
+  constructed = np.asarray(jax.device_get(batch.is_constructed))[perm]
+  order = np.concatenate([perm[~constructed], perm[constructed]])
+  take = lambda idx: jax.tree.map(lambda x: x[idx], batch)  # noqa: E731
+  out = []
+  for i in range(n):
+    part = take(np.sort(order[i::n]))
+    part = part.replace(loss_scale=part.loss_scale * n)
+    part = split_micro_batches(part, micro_batch)
+    out.append(jax.device_put(part, sharding.batch_shardings(part, mesh, row_axis=1)))
+  return out
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   optimizer: optax.GradientTransformation,
   loss_fn: Callable,
   state_sharding=None,
-  batch_sharding=None,
+  max_update_ratio: float = 0.0,
 ):
   """Returns the jitted `train_step(state, batch) -> (state, metrics)`; `state` is donated.
 
   `batch` leaves are [M, micro_batch, ...]; M micro-batches are scanned and their gradients
-  summed. A non-finite loss or gradient norm leaves params and optimizer state unchanged and
-  increments `state.skipped`.
-  """
+  summed. `max_update_ratio` 0 turns the exploding-update guard off."""
 
   def grads_of(params, micro):
     def f(p):
@@ -64,9 +93,15 @@ def make_train_step(
     (loss, grads, metrics), _ = jax.lax.scan(body, init, batch)
 
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    update_norm = optax.tree.norm(updates)
+    param_norm = optax.tree.norm(state.params)
+    new_norm = optax.tree.norm(params)  # inf or NaN when any updated param is
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    ok &= jnp.isfinite(new_norm)
+    if max_update_ratio > 0:
+      ok &= update_norm <= max_update_ratio * jnp.maximum(param_norm, 1e-12)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(
       step=state.step + ok.astype(jnp.int32),
@@ -74,12 +109,30 @@ def make_train_step(
       opt_state=keep(opt_state, state.opt_state),
       skipped=state.skipped + (~ok).astype(jnp.int32),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
+    metrics = dict(
+      metrics,
+      loss=loss,
+      grad_norm=grad_norm,
+      update_norm=update_norm,
+      skipped=(~ok).astype(jnp.int32),
+    )
     return new_state, metrics
 
   shardings = {}
   if state_sharding is not None:
-    shardings = dict(
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None)
-    )
+    shardings = dict(in_shardings=(state_sharding, None), out_shardings=(state_sharding, None))
   return jax.jit(train_step, donate_argnums=0, **shardings)
+
+
+def make_old_logprobs(graphdef, chunk: int, micro_batch: int):
+  """Jitted π_old of a TrainBatch's rows under `params`, one micro-batch at a time."""
+
+  @jax.jit
+  def old_logprobs(params, tokens, positions):
+    def one(xs):
+      return loss_lib.logprobs(nnx.merge(graphdef, params), *xs, chunk)
+
+    split = lambda x: x.reshape((-1, micro_batch) + x.shape[1:])  # noqa: E731
+    return jax.lax.map(one, (split(tokens), split(positions))).reshape(tokens.shape)
+
+  return old_logprobs

@@ -9,34 +9,28 @@ import json
 import os
 import sys
 
-from tapo_jax.data import Problem
-from tapo_jax.eval.evaluate import eval_kwargs, evaluate_sets, load_eval_sets
-from tapo_jax.toy import arith
-from tapo_jax.train import metrics, setup
+from flax import nnx
 
-TOY_EVAL_PROBLEMS = 64
-
-
-def eval_sets(cfg) -> dict[str, list[Problem]]:
-  """{name: problems} from config eval.paths, or the toy set."""
-  if cfg.eval.paths:
-    return load_eval_sets(cfg.eval.paths)
-  toy = arith.make_problems(TOY_EVAL_PROBLEMS, seed=cfg.seed + 999)
-  return {
-    "arith": [
-      Problem(id=f"arith-eval-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)
-    ]
-  }
+from tapo_jax import eval as eval_lib
+from tapo_jax import rewards as rewards_lib
+from tapo_jax.train import engines as engines_lib
+from tapo_jax.train import metrics
+from tapo_jax.train import problems as problems_lib
+from tapo_jax.train import state as state_lib
 
 
 def run(cfg, workdir: str) -> dict[str, float]:
   """Evaluates the configured model; writes eval/<set>.jsonl, metrics.jsonl and a summary."""
-  mesh, model, tokenizer = setup.load_policy(cfg)
-  sets = eval_sets(cfg)
+  mesh, model, tokenizer = state_lib.load_policy(cfg)
+  sets = problems_lib.eval_sets(cfg)
+  engine = engines_lib.eval_engine(cfg, model, mesh)
   os.makedirs(workdir, exist_ok=True)
-  summary = evaluate_sets(
-    model, tokenizer, sets, out_dir=os.path.join(workdir, "eval"), **eval_kwargs(cfg)
-  )
+  pool = rewards_lib.VerifierPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s)
+  with pool:
+    summary = eval_lib.evaluate_sets(
+      engine, nnx.state(model, nnx.Param), tokenizer, sets,
+      out_dir=os.path.join(workdir, "eval"), grade_fn=pool.grade, **eval_lib.eval_kwargs(cfg),
+    )  # fmt: skip
   writer = metrics.MetricWriter(workdir, total_steps=0, quiet=True)
   writer.write(0, summary, prefix="eval/")
   writer.close()

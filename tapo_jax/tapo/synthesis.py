@@ -1,0 +1,247 @@
+"""The paper's construction: the policy rewrites y⁻ given y⁺; the rewrite is anchored to y⁻.
+
+Legend: T tokens per row, C construction rows, Q queries, W synthesis prompt width.
+
+Three pure steps around one generation the loop runs itself:
+  1. `synthesis_prompts` (jitted): for each candidate pair, the template's literal pieces spliced
+     on device with the query, y⁻ and y⁺ (responses without EOS); `prompt_lists` hands the valid
+     ones to the sampler as token lists.
+  2. The loop samples one completion per prompt (its synthesis engine) — nothing here generates.
+  3. `anchor` (host): an output must be exactly `<analysis>…</analysis><reconstruction>…
+     </reconstruction>` (unparsable ones are dropped); the reconstruction's longest common token
+     prefix with y⁻ is taken from y⁻ itself (its tokens and sampler logprobs: on-policy), the
+     rest is the policy's text re-tokenized. `anchored_rows` (jitted) splices query prompt +
+     y⁻'s prefix + the rest + EOS into fixed-shape rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import string
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tapo_jax.tapo import dcs
+from tapo_jax.tapo.batch import Rollouts
+from tapo_jax.tapo.construct import (
+  body_ends,
+  constructed_rows,
+  inserted_tokens,
+  learner_tokens,
+  pair_rows,
+)
+from tapo_jax.tapo.splice import Spliced, splice
+
+SYNTHESIS_TEMPLATE = """\
+Below are a math problem and two solutions to it written by the same student: the first one is \
+incorrect, the second one is correct.
+
+Problem:
+{query}
+
+Incorrect solution:
+{incorrect}
+
+Correct solution:
+{correct}
+
+Find the first critical error in the incorrect solution. Then rewrite the incorrect solution: copy \
+it verbatim up to and including the step that holds that error, insert a short correction that \
+starts with "Wait," and says what went wrong, and continue from there to the correct final answer \
+in the student's own style (the correct solution may guide you). Answer in exactly this format:
+<analysis>where the first critical error is and why it is wrong</analysis>
+<reconstruction>the rewritten solution</reconstruction>"""
+
+PLACEHOLDERS = ("query", "incorrect", "correct")
+
+
+def template_parts(template: str) -> tuple[list[str], list[str]]:
+  """Literal pieces and placeholder names in order: pieces[0] {p0} pieces[1] {p1} ... pieces[-1].
+
+  Each of {query}, {incorrect}, {correct} must appear exactly once; other braces must be doubled
+  (str.format rules)."""
+  pieces, names, literal = [], [], ""
+  for text, field, spec, conv in string.Formatter().parse(template):
+    literal += text
+    if field is None:
+      continue
+    if field not in PLACEHOLDERS or spec or conv:
+      raise ValueError(f"synthesis template: unknown field {{{field}}}; use {PLACEHOLDERS}")
+    pieces.append(literal)
+    names.append(field)
+    literal = ""
+  pieces.append(literal)
+  if sorted(names) != sorted(PLACEHOLDERS):
+    raise ValueError(f"synthesis template must hold each of {PLACEHOLDERS} once, got {names}")
+  return pieces, names
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """A synthesis template as token ids: literal pieces around the placeholders, in order."""
+
+  pieces: tuple[tuple[int, ...], ...]
+  names: tuple[str, ...]
+
+  @property
+  def literal_tokens(self) -> int:
+    return sum(map(len, self.pieces))
+
+
+def encode_template(tokenizer, template: str, chat: bool = False) -> Template:
+  """The template's pieces as ids (wrapped in the tokenizer's chat template when `chat`)."""
+  if chat:
+    template = tokenizer.apply_chat_template(
+      [{"role": "user", "content": template}], tokenize=False, add_generation_prompt=True
+    )
+  pieces, names = template_parts(template)
+  ids = tuple(tuple(tokenizer.encode(p, add_special_tokens=False)) for p in pieces)
+  return Template(pieces=ids, names=tuple(names))
+
+
+def encode_queries(tokenizer, queries: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+  """(ids [Q, L] right-padded, lengths [Q]) of the problem texts that fill {query}."""
+  ids = [list(tokenizer.encode(text, add_special_tokens=False)) for text in queries]
+  padded = np.zeros((len(ids), max(1, max(map(len, ids), default=1))), np.int32)
+  for i, x in enumerate(ids):
+    padded[i, : len(x)] = x
+  return jnp.asarray(padded), jnp.asarray([len(x) for x in ids], jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "template"))
+def synthesis_prompts(
+  batch: Rollouts,
+  cands: dcs.Candidates,
+  query_tokens: jax.Array,
+  query_lens: jax.Array,
+  is_eos: jax.Array,
+  *,
+  k: int,
+  template: Template,
+) -> Spliced:
+  """[C] synthesis prompts: the template's pieces spliced with the query, y⁻ and y⁺ (no EOS)."""
+  neg, pos, _, _ = pair_rows(batch, cands, k)
+  body = body_ends(batch, is_eos)
+  query = neg // k
+  zeros = jnp.zeros_like(neg)
+  fields = {
+    "query": (query_tokens[query], zeros, query_lens[query]),
+    "incorrect": (batch.tokens[neg], batch.prompt_lens[neg], body[neg]),
+    "correct": (batch.tokens[pos], batch.prompt_lens[pos], body[pos]),
+  }
+  sources, starts, ends = [], [], []
+  for i, piece in enumerate(template.pieces):
+    sources.append({"tokens": jnp.asarray(piece, jnp.int32).reshape(1, -1)})
+    starts.append(zeros)
+    ends.append(zeros + len(piece))
+    if i < len(template.names):
+      src, s, e = fields[template.names[i]]
+      sources.append({"tokens": src})
+      starts.append(s)
+      ends.append(e)
+  width = template.literal_tokens + query_tokens.shape[1] + 2 * batch.tokens.shape[1]
+  return splice(tuple(sources), tuple(starts), tuple(ends), out_len=width)
+
+
+def prompt_lists(sp: Spliced, valid: jax.Array) -> tuple[np.ndarray, list[list[int]]]:
+  """(indices of the valid pairs, their synthesis prompts as token lists) for the sampler."""
+  tokens, lengths, valid = jax.device_get((sp.values["tokens"], sp.lengths, valid))
+  todo = np.flatnonzero(valid)
+  return todo, [tokens[i, : lengths[i]].tolist() for i in todo]
+
+
+_TAGS = ("<analysis>", "</analysis>", "<reconstruction>", "</reconstruction>")
+_FORMAT = re.compile(
+  r"\A\s*<analysis>(.*?)</analysis>\s*<reconstruction>(.*?)</reconstruction>\s*\Z", re.DOTALL
+)
+
+
+def parse_construction(text: str) -> tuple[str, str] | None:
+  """(analysis, reconstruction) when `text` is exactly one analysis then one non-empty
+  reconstruction block (whitespace around them allowed, nothing else); None otherwise."""
+  if any(text.count(tag) != 1 for tag in _TAGS):
+    return None
+  m = _FORMAT.match(text)
+  if m is None or not m.group(2).strip():
+    return None
+  return m.group(1).strip(), m.group(2).strip()
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+  """Length of the longest common prefix of two token sequences."""
+  n = min(len(a), len(b))
+  if n == 0:
+    return 0
+  diff = np.asarray(a[:n]) != np.asarray(b[:n])
+  return int(np.argmax(diff)) if diff.any() else n
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchored:
+  """Per construction slot [C]: y⁻ tokens kept, the policy's remaining tokens, parsed."""
+
+  prefix_lens: np.ndarray  # [C] int32  response tokens of y⁻ kept as they were sampled
+  rest: np.ndarray  # [C, T] int32  the reconstruction after that prefix, then EOS
+  rest_lens: np.ndarray  # [C] int32
+  ok: np.ndarray  # [C] bool  parsed (and so a row)
+
+
+def anchor(
+  tokenizer,
+  todo: Sequence[int],
+  outputs: Sequence[Sequence[int]],
+  negatives: Sequence[Sequence[int]],
+  *,
+  slots: int,
+  width: int,
+  eos_ids: Sequence[int],
+) -> Anchored:
+  """Parses each output (for slot todo[i]) and anchors its reconstruction to y⁻ = negatives[slot]
+  (response ids without EOS)."""
+  eos = set(eos_ids)
+  out = Anchored(
+    prefix_lens=np.zeros(slots, np.int32),
+    rest=np.zeros((slots, width), np.int32),
+    rest_lens=np.zeros(slots, np.int32),
+    ok=np.zeros(slots, bool),
+  )
+  for i, ids in zip(todo, outputs, strict=True):
+    ids = [int(x) for x in ids if int(x) not in eos]
+    parsed = parse_construction(tokenizer.decode(ids))
+    if parsed is None:
+      continue
+    recon = list(tokenizer.encode(parsed[1], add_special_tokens=False))
+    n = common_prefix_len(recon, negatives[i])
+    tail = recon[n:] + list(eos_ids[:1])
+    out.prefix_lens[i], out.rest_lens[i], out.ok[i] = n, min(len(tail), width), True
+    out.rest[i, : out.rest_lens[i]] = tail[:width]
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def anchored_rows(
+  batch: Rollouts,
+  cands: dcs.Candidates,
+  prefix_lens: jax.Array,
+  rest_ids: jax.Array,
+  rest_lens: jax.Array,
+  ok: jax.Array,
+  *,
+  k: int,
+) -> Rollouts:
+  """[C] rows: query prompt + y⁻'s first prefix_lens response tokens + rest_ids[:rest_lens]."""
+  neg, _, group, valid = pair_rows(batch, cands, k)
+  plen = batch.prompt_lens[neg]
+  zeros = jnp.zeros_like(neg)
+  sp = splice(
+    (learner_tokens(batch, neg), inserted_tokens(rest_ids)),
+    (zeros, zeros),
+    (plen + prefix_lens, rest_lens),
+    out_len=batch.tokens.shape[1],
+  )
+  return constructed_rows(sp, plen, group, ok & valid)

@@ -1,0 +1,79 @@
+"""The samplers of a run: one engine per purpose, sized from the config, built once on the
+training mesh by the mode that runs (each compiles on first use and then takes new params at
+every call without recompiling)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tapo_jax.sampling import QwenEngine, Sampling
+from tapo_jax.tapo import synthesis
+
+
+@dataclasses.dataclass(frozen=True)
+class Engines:
+  """One engine per purpose, each on the training mesh (None: not needed by this config)."""
+
+  rollout: QwenEngine  # rollouts and the difficulty filter
+  synthesis: QwenEngine | None  # tapo.construction = policy: the policy writes constructions
+  eval: QwenEngine | None  # periodic / mode=eval evaluation
+
+  def unique(self) -> dict[str, QwenEngine]:
+    """{purpose: engine} of the engines built (an engine serving two purposes is listed once)."""
+    out: dict[str, QwenEngine] = {}
+    for name in ("rollout", "synthesis", "eval"):
+      engine = getattr(self, name)
+      if engine is not None and all(engine is not e for e in out.values()):
+        out[name] = engine
+    return out
+
+
+def _buckets_up_to(longest: int, smallest: int = 64) -> tuple[int, ...]:
+  """Powers of two from `smallest` below `longest`, then `longest` rounded up to 64."""
+  top = -(-longest // 64) * 64
+  return tuple(sorted({b for b in (smallest << i for i in range(24)) if b < top} | {top}))
+
+
+def eval_engine(cfg, model, mesh) -> QwenEngine:
+  """The engine that evaluation samples with (eval.max_new_tokens past the prompt buckets)."""
+  buckets = tuple(sorted(cfg.rollout.prefill_buckets))
+  return QwenEngine(
+    model,
+    slots=cfg.rollout.slots,
+    max_len=buckets[-1] + cfg.eval.max_new_tokens,
+    prefill_buckets=buckets,
+    mesh=mesh,
+  )
+
+
+def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engines:
+  """The engines this config samples with, built once (each compiles on first use)."""
+  buckets = tuple(sorted(cfg.rollout.prefill_buckets))
+  rollout = QwenEngine(
+    model,
+    slots=cfg.rollout.slots,
+    max_len=buckets[-1] + cfg.rollout.max_new_tokens,
+    prefill_buckets=buckets,
+    mesh=mesh,
+  )
+  synth = None
+  if template is not None:  # prompt: template + query + y⁻ + y⁺ (bodies of rollouts)
+    longest = template.literal_tokens + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
+    synth_buckets = _buckets_up_to(longest)
+    synth = QwenEngine(
+      model,
+      slots=cfg.rollout.slots,
+      max_len=synth_buckets[-1] + cfg.tapo.synthesis_max_new_tokens,
+      prefill_buckets=synth_buckets,
+      mesh=mesh,
+    )
+  evaluator = None
+  if cfg.train.eval_every:
+    same = cfg.eval.max_new_tokens == cfg.rollout.max_new_tokens
+    evaluator = rollout if same else eval_engine(cfg, model, mesh)
+  return Engines(rollout=rollout, synthesis=synth, eval=evaluator)
+
+
+def rollout_sampling(cfg, eos) -> Sampling:
+  r = cfg.rollout
+  return Sampling(float(r.temperature), float(r.top_p), int(r.top_k), tuple(eos))

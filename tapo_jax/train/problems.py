@@ -1,0 +1,77 @@
+"""What a run trains and evaluates on: the configured files (or the toy domain's problems) and
+the difficulty filter that keeps the problems at the initial policy's capability boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from tapo_jax import eval as eval_lib
+from tapo_jax.data import Problem, filter_by_pass_rate, load_problems
+from tapo_jax.toy import arith
+
+TOY_PROBLEMS = 4096
+TOY_EVAL_PROBLEMS = 64
+
+
+def training_problems(cfg) -> list[Problem]:
+  """The configured training file, or generated toy problems for the toy model."""
+  if cfg.data.train_path:
+    return load_problems(cfg.data.train_path, cfg.data.layout)
+  toy = arith.make_problems(TOY_PROBLEMS, seed=cfg.seed + 12345)
+  return [Problem(id=f"arith-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)]
+
+
+def eval_sets(cfg) -> dict[str, list[Problem]]:
+  """{name: problems} from config eval.paths, or the toy model's held-out set."""
+  if cfg.eval.paths:
+    return eval_lib.load_eval_sets(cfg.eval.paths)
+  toy = arith.make_problems(TOY_EVAL_PROBLEMS, seed=cfg.seed + 999)
+  return {
+    "arith": [
+      Problem(id=f"arith-eval-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)
+    ]
+  }
+
+
+def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir) -> list[Problem]:
+  """The problems whose pass rate under the initial policy lies in data.pass_rate_window.
+
+  The rates are computed once (rollout.n samples per problem at the rollout settings) and cached
+  in WORKDIR/pass_rates.json, so a resumed run trains on exactly the same set."""
+  low, high = cfg.data.pass_rate_window
+  path = os.path.join(workdir, "pass_rates.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      rates = json.load(f)
+  else:
+    n = len(problems)
+    print(f"measuring pass rates of {n} problems for the difficulty filter", file=sys.stderr)
+    r = cfg.rollout
+    rates = eval_lib.compute_pass_rates(
+      engine,
+      params,
+      tokenizer,
+      problems,
+      k=r.n,
+      temperature=r.temperature,
+      top_p=r.top_p,
+      top_k=r.top_k,
+      max_new_tokens=r.max_new_tokens,
+      template=cfg.data.prompt_template,
+      use_chat_template=cfg.data.use_chat_template,
+      seed=cfg.seed,
+      grade_fn=pool.grade,
+    )
+    with open(path + ".tmp", "w") as f:
+      json.dump(rates, f)
+    os.replace(path + ".tmp", path)
+  kept = filter_by_pass_rate(problems, rates, low, high)
+  msg = f"difficulty filter [{low}, {high}]: kept {len(kept)} of {len(problems)} problems"
+  print(msg, file=sys.stderr)
+  if not kept:
+    raise ValueError(
+      f"data.pass_rate_window=({low}, {high}) keeps none of {len(problems)} problems"
+    )
+  return kept
