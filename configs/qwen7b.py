@@ -25,7 +25,9 @@ def get_config():
   c.tapo.n_pos, c.tapo.n_neg, c.tapo.m_max = 2, 4, 4  # DCS
   c.tapo.lam = 1.0
   c.tapo.construction = "policy"  # needs the cold-start model (configs/qwen7b_coldstart.py)
-  c.tapo.max_len = 9216
+  c.tapo.ref_baseline = "group"  # the paper's DAE: constructions normalized within G_ref
+  c.tapo.synthesis_max_new_tokens = 9216  # a copied y- (<= 8192) + analysis and correction
+  c.tapo.max_len = 10240  # prompt (1024) + the longest construction
   c.optim.lr = 1e-6
   c.optim.micro_batch = 8
   c.optim.minibatches = 4

@@ -20,10 +20,7 @@ def get_config():
   # The toy model solves ~77% at T=1 (a third of its queries have 2-6 of 8 right): DCS keeps
   # pass rates 25-75% here instead of the paper's 25-50%.
   c.tapo.n_pos, c.tapo.n_neg = 2, 2
-  c.tapo.construction = "divergence"  # no cold start needed
-  # Divergence constructions all end correct, so G_ref has no variance: compare them with their
-  # query's originals instead (see tapo_jax/tapo/advantages.py).
-  c.tapo.ref_baseline = "orig"
+  c.tapo.construction = "divergence"  # no cold start needed (ref_baseline orig, the default)
   c.tapo.max_len = 160
   c.loss.vocab_chunk = 64
   c.optim.lr = 2e-5

@@ -81,13 +81,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.tapo.n_pos = 2  # DCS: min correct rollouts for an eligible query
   c.tapo.n_neg = 4  # DCS: min incorrect rollouts
   c.tapo.m_max = 4  # DCS: max constructions per eligible query
-  c.tapo.construction = "divergence"  # policy (the paper's) | divergence (rule-based)
+  # policy (the paper's: the policy rewrites y- given y+; needs a cold-started model) |
+  # divergence (rule-based: cut y- at its first step that differs from y+; no generation)
+  c.tapo.construction = "divergence"
   c.tapo.synthesis_template = ""  # "" = the built-in template (tapo_jax.tapo.construct)
-  c.tapo.synthesis_max_new_tokens = 1024
+  # tokens the policy may write for one construction (analysis + copied prefix + correction +
+  # continuation); 0 = rollout.max_new_tokens + 1024. Less than rollout.max_new_tokens is an
+  # error: a copied y- alone can be that long.
+  c.tapo.synthesis_max_new_tokens = 0
+  # policy: the reconstruction's longest common prefix with y- (on their text, cut at y-'s own
+  # token boundaries) is taken from y-'s tokens. A construction keeping no token of y-, or fewer
+  # than min_anchor x |y-| tokens, is a "full reconstruction" and is dropped.
+  c.tapo.anchor = True  # False: the ablation that trains the whole rewrite as inserted text
+  c.tapo.min_anchor = 0.0
   c.tapo.diagnosis_template = "Wait, this step is wrong. Let me redo it.\n"
   c.tapo.keep_failed = True  # keep constructions that end wrong, with reward 0
   c.tapo.ref_scope = "batch"  # batch | query: the group G_ref is normalized over
-  c.tapo.ref_baseline = "group"  # group (paper: normalize within G_ref) | orig (r - mean G_orig)
+  # group (the paper's: normalize within G_ref) | orig (r - mean of the source query's G_orig).
+  # divergence constructions all end in y+'s answer: G_ref has no variance, so they need orig.
+  c.tapo.ref_baseline = "orig"
   c.tapo.lam = 1.0  # λ: weight of the constructed-trajectory loss
   c.tapo.ots = True  # OOD token suppression on constructed rows
   c.tapo.ots_min = 0.01

@@ -43,6 +43,25 @@ def validate(cfg, num_devices: int) -> None:
     raise ConfigError(f"config.{e}") from None
   if cfg.mode == "rl" and cfg.rollout.n < 2:
     raise ConfigError(f"config.rollout.n={cfg.rollout.n}: GRPO/TAPO need K >= 2 samples per query")
+  if cfg.algorithm == "tapo" and cfg.tapo.construction == "divergence":
+    if cfg.tapo.ref_baseline == "group":
+      raise ConfigError(
+        "config.tapo.ref_baseline='group' with tapo.construction='divergence': every divergence "
+        "construction ends in y+'s answer, so G_ref has no variance and A_ref = 0 (nothing is "
+        "learned from them); use tapo.ref_baseline=orig or tapo.construction=policy"
+      )
+  if cfg.tapo.synthesis_max_new_tokens and (
+    cfg.tapo.synthesis_max_new_tokens < cfg.rollout.max_new_tokens
+  ):
+    raise ConfigError(
+      f"config.tapo.synthesis_max_new_tokens={cfg.tapo.synthesis_max_new_tokens}: shorter than "
+      f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}, so a copied y- may not fit; use 0 "
+      "(rollout.max_new_tokens + 1024) or a larger value"
+    )
+  if not 0.0 <= cfg.tapo.min_anchor < 1.0:
+    raise ConfigError(
+      f"config.tapo.min_anchor={cfg.tapo.min_anchor}: expected a fraction in [0, 1)"
+    )
   if cfg.rollout.batch_queries < 1:
     raise ConfigError(f"config.rollout.batch_queries={cfg.rollout.batch_queries}: must be >= 1")
   if cfg.rollout.max_new_tokens < 1:

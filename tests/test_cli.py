@@ -84,6 +84,9 @@ BAD = [
   (["--config.mode=sft"], "config.sft.path"),
   (["--config.mode=eval", "--config.eval.k=2"], "config.eval.pass_ks=(1, 4)"),
   (["--config.data.pass_rate_window=(0.5, 0.2)"], "config.data.pass_rate_window=(0.5, 0.2)"),
+  (["--config.tapo.ref_baseline=group"], "config.tapo.ref_baseline='group' with tapo.constru"),
+  (["--config.tapo.synthesis_max_new_tokens=16"], "config.tapo.synthesis_max_new_tokens=16"),
+  (["--config.tapo.min_anchor=1.5"], "config.tapo.min_anchor=1.5"),
 ]
 
 
@@ -266,3 +269,24 @@ def test_difficulty_filter_measures_once_and_keeps_the_window(tmp_path):
   out = _run(env, workdir, *flags, "--config.train.steps=2")  # resumes on the cached rates
   assert out.returncode == 0, out.stderr[-3000:]
   assert "measuring pass rates" not in out.stderr and f"kept {kept} of 6" in out.stderr
+
+
+def test_policy_construction_on_a_step_without_eligible_queries(tmp_path):
+  """A step where DCS finds no query (here: never, n_pos + n_neg > K) prompts the policy with
+  nothing and trains on the originals alone."""
+  from tapo_jax.toy import arith
+
+  train = tmp_path / "train.jsonl"
+  with open(train, "w") as f:
+    for p in arith.make_problems(8, seed=5):
+      f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
+  workdir = tmp_path / "wd"
+  out = _run(
+    _env(tmp_path), workdir, "--config.tapo.construction=policy",
+    "--config.tapo.ref_baseline=group", f"--config.data.train_path={train}",
+    "--config.train.steps=1", "--config.tapo.n_pos=4", "--config.tapo.n_neg=4",
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  (row,) = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert row["tapo/eligible_rate"] == 0 and row["tapo/constructions_attempted"] == 0
+  assert row["tapo/ref_rows"] == 0 and row["skipped"] == 0

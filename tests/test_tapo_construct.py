@@ -21,8 +21,8 @@ class CharTokenizer:
   def encode(self, text, add_special_tokens=False):
     return [self.stoi[c] for c in text]
 
-  def decode(self, ids):
-    return "".join(self.itos[i] for i in ids)
+  def decode(self, ids, skip_special_tokens=False):
+    return "".join(self.itos[i] for i in ids if not (skip_special_tokens and i < 2))
 
   def __len__(self):
     return len(self.itos)
@@ -150,20 +150,6 @@ def test_divergence_overflow_is_truncated_and_flagged():
 )  # fmt: skip
 def test_parse_construction_accepts_only_the_strict_format(text, expected):
   assert synthesis.parse_construction(text) == expected
-
-
-@pytest.mark.parametrize(
-  "a,b,n",
-  [
-    ([], [1], 0),
-    ([1, 2, 3], [1, 2, 3], 3),
-    ([1, 2, 3], [1, 2], 2),
-    ([1, 2], [1, 3], 1),
-    ([4], [5], 0),
-  ],
-)
-def test_common_prefix_len(a, b, n):
-  assert synthesis.common_prefix_len(a, b) == n
 
 
 def test_template_parts_and_errors():

@@ -25,8 +25,8 @@ from tapo_jax.tapo.splice import Spliced, splice
 from tapo_jax.tapo.synthesis import (
   SYNTHESIS_TEMPLATE,
   anchor,
+  anchor_text,
   anchored_rows,
-  common_prefix_len,
   encode_template,
   parse_construction,
   synthesis_prompts,
@@ -42,7 +42,7 @@ __all__ = [
   "TrainBatch",
   "anchor",
   "anchored_rows",
-  "common_prefix_len",
+  "anchor_text",
   "concat_rollouts",
   "decoupled_advantages",
   "diagnosis_tokens",

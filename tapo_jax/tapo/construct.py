@@ -119,16 +119,22 @@ def constructed_rows(
 def construction_metrics(
   cands: dcs.Candidates, rows: Rollouts, prefix_lens: jax.Array
 ) -> dict[str, float]:
-  """Host metrics of graded constructions: attempted, built, correct, truncated, anchored."""
+  """Host metrics of graded constructions: attempted, built (`constructions_parsed`: parsed and
+  anchored for `policy`), correct, truncated, and the anchored share of each response
+  (mean and 10/50/90% quantiles)."""
   valid, rewards, truncated, resp = jax.device_get(
     (rows.valid, rows.rewards, rows.truncated, rows.response_lens)
   )
-  frac = np.asarray(prefix_lens) / np.maximum(resp, 1)
+  frac = (np.asarray(prefix_lens) / np.maximum(resp, 1))[valid]
+  quantiles = np.quantile(frac, (0.1, 0.5, 0.9)) if frac.size else np.zeros(3)
   return {
     **{n: float(v) for n, v in dcs.dcs_metrics(cands).items()},
     "tapo/constructions_attempted": float(np.asarray(cands.valid).sum()),
     "tapo/constructions_parsed": float(valid.sum()),
     "tapo/constructions_correct": float((rewards[valid] > 0.5).sum()),
     "tapo/constructions_truncated": float(truncated.sum()),
-    "tapo/anchored_fraction": float(frac[valid].mean()) if valid.any() else 0.0,
+    "tapo/anchored_fraction": float(frac.mean()) if frac.size else 0.0,
+    "tapo/anchored_fraction_p10": float(quantiles[0]),
+    "tapo/anchored_fraction_p50": float(quantiles[1]),
+    "tapo/anchored_fraction_p90": float(quantiles[2]),
   }

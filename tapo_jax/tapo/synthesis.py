@@ -8,10 +8,15 @@ Three pure steps around one generation the loop runs itself:
      ones to the sampler as token lists.
   2. The loop samples one completion per prompt (its synthesis engine) — nothing here generates.
   3. `anchor` (host): an output must be exactly `<analysis>…</analysis><reconstruction>…
-     </reconstruction>` (unparsable ones are dropped); the reconstruction's longest common token
-     prefix with y⁻ is taken from y⁻ itself (its tokens and sampler logprobs: on-policy), the
-     rest is the policy's text re-tokenized. `anchored_rows` (jitted) splices query prompt +
-     y⁻'s prefix + the rest + EOS into fixed-shape rows.
+     </reconstruction>`, optionally after one `<think>…</think>` block (a thinking model's);
+     unparsable ones are dropped. The reconstruction is anchored to y⁻ on text: the longest
+     common prefix of y⁻'s decoded text and the reconstruction (y⁻'s leading whitespace kept),
+     cut back to a boundary between y⁻'s own tokens, is taken as y⁻'s exact tokens (with their
+     sampler logprobs: on-policy, whatever BPE split y⁻ was sampled with); the rest is the
+     policy's text re-tokenized. A construction that keeps nothing of y⁻ but whitespace, or
+     fewer than `min_anchor` x |y⁻| tokens, is a full reconstruction and is dropped
+     (`anchor_prefix=False` is the ablation that keeps them all and anchors nothing).
+     `anchored_rows` (jitted) splices query prompt + y⁻'s prefix + the rest + EOS into rows.
 """
 
 from __future__ import annotations
@@ -159,11 +164,16 @@ _TAGS = ("<analysis>", "</analysis>", "<reconstruction>", "</reconstruction>")
 _FORMAT = re.compile(
   r"\A\s*<analysis>(.*?)</analysis>\s*<reconstruction>(.*?)</reconstruction>\s*\Z", re.DOTALL
 )
+_THINK = re.compile(r"\A\s*<think>.*?</think>", re.DOTALL)
 
 
 def parse_construction(text: str) -> tuple[str, str] | None:
   """(analysis, reconstruction) when `text` is exactly one analysis then one non-empty
-  reconstruction block (whitespace around them allowed, nothing else); None otherwise."""
+  reconstruction block (whitespace around them allowed, and one leading <think>…</think> block;
+  nothing else); None otherwise."""
+  think = _THINK.match(text)
+  if think is not None:
+    text = text[think.end() :]
   if any(text.count(tag) != 1 for tag in _TAGS):
     return None
   m = _FORMAT.match(text)
@@ -172,23 +182,46 @@ def parse_construction(text: str) -> tuple[str, str] | None:
   return m.group(1).strip(), m.group(2).strip()
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-  """Length of the longest common prefix of two token sequences."""
-  n = min(len(a), len(b))
-  if n == 0:
-    return 0
-  diff = np.asarray(a[:n]) != np.asarray(b[:n])
-  return int(np.argmax(diff)) if diff.any() else n
+def anchor_text(tokenizer, negative: Sequence[int], reconstruction: str) -> tuple[int, str]:
+  """(n, rest): y⁻'s first n tokens are the longest prefix of y⁻, cut at its own token
+  boundaries, whose text starts the reconstruction (y⁻'s leading whitespace kept: the
+  reconstruction arrives stripped); `rest` is the reconstruction after that text."""
+  neg_text = tokenizer.decode(list(negative))
+  lead = len(neg_text) - len(neg_text.lstrip())
+  target = neg_text[:lead] + reconstruction.lstrip()
+  limit = min(len(neg_text), len(target))
+  common = next((i for i in range(limit) if neg_text[i] != target[i]), limit)
+
+  def fits(n: int) -> bool:
+    text = tokenizer.decode(list(negative[:n]))
+    return len(text) <= common and target.startswith(text)
+
+  lo, hi = 0, len(negative)  # prefix texts grow with n: the largest n that fits, by bisection
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+  while lo and not fits(lo):  # a partial UTF-8 character decodes to U+FFFD: step back
+    lo -= 1
+  return lo, target[len(tokenizer.decode(list(negative[:lo]))) :]
 
 
 @dataclasses.dataclass(frozen=True)
 class Anchored:
-  """Per construction slot [C]: y⁻ tokens kept, the policy's remaining tokens, parsed."""
+  """Per construction slot [C]: y⁻ tokens kept, the policy's remaining tokens, outcome."""
 
   prefix_lens: np.ndarray  # [C] int32  response tokens of y⁻ kept as they were sampled
   rest: np.ndarray  # [C, T] int32  the reconstruction after that prefix, then EOS
   rest_lens: np.ndarray  # [C] int32
-  ok: np.ndarray  # [C] bool  parsed (and so a row)
+  ok: np.ndarray  # [C] bool  parsed and anchored: a row
+  parsed: np.ndarray  # [C] bool  the output had the format
+  too_short: np.ndarray  # [C] bool  parsed, but dropped for keeping too little of y⁻
+
+  def metrics(self, prompted: int) -> dict[str, float]:
+    n = max(prompted, 1)
+    return {
+      "tapo/parse_rate": float(self.parsed.sum()) / n,
+      "tapo/dropped_for_anchor": float(self.too_short.sum()),
+    }
 
 
 def anchor(
@@ -200,6 +233,8 @@ def anchor(
   slots: int,
   width: int,
   eos_ids: Sequence[int],
+  min_anchor: float = 0.0,
+  anchor_prefix: bool = True,
 ) -> Anchored:
   """Parses each output (for slot todo[i]) and anchors its reconstruction to y⁻ = negatives[slot]
   (response ids without EOS)."""
@@ -209,15 +244,21 @@ def anchor(
     rest=np.zeros((slots, width), np.int32),
     rest_lens=np.zeros(slots, np.int32),
     ok=np.zeros(slots, bool),
+    parsed=np.zeros(slots, bool),
+    too_short=np.zeros(slots, bool),
   )
   for i, ids in zip(todo, outputs, strict=True):
     ids = [int(x) for x in ids if int(x) not in eos]
-    parsed = parse_construction(tokenizer.decode(ids))
+    parsed = parse_construction(tokenizer.decode(ids, skip_special_tokens=True))
     if parsed is None:
       continue
-    recon = list(tokenizer.encode(parsed[1], add_special_tokens=False))
-    n = common_prefix_len(recon, negatives[i])
-    tail = recon[n:] + list(eos_ids[:1])
+    out.parsed[i] = True
+    n, text = anchor_text(tokenizer, negatives[i], parsed[1]) if anchor_prefix else (0, parsed[1])
+    kept = tokenizer.decode(list(negatives[i][:n])).strip()  # whitespace alone anchors nothing
+    if anchor_prefix and (not kept or n < min_anchor * len(negatives[i])):
+      out.too_short[i] = True
+      continue
+    tail = list(tokenizer.encode(text, add_special_tokens=False)) + list(eos_ids[:1])
     out.prefix_lens[i], out.rest_lens[i], out.ok[i] = n, min(len(tail), width), True
     out.rest[i, : out.rest_lens[i]] = tail[:width]
   return out

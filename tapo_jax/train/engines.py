@@ -63,7 +63,7 @@ def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engi
     synth = QwenEngine(
       model,
       slots=cfg.rollout.slots,
-      max_len=synth_buckets[-1] + cfg.tapo.synthesis_max_new_tokens,
+      max_len=synth_buckets[-1] + synthesis_max_new_tokens(cfg),
       prefill_buckets=synth_buckets,
       mesh=mesh,
     )
@@ -72,6 +72,11 @@ def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engi
     same = cfg.eval.max_new_tokens == cfg.rollout.max_new_tokens
     evaluator = rollout if same else eval_engine(cfg, model, mesh)
   return Engines(rollout=rollout, synthesis=synth, eval=evaluator)
+
+
+def synthesis_max_new_tokens(cfg) -> int:
+  """tapo.synthesis_max_new_tokens, or its default (0): rollout.max_new_tokens + 1024."""
+  return cfg.tapo.synthesis_max_new_tokens or cfg.rollout.max_new_tokens + 1024
 
 
 def rollout_sampling(cfg, eos) -> Sampling:

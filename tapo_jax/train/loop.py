@@ -166,11 +166,12 @@ def run(cfg, workdir: str) -> None:
         cands = construct.select(originals, jax.random.fold_in(key, 1), k=k, **dcs_args)
         if policy_construction:
           queries = [p.problem for p in batch_problems]
-          cons, prefix = synthesize(state.params, originals, cands, queries, step)
+          cons, prefix, synth_metrics = synthesize(state.params, originals, cands, queries, step)
         else:
           cons, prefix = divergence.divergence_rows(originals, cands, diag, joiner, tables, k=k)
+          synth_metrics = {}
         cons = cons.replace(rewards=grade_constructions(pool, tokenizer, cons, golds, eos))
-        tapo_metrics = construct.construction_metrics(cands, cons, prefix)
+        tapo_metrics = {**construct.construction_metrics(cands, cons, prefix), **synth_metrics}
         batch = batch_lib.concat_rollouts(originals, cons)
       t_construct = time.time()
       if cfg.train.dump_rollouts_every and (step + 1) % cfg.train.dump_rollouts_every == 0:
@@ -260,7 +261,7 @@ def _synthesize(
       prompts,
       roll,
       n=1,
-      max_new_tokens=cfg.tapo.synthesis_max_new_tokens,
+      max_new_tokens=engines_lib.synthesis_max_new_tokens(cfg),
       seed=cfg.seed * 1_000_003 + step + 7919,
     )
     outputs = gen.completions
@@ -273,11 +274,13 @@ def _synthesize(
     slots=len(negatives),
     width=originals.tokens.shape[1],
     eos_ids=eos,
+    min_anchor=cfg.tapo.min_anchor,
+    anchor_prefix=cfg.tapo.anchor,
   )
   rows = synthesis.anchored_rows(
     originals, cands, anchored.prefix_lens, anchored.rest, anchored.rest_lens, anchored.ok, k=k
   )
-  return rows, anchored.prefix_lens
+  return rows, anchored.prefix_lens, anchored.metrics(len(todo))
 
 
 def _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards) -> dict[str, float]:
