@@ -219,7 +219,7 @@ def _lex_number(s: str, i: int, thousands: bool) -> tuple[Token, int]:
   if len(int_part + frac) > MAX_DIGITS:
     raise ParseError("number too long")
   value = sympy.Rational(int(int_part + frac or "0"), 10 ** len(frac)) * sympy.Integer(10) ** exp
-  return Token("NUM", value, s[i:j]), j  # raw: digits only for a plain integer
+  return Token("NUM", value, s[i:j]), j  # raw: the literal's text, digits only for 204 or 1000
 
 
 def _text_tokens(cmd: str, content: str, thousands: bool) -> list[Token]:
@@ -341,7 +341,7 @@ def tokenize(s: str, thousands: bool = True) -> list[Token]:
         out.append(Token("ID", name, name))
       else:
         raise ParseError(f"unsupported command \\{name}")
-    elif s.startswith(("<=", ">=", "!="), i) and not (c == "!" and s[i - 1 : i] in "0123456789)"):
+    elif s.startswith(("<=", ">=", "!="), i) and not (c == "!" and i and s[i - 1] in "0123456789)"):
       out.append(Token("REL", s[i : i + 2], s[i : i + 2]))
       i += 2
     elif c in _SINGLE:

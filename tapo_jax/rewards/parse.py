@@ -327,8 +327,8 @@ class _Parser:
     tok = self.peek(k)
     if tok.kind != "NUM" or self.peek(k + 1).kind not in _CLOSERS + ("REL",):
       return None
-    raw = re.sub(r"[^0-9.eE]", "", tok.raw)
-    if not re.fullmatch(r"\d*\.?\d*", raw):
+    raw = re.sub(r"[,\s{}~\\!;:]", "", tok.raw)  # thousands separators
+    if not re.fullmatch(r"\d+(\.\d*)?|\.\d+", raw):
       return None  # scientific notation, a repeating decimal
     decimals = len(raw.split(".")[1]) if "." in raw else 0
     return sympy.Rational(1, 10**decimals)
