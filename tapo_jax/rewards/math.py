@@ -202,8 +202,9 @@ def _approximates(exact, literal, ulp) -> bool:
   v = _numeric(exact)
   if d is None or v is None or abs(d.imag) > _NONZERO or abs(v.imag) > _NONZERO:
     return False
-  rounded = abs(d.real) <= ulp / 2
-  cut = 0 <= d.real * (1 if v.real >= 0 else -1) < ulp  # digits dropped toward zero
+  unit = float(ulp)
+  rounded = abs(d.real) <= unit / 2
+  cut = 0 <= d.real * (1 if v.real >= 0 else -1) < unit  # digits dropped toward zero
   return rounded or cut
 
 
