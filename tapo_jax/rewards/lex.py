@@ -272,6 +272,11 @@ def _letter_tokens(run: str) -> list[Token]:
   return [Token("ID", c, c) for c in run]
 
 
+def _after_operand(s: str, i: int) -> bool:
+  """Whether s[i] follows a digit or ')': there 5!=120 is 5! = 120, not 5 != 120."""
+  return i > 0 and s[i - 1] in "0123456789)"
+
+
 def tokenize(s: str, thousands: bool = True) -> list[Token]:
   """Tokens of a LaTeX / plain-math answer; raises ParseError on anything unsupported."""
   for k, v in _UNICODE.items():
@@ -341,8 +346,8 @@ def tokenize(s: str, thousands: bool = True) -> list[Token]:
         out.append(Token("ID", name, name))
       else:
         raise ParseError(f"unsupported command \\{name}")
-    elif s.startswith(("<=", ">=", "!="), i) and not (c == "!" and i and s[i - 1] in "0123456789)"):
-      out.append(Token("REL", s[i : i + 2], s[i : i + 2]))
+    elif c in "<>!" and s.startswith("=", i + 1) and not (c == "!" and _after_operand(s, i)):
+      out.append(Token("REL", s[i : i + 2], s[i : i + 2]))  # >= <= !=
       i += 2
     elif c in _SINGLE:
       kind, val = _SINGLE[c]

@@ -142,8 +142,6 @@ def scalars_equal(a: sympy.Expr, b: sympy.Expr) -> bool:
     return True
   if d.is_Rational:
     return False
-  if expanded_terms(d) > MAX_EXPANDED_TERMS:  # a proof would have to expand it: not verifiable
-    return False
   symbols = sorted(d.free_symbols, key=str)
   rng = random.Random(0)
   for _ in range(2 if symbols else 1):
@@ -151,6 +149,8 @@ def scalars_equal(a: sympy.Expr, b: sympy.Expr) -> bool:
     v = _numeric(d.subs(point) if point else d)
     if v is not None and abs(v) > _NONZERO:
       return False
+  if expanded_terms(d) > MAX_EXPANDED_TERMS:  # a proof would have to expand it: not verifiable
+    return False
   return _is_zero(d)
 
 
@@ -246,6 +246,8 @@ def _set_pieces(s: sympy.Set) -> list | None:
     parts = [(p, p, False, False) for p in s.args]
   else:
     return [] if s == sympy.S.EmptySet else None
+  if len(parts) < 2:
+    return parts
   keys = [(_numeric(a), _numeric(b)) for a, b, _, _ in parts]
   if any(v is None or abs(v.imag) > _NONZERO for k in keys for v in k):
     return None

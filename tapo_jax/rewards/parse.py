@@ -309,11 +309,11 @@ class _Parser:
 
   def part(self, first: bool):
     """One side of a relation: a function name f(2), a ratio a:b, or an expression."""
-    name = self._function_name(first)
+    name = self._function_name(first) if self.peek().kind == "ID" else None
     if name is not None:
       return name
     v = self.arith()
-    if not self.at("COLON"):
+    if self.peek().kind != "COLON":
       return v
     items = [v]
     while self.at("COLON"):
@@ -336,6 +336,15 @@ class _Parser:
   def _function_name(self, first: bool):
     """f(x), f(2), P(A), f^{-1}(3), f'(0) standing alone as a relation part, as one symbol."""
     if not (self.at("ID") and self.peek().val not in ("e", "i")):
+      return None
+    k = 1  # look ahead without consuming: most parts (x = 5) are no function value
+    if self.at("SUB", k=k):
+      k += 2
+    if self.at("OP", "^", k=k):
+      k += 5
+    while self.at("PRIME", k=k):
+      k += 1
+    if not self.at("LP", k=k):
       return None
     start, flags = self.i, (self.percent, self.degree)
     try:
