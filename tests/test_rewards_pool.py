@@ -124,3 +124,19 @@ def test_adversarial_responses_score_zero_within_the_timeout():
 def test_grade_checks_lengths():
   with pytest.raises(ValueError):
     VerifierPool().grade(["a"], [])
+
+
+def test_extraction_mode_and_non_finite_golds_in_the_pool(pool):
+  responses = ["x\nAnswer: $0.5$", r"\boxed{0.5}", r"\boxed{nan}", r"\boxed{\infty}", "Answer: 7"]
+  golds = [r"\frac12", r"\frac12", float("nan"), "Infinity", "7"]
+  assert pool.grade(responses, golds) == [0.0, 1.0, 0.0, 0.0, 0.0]
+  assert pool.grade(responses, golds, extract="answer_line") == [1.0, 0.0, 0.0, 0.0, 1.0]
+  p = VerifierPool(workers=1, extract="answer_line")
+  assert p.grade(["Answer: 13"], ["13"]) == [1.0]  # the fast path, no worker started
+  assert p.pids() == []
+  p.close()
+  with pytest.raises(ValueError, match="answer_line"):
+    VerifierPool(extract="last_number")
+  batch = grade_batch(["x\nAnswer: 0.5"], ["1/2"], timeout_s=3.0, workers=1, extract="answer_line")
+  assert batch == [1.0]
+  pool_lib._close_default()

@@ -1,12 +1,13 @@
 r"""Verifier throughput and correctness vs math-verify on a synthetic, labeled workload.
 
-python -m tapo_jax.bench verifier --n 3000 --workers 2
+python -m tapo_jax.bench verifier --n 3000 --workers 2 [--extract answer_line]
 
 Every (response, gold) pair is generated with a known label (is the boxed answer really equal to
 the gold?): integer golds (AIME-like, the majority), fractions, radicals, intervals, tuples,
 sets, equations, text and choices; correct answers in many spellings, wrong answers, and the
 tricky wrong answers public verifiers accept (25 vs 0.25, 6.28 vs 2\pi, \boxed{3=5=7}, hedges,
-an unboxed last number).
+an unboxed last number). With --extract answer_line the same answers end the response as DAPO's
+"Answer: ..." last line instead of a \boxed{}, and both verifiers read them that way.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import sys
 import time
 from fractions import Fraction
 
+from tapo_jax.rewards.extract import EXTRACT_MODES
 from tapo_jax.rewards.math import grade
 from tapo_jax.rewards.pool import VerifierPool
 
@@ -36,7 +38,9 @@ def _filler(rng: random.Random) -> str:
   return " ".join(out)
 
 
-def _respond(rng: random.Random, boxed: str) -> str:
+def _respond(rng: random.Random, boxed: str, extract: str = "boxed") -> str:
+  if extract == "answer_line":
+    return f"<think>\n{_filler(rng)}\n</think>\n\n{_filler(rng)}\n\nAnswer: ${boxed}$"
   return (
     f"<think>\n{_filler(rng)}\n</think>\n\n{_filler(rng)} "
     f"Therefore the final answer is $\\boxed{{{boxed}}}$."
@@ -186,8 +190,8 @@ _CATEGORIES = [  # (name, weight, generator)
 ]
 
 
-def workload(n: int, seed: int = 0) -> list[tuple[str, str, bool, str]]:
-  """n labeled items (response, gold, label, category/kind)."""
+def workload(n: int, seed: int = 0, extract: str = "boxed") -> list[tuple[str, str, bool, str]]:
+  """n labeled items (response, gold, label, category/kind); answers written for `extract`."""
   rng = random.Random(seed)
   names = [c[0] for c in _CATEGORIES]
   weights = [c[1] for c in _CATEGORIES]
@@ -198,11 +202,12 @@ def workload(n: int, seed: int = 0) -> list[tuple[str, str, bool, str]]:
     gold, right, wrong, tricky = gens[cat](rng)
     r = rng.random()
     if r < 0.45 and right:
-      items.append((_respond(rng, rng.choice(right)), gold, True, f"{cat}/right"))
+      items.append((_respond(rng, rng.choice(right), extract), gold, True, f"{cat}/right"))
     elif r < 0.75 and wrong:
-      items.append((_respond(rng, rng.choice(wrong)), gold, False, f"{cat}/wrong"))
+      items.append((_respond(rng, rng.choice(wrong), extract), gold, False, f"{cat}/wrong"))
     elif r < 0.95 and tricky:  # wrong answers that public verifiers are known to accept
-      items.append((_respond(rng, rng.choice(tricky)), gold, False, f"{cat}/tricky"))
+      tricky_answer = rng.choice(tricky)
+      items.append((_respond(rng, tricky_answer, extract), gold, False, f"{cat}/tricky"))
     else:  # no box at all; the text ends with guesses that include the gold
       text = f"{_filler(rng)} It could be {rng.randint(1, 999)} or {gold}"
       items.append((text, gold, False, f"{cat}/unboxed"))
@@ -213,7 +218,7 @@ def _math_verify_grade(items):
   from math_verify import parse, verify
 
   out = []
-  for response, gold, _, _ in items:
+  for response, gold, _, _ in items:  # math-verify reads "Answer: ..." lines by itself too
     try:
       out.append(float(verify(parse(f"${gold}$"), parse(response))))
     except Exception:  # math-verify's own timeouts and errors count as wrong
@@ -236,9 +241,12 @@ def main(argv: list[str]) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-math-verify", action="store_true", help="skip the math-verify baseline")
   p.add_argument("--show", type=int, default=5, help="disagreements to print")
+  p.add_argument(
+    "--extract", choices=EXTRACT_MODES, default="boxed", help="how responses give their answer"
+  )
   args = p.parse_args(argv)
 
-  items = workload(args.n, args.seed)
+  items = workload(args.n, args.seed, args.extract)
   responses = [r for r, _, _, _ in items]
   golds = [g for _, g, _, _ in items]
   n_wrong = sum(not lab for _, _, lab, _ in items)
@@ -247,7 +255,7 @@ def main(argv: list[str]) -> int:
 
   rows, results = [], {}
   t0 = time.perf_counter()
-  pool = VerifierPool(workers=args.workers, timeout_s=args.timeout).start()
+  pool = VerifierPool(workers=args.workers, timeout_s=args.timeout, extract=args.extract).start()
   pool.grade(responses[:8], golds[:8])  # warm the workers
   start_s = time.perf_counter() - t0
   with pool:
@@ -258,7 +266,7 @@ def main(argv: list[str]) -> int:
     )
   results["ours"] = ours
   t0 = time.perf_counter()
-  inproc = [grade(r, g) for r, g in zip(responses, golds, strict=True)]
+  inproc = [grade(r, g, args.extract) for r, g in zip(responses, golds, strict=True)]
   rows.append(_row("tapo_jax in-process", inproc, time.perf_counter() - t0, items))
   if not args.no_math_verify and importlib.util.find_spec("math_verify") is None:
     print("math-verify is not installed (pip install math-verify): baseline skipped")

@@ -1,10 +1,20 @@
-r"""Final-answer extraction: the last brace-matched \boxed{...} after </think>; no fallbacks.
+r"""Final-answer extraction, in one of two modes that follow the prompt; no fallbacks.
 
+  "boxed" (default)   the content of the last brace-matched \boxed{...} / \fbox{...}
+  "answer_line"       the text after "Answer:" on the last non-empty line (DAPO's template: "The
+                      last line of your response should be of the form Answer: $Answer"); a
+                      \boxed{} on that line is unwrapped, $...$ delimiters and a final period
+                      dropped. Accepted markers: `Answer:`, `Final Answer:`, any case, with
+                      markdown emphasis or a heading mark around them (`**Answer:** 5`).
+
+Both read only the text after the last </think>. Neither falls back to the other, nor to the last
+number in the text: a response without the form its prompt asked for has no answer.
 Everything here is a linear scan (no backtracking regexes), so it is safe to run in the trainer
 process on arbitrary model text.
 """
 
-MAX_BOXED_CHARS = 1000  # longer boxed text is treated as no answer
+EXTRACT_MODES = ("boxed", "answer_line")
+MAX_BOXED_CHARS = 1000  # longer boxed text (or answer line) is treated as no answer
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _THINK_END = "</think>"
 
@@ -95,20 +105,65 @@ def _unwrap(arg: str) -> str:
   return arg.strip()
 
 
-def extract_answer(response: str) -> str | None:
-  r"""The content of the last top-level \boxed{} / \fbox{} (after </think> if present), or None."""
-  if not isinstance(response, str):
-    return None
-  think = response.rfind(_THINK_END)
-  if think >= 0:
-    response = response[think + len(_THINK_END) :]
+def _last_box(response: str) -> str | None:
+  """The unwrapped content of the last top-level box in `response`, or None."""
   spans = _top_level_boxes(response)
   if not spans:
     return None
-  start, end = spans[-1]
+  start, _ = spans[-1]
   cmd = next(c for c in _BOX_COMMANDS if response.startswith(c, start))
   arg, _ = _box_argument(response, start + len(cmd))
   if arg is None or len(arg) > MAX_BOXED_CHARS:
     return None
   arg = _unwrap(arg)
   return arg or None
+
+
+_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_EMPHASIS = "*_#> \t"
+
+
+def _answer_line(response: str) -> str | None:
+  """The answer on a last line `Answer: ...` (see the module docstring), or None."""
+  end = len(response.rstrip())
+  line = response[response.rfind("\n", 0, end) + 1 : end].strip()
+  if len(line) > MAX_BOXED_CHARS + 100:
+    return None
+  rest = line.lstrip(_EMPHASIS)
+  low = rest.lower()
+  for marker in ("final answer", "answer"):
+    if low.startswith(marker):
+      rest = rest[len(marker) :].lstrip(_EMPHASIS)
+      break
+  else:
+    return None
+  if not rest.startswith(":"):
+    return None
+  rest = rest[1:].strip().lstrip("*_").strip()
+  if _top_level_boxes(rest):
+    return _last_box(rest)
+  rest = rest.rstrip("*_ \t").rstrip(".").strip()
+  for left, right in _DELIMITERS:
+    if len(rest) >= len(left) + len(right) and rest.startswith(left) and rest.endswith(right):
+      rest = rest[len(left) : -len(right)].strip()
+      break
+  rest = rest.rstrip(".").strip()
+  return rest if rest and len(rest) <= MAX_BOXED_CHARS else None
+
+
+def extract_answer(response: str, extract: str = "boxed") -> str | None:
+  r"""The final answer in `response` after </think> by `extract` mode (EXTRACT_MODES), or None.
+
+  "boxed": the content of the last top-level \boxed{} / \fbox{}; "answer_line": the text after
+  "Answer:" on the last non-empty line. Raises ValueError for an unknown mode.
+  """
+  if extract not in EXTRACT_MODES:
+    raise ValueError(f"unknown answer extraction {extract!r}; expected one of {EXTRACT_MODES}")
+  if not isinstance(response, str):
+    return None
+  think = response.rfind(_THINK_END)
+  if think >= 0:
+    response = response[think + len(_THINK_END) :]
+  if extract == "answer_line":
+    return _answer_line(response)
+  return _last_box(response)

@@ -3,6 +3,12 @@ r"""Tokens of a final answer (LaTeX or plain math); anything outside the subset 
 Numbers are read exactly (digit groups with thousands separators, decimals, repeating decimals,
 scientific notation) and bounded in length; `\text{}` content becomes a separator (or / and), a
 unit, or math; runs of letters become function names, constants, units or single letters.
+
+Thousands separators: after a first group of 1-3 digits, each further group of exactly three
+digits may follow `,` `{,}` `,\!` (commas only where a comma is not a list separator, see
+`thousands`) or a space: ` `, `\,` `\;` `\:` `\!` `\ ` `~` (spaces may follow any of them:
+`11,\! 111`). `1 000` is 1000, `1 2` and `1, 000` are not numbers.
+ASCII relations `>=` `<=` `!=` are single tokens (`5!=120` after a digit or `)` stays 5! = 120).
 """
 
 import dataclasses
@@ -31,6 +37,7 @@ class Token:
 END = Token("END")
 
 FUNC_NAMES = ("arcsin arccos arctan sinh cosh tanh sin cos tan cot sec csc log ln exp det").split()
+EXTREMA = ("max", "min")  # \max / \min of numbers; plain max( / min( only before a bracket
 CONST_WORDS = {"pi": sympy.pi, "infty": sympy.oo, "infinity": sympy.oo, "inf": sympy.oo}
 _UNIT_WORDS = set(
   (
@@ -38,7 +45,17 @@ _UNIT_WORDS = set(
     "mile miles mph kph hour hours hr hrs minute minutes min mins second seconds sec secs day "
     "days week weeks year years month months dollar dollars cent cents unit units sq square "
     "cubic degree degrees percent gram grams liter liters litre litres people students ways "
-    "times points pounds lbs oz ounces gallons cups pages boxes marbles apples"
+    "times points pounds lbs oz ounces gallons cups pages boxes marbles apples pct percentage"
+  ).split()
+)
+PERCENT_WORDS = ("percent", "pct", "percentage", "percents", "percentages", "percentpoints")
+# Words that make a trailing text a qualifier rather than a unit: 5 \text{ or more} is not 5.
+_QUALIFIERS = set(
+  (
+    "or and more less fewer than least most at about approximately approx around roughly nearly "
+    "almost over under above below up to not no greater smaller larger bigger higher lower "
+    "exceeding exceeds plus minus between from either nor only maximum minimum max min if when "
+    "unless except"
   ).split()
 )
 _GREEK = set(
@@ -79,6 +96,7 @@ _SIMPLE_CMDS = {  # \name -> token (kind, value)
   **_same("le leq leqslant", "REL", "<="),
   **_same("ge geq geqslant", "REL", ">="),
   "lt": ("REL", "<"),
+  "angle": ("ANGLE", None),
   "gt": ("REL", ">"),
   **_same("ne neq", "REL", "!="),
   "approx": ("REL", "~"),
@@ -117,6 +135,8 @@ _SINGLE = {  # plain characters -> token
   "{": ("LG", None),
   "}": ("RG", None),
   "&": ("AMP", None),
+  ":": ("COLON", None),  # a ratio A:B (\: is a space)
+  "'": ("PRIME", None),  # only in a function name: f'(x)
 }
 _UNICODE = {
   "−": "-",
@@ -131,6 +151,7 @@ _UNICODE = {
   "≥": r"\ge ",
   "≠": r"\ne ",
   "≈": r"\approx ",
+  "∠": r"\angle ",
   "°": r"^\circ ",
   "∪": r"\cup ",
   "∩": r"\cap ",
@@ -141,7 +162,8 @@ _UNICODE = {
   "\u00a0": " ",
 }
 _MATRIX_ENVS = {"pmatrix", "bmatrix", "Bmatrix", "matrix", "smallmatrix", "array"}
-_NUM_SEPS = (",\\!", "{,}", "\\,", "\\!", "\\ ", "~", ",")  # thousands separators
+_COMMA_SEP = re.compile(r"(?:,\\!|\{,\}|,(?=\d))[ \t]*")  # ,\! {,} and a bare comma before a digit
+_SPACE_SEP = re.compile(r"(?:\\[,;:! ]|~|[ \t])+")
 
 
 def _read_group(s: str, i: int) -> tuple[str, int]:
@@ -163,21 +185,15 @@ def _lex_number(s: str, i: int, thousands: bool) -> tuple[Token, int]:
   while j < len(s) and s[j].isdigit():
     j += 1
   int_part = s[i:j]
-  if thousands and 1 <= len(int_part) <= 3:
+  if 1 <= len(int_part) <= 3 and int_part[0] != "0":  # 0,500 is not five hundred
     while True:
-      for sep in _NUM_SEPS:
-        k = j + len(sep)
-        if (
-          s.startswith(sep, j)
-          and s[k : k + 3].isdigit()
-          and len(s[k : k + 3]) == 3
-          and not s[k + 3 : k + 4].isdigit()
-        ):
-          int_part += s[k : k + 3]
-          j = k + 3
-          break
-      else:
+      m = (thousands and _COMMA_SEP.match(s, j)) or _SPACE_SEP.match(s, j)
+      k = m.end() if m else j
+      group = s[k : k + 3]
+      if not (m and len(group) == 3 and group.isdigit() and not s[k + 3 : k + 4].isdigit()):
         break
+      int_part += group
+      j = k + 3
   frac = ""
   if s.startswith(".", j) and s[j + 1 : j + 2].isdigit():
     k = j + 1
@@ -192,20 +208,18 @@ def _lex_number(s: str, i: int, thousands: bool) -> tuple[Token, int]:
     j += m.end()
     whole = int(int_part + frac + rep) - int(int_part + frac or "0")
     value = sympy.Rational(whole, 10 ** len(frac) * (10 ** len(rep) - 1))
-    return Token("NUM", value, "."), j
+    return Token("NUM", value, s[i:j]), j
   exp = 0
-  is_int = not frac
   m = re.match(r"[eE]([+-]?)(\d{1,6})(?![A-Za-z0-9])", s[j : j + 8])
   if m and int_part + frac:
     exp = int(m.group(2)) * (-1 if m.group(1) == "-" else 1)
     if abs(exp) > MAX_EXPONENT:
       raise ParseError("exponent too large")
     j += m.end()
-    is_int = False
   if len(int_part + frac) > MAX_DIGITS:
     raise ParseError("number too long")
   value = sympy.Rational(int(int_part + frac or "0"), 10 ** len(frac)) * sympy.Integer(10) ** exp
-  return Token("NUM", value, s[i:j] if is_int else "."), j
+  return Token("NUM", value, s[i:j]), j  # raw: the literal's text, digits only for 204 or 1000
 
 
 def _text_tokens(cmd: str, content: str, thousands: bool) -> list[Token]:
@@ -217,12 +231,25 @@ def _text_tokens(cmd: str, content: str, thousands: bool) -> list[Token]:
   if low in ("or", "and"):
     return [Token("SEP", low)]
   if cmd == "operatorname":
-    return [Token("FUNC", c)] if c in FUNC_NAMES else [Token("WORD", c)]
+    return [Token("FUNC", c)] if c in FUNC_NAMES or c in EXTREMA else [Token("WORD", c)]
   if re.fullmatch(r"[A-Za-z]", c) and c not in "ie":  # \text{m}: a unit after a number
     return [Token("ID", c, c, unit=True)]
   if re.fullmatch(r"[A-Za-z]", c) or not re.search(r"[A-Za-z]{2}", c):
     return tokenize(c, thousands)
-  return [Token("UNIT", low)]
+  m = re.fullmatch(r"([0-9][0-9.,]*)\s*([A-Za-z][A-Za-z .\-]*)", c)  # \text{5 apples}
+  if m and re.search(r"[A-Za-z]{2}", m.group(2)):
+    return tokenize(m.group(1), thousands) + [_unit_token(m.group(2))]
+  return [_unit_token(c)]
+
+
+def _unit_token(words: str) -> Token:
+  """A unit written in words; a qualifier (or more, at least, about) makes it no answer."""
+  low = words.lower().strip(" .,")
+  if any(w in _QUALIFIERS for w in re.findall(r"[a-z]+", low)):
+    raise ParseError(f"qualified value: {low}")
+  if low.replace(" ", "") in PERCENT_WORDS:
+    return Token("UNIT", "percent")
+  return Token("UNIT", low)
 
 
 def _letter_tokens(run: str) -> list[Token]:
@@ -232,7 +259,7 @@ def _letter_tokens(run: str) -> list[Token]:
   if run in ("or", "and"):
     return [Token("SEP", run)]
   if run in _UNIT_WORDS:
-    return [Token("UNIT", run)]
+    return [Token("UNIT", "percent" if run in PERCENT_WORDS else run)]
   if run == "sqrt":
     return [Token("SQRT")]
   for name in FUNC_NAMES:
@@ -243,6 +270,11 @@ def _letter_tokens(run: str) -> list[Token]:
   if len(run) >= 3:
     return [Token("WORD", run)]
   return [Token("ID", c, c) for c in run]
+
+
+def _after_operand(s: str, i: int) -> bool:
+  """Whether s[i] follows a digit or ')': there 5!=120 is 5! = 120, not 5 != 120."""
+  return i > 0 and s[i - 1] in "0123456789)"
 
 
 def tokenize(s: str, thousands: bool = True) -> list[Token]:
@@ -262,7 +294,11 @@ def tokenize(s: str, thousands: bool = True) -> list[Token]:
       j = i
       while j < n and s[j].isascii() and s[j].isalpha():
         j += 1
-      out.extend(_letter_tokens(s[i:j]))
+      run = s[i:j]
+      if run in EXTREMA and s[j : j + 8].lstrip().startswith(("(", "\\{", "\\left", "\\lbrace")):
+        out.append(Token("FUNC", run))  # min( is a function, 5 min a unit
+      else:
+        out.extend(_letter_tokens(run))
       i = j
     elif c == "\\":
       m = re.match(r"\\([A-Za-z]+|.)", s[i : i + 40])
@@ -304,20 +340,21 @@ def tokenize(s: str, thousands: bool = True) -> list[Token]:
         kind, val = _SIMPLE_CMDS[name]
         if kind != "SKIP":
           out.append(Token(kind, val, "\\" + name))
-      elif name in FUNC_NAMES or name in ("arcsec", "arccsc", "arccot"):
+      elif name in FUNC_NAMES or name in EXTREMA or name in ("arcsec", "arccsc", "arccot"):
         out.append(Token("FUNC", name))
       elif name in _GREEK:
         out.append(Token("ID", name, name))
       else:
         raise ParseError(f"unsupported command \\{name}")
+    elif c in "<>!" and s.startswith("=", i + 1) and not (c == "!" and _after_operand(s, i)):
+      out.append(Token("REL", s[i : i + 2], s[i : i + 2]))  # >= <= !=
+      i += 2
     elif c in _SINGLE:
       kind, val = _SINGLE[c]
       if c == "*" and s.startswith("**", i):
         kind, val, i = "OP", "^", i + 1
       out.append(Token(kind, val, c))
       i += 1
-    elif c == "'":
-      raise ParseError("prime")
     else:
       raise ParseError(f"unsupported character {c!r}")
   return out

@@ -8,20 +8,29 @@ input can make sympy run long or allocate much here (the worker pool adds a hard
 Values returned by `parse`:
   sympy.Expr         a scalar (numbers exact: 0.25 is Rational(1, 4))
   Rel                a relation chain, e.g. x = 5, 1 < x <= 3, 2 + 3 = 5
-  Seq                a comma list, a tuple, a set, the two branches of a \pm
+  Seq                a comma list, a tuple, a set, the two branches of a \pm, a ratio 3:4
   sympy.Set          an interval, a union of intervals, the empty set, the reals
   sympy.MatrixBase   a pmatrix / bmatrix
   Text, Choice       words, and a multiple-choice letter
+
+Names. A part of a relation that is a function value, `f(x)`, `f(2)`, `P(A)`, `f^{-1}(3)`,
+`f'(0)` (one letter applied to numbers or letters), becomes one symbol named by its text, so
+`f(2) = 3` names f(2) instead of asserting 2f = 3; `\angle ABC` is the symbol `∠ABC` and `A:B`
+a ratio of symbols. How names are compared is decided in math.py.
+Bases: `101_2` is 5 (digits below the base, base 2-36); a lone based literal also keeps its digit
+string as a second reading (`101_2` ~ 101, for golds that omit the base).
 """
 
 import dataclasses
 import re
 
 import sympy
+import sympy.solvers.inequalities
 
 from tapo_jax.rewards.lex import (
   CONST_WORDS,
   END,
+  EXTREMA,
   FUNC_NAMES,
   ParseError,
   Token,
@@ -29,10 +38,12 @@ from tapo_jax.rewards.lex import (
 )
 from tapo_jax.rewards.screen import (
   INVERSE,
+  MAX_EXPANDED_TERMS,
   add,
   apply_function,
   binomial,
   div,
+  expanded_terms,
   factorial,
   interval,
   mul,
@@ -47,10 +58,15 @@ MAX_DEPTH = 40  # bracket nesting
 
 @dataclasses.dataclass(frozen=True)
 class Rel:
-  """A relation chain parts[0] ops[0] parts[1] ...; ops are '=', '<', '<=', '>', '>=', '!=', '~'."""
+  r"""A relation chain parts[0] ops[0] parts[1] ...; ops are '=', '<', '<=', '>', '>=', '!=', '~'.
+
+  ulps (only when there is a '~') holds, for ops[k] == '~', one unit in the last place of the
+  decimal literal after it (2\pi \approx 6.28: 1/100), or None when that part is no plain literal.
+  """
 
   parts: tuple
   ops: tuple
+  ulps: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +93,13 @@ class Choice:
 
 @dataclasses.dataclass(frozen=True)
 class Parsed:
-  """A parsed answer and whether it carried a percent sign or a degree mark."""
+  """A parsed answer, whether it carried a percent sign or a degree mark, and its digit string
+  when it is one literal in a base (101_2: value 5, digits 101)."""
 
   value: object
   percent: bool = False
   degree: bool = False
+  digits: object = None
 
 
 PM = sympy.Symbol("_pm_")  # the sign of a \pm; substituted by +1 and -1 at the item level
@@ -106,20 +124,22 @@ def to_set(v) -> sympy.Set:
 
 
 def _rel_to_set(rel: Rel) -> sympy.Set:
-  """The solution set of a chain of linear inequalities in one variable."""
+  """The real solution set of an inequality chain in one variable (linear ones without sympy)."""
   symbols = set().union(*(p.free_symbols for p in rel.parts if isinstance(p, sympy.Expr)))
   if len(symbols) != 1 or "=" in rel.ops or "~" in rel.ops:
     raise ParseError("not an inequality in one variable")
   (x,) = symbols
   lo, lo_open, hi, hi_open = -sympy.oo, True, sympy.oo, True
-  holes = []
+  holes, curved = [], []
   for lhs, op, rhs in zip(rel.parts[:-1], rel.ops, rel.parts[1:], strict=True):
+    if expanded_terms(scalar(lhs) - scalar(rhs)) > MAX_EXPANDED_TERMS:
+      raise ParseError("inequality too large")
     d = sympy.expand(scalar(lhs) - scalar(rhs))  # d op 0
     a, b = d.coeff(x, 1), d.coeff(x, 0)
-    if not (a.is_number and b.is_number and a.is_real and b.is_real and a != 0):
-      raise ParseError("only linear inequalities")
-    if sympy.expand(a * x + b - d) != 0:
-      raise ParseError("only linear inequalities")
+    linear = a.is_number and b.is_number and a.is_real and b.is_real and a != 0
+    if not linear or sympy.expand(a * x + b - d) != 0:
+      curved.append(_nonlinear_set(scalar(lhs) - scalar(rhs), op, x))
+      continue
     c = -b / a
     if a < 0:
       op = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "!=": "!="}[op]
@@ -132,7 +152,47 @@ def _rel_to_set(rel: Rel) -> sympy.Set:
   result = sympy.Interval(lo, hi, lo_open, hi_open)
   for c in holes:
     result = sympy.Complement(result, sympy.FiniteSet(c))
-  return result
+  return sympy.Intersection(result, *curved) if curved else result
+
+
+MAX_INEQ_DEGREE = 4  # of a non-linear inequality's numerator / denominator in its variable
+MAX_INEQ_ABS = 2  # absolute values in one non-linear inequality
+_RELATIONS = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "!=": sympy.Ne}
+
+
+def _nonlinear_set(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set:
+  """{x real: d op 0} for d rational in x and |polynomial|s, rational coefficients, small degree.
+
+  x^2 < 4 -> (-2, 2); 1 <= |z| -> (-oo, -1] U [1, oo). Anything else (radicals, pi, functions,
+  high degree) is refused, which keeps sympy's solver on the small inputs it solves fast.
+  """
+  absolutes = list(d.atoms(sympy.Abs))
+  if len(absolutes) > MAX_INEQ_ABS:
+    raise ParseError("too many absolute values")
+  ys = sympy.symbols(f"_y0:{len(absolutes)}")
+  for inner in [a.args[0] for a in absolutes] + [d.subs(dict(zip(absolutes, ys, strict=True)))]:
+    _check_rational_function(inner, x, ys)
+  return sympy.solvers.inequalities.solve_univariate_inequality(
+    _RELATIONS[op](d, 0), x, relational=False, domain=sympy.S.Reals
+  )
+
+
+def _check_rational_function(e: sympy.Expr, x: sympy.Symbol, ys: tuple) -> None:
+  """e is a ratio of small-degree polynomials in x (and ys) with small rational coefficients."""
+  if not e.free_symbols <= {x, *ys} or e.atoms(sympy.NumberSymbol, sympy.Function):
+    raise ParseError("not a rational function")
+  if e.has(sympy.I):
+    raise ParseError("not a rational function")
+  for p in e.atoms(sympy.Pow):
+    if not (p.exp.is_Integer and abs(p.exp) <= MAX_INEQ_DEGREE):
+      raise ParseError("not a rational function")
+  for n in e.atoms(sympy.Number):
+    if not n.is_Rational or max(int(n.p).bit_length(), int(n.q).bit_length()) > 64:
+      raise ParseError("coefficients too large")
+  num, den = sympy.fraction(sympy.together(e))
+  for poly in (num, den):
+    if sympy.Poly(poly, x, *ys).total_degree() > MAX_INEQ_DEGREE:
+      raise ParseError("degree too high")
 
 
 def _set_op(op: str, a, b) -> sympy.Set:
@@ -146,7 +206,7 @@ def _set_op(op: str, a, b) -> sympy.Set:
 
 def _subs_pm(v, sign: int):
   if isinstance(v, Rel):
-    return Rel(tuple(_subs_pm(p, sign) for p in v.parts), v.ops)
+    return Rel(tuple(_subs_pm(p, sign) for p in v.parts), v.ops, v.ulps)
   if isinstance(v, Seq):
     return Seq(v.kind, tuple(_subs_pm(p, sign) for p in v.items))
   return v.subs(PM, sign)
@@ -158,6 +218,16 @@ def _has_pm(v) -> bool:
   if isinstance(v, Seq):
     return any(_has_pm(p) for p in v.items)
   return isinstance(v, sympy.Basic) and not isinstance(v, sympy.Set) and v.has(PM)
+
+
+_CLOSERS = ("END", "COMMA", "SEP", "RP", "RB", "RS", "RG", "AMP")  # what may end an item
+
+
+def _is_name_argument(a, letter: str) -> bool:
+  """An argument of a function name: a number or a letter other than the function's own."""
+  if isinstance(a, sympy.Symbol):
+    return a.name != letter
+  return isinstance(a, sympy.Expr) and a.is_number and not a.has(PM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +246,7 @@ class _Parser:
 
   def peek(self, k: int = 0) -> Token:
     j = self.i + k
-    return self.toks[j] if j < len(self.toks) else END
+    return self.toks[j] if 0 <= j < len(self.toks) else END
 
   def next(self) -> Token:
     tok = self.peek()
@@ -224,16 +294,87 @@ class _Parser:
     return v
 
   def relation(self):
-    parts, ops = [self.arith()], []
+    parts, ops, ulps = [self.part(first=True)], [], []
     while self.at("REL"):
       ops.append(self.next().val)
-      parts.append(self.arith())
+      ulps.append(self._literal_ulp() if ops[-1] == "~" else None)
+      parts.append(self.part(first=False))
     if not ops:
       return parts[0]
     if any(op != "=" for op in ops):
       for p in parts:
-        scalar(p)
-    return Rel(tuple(parts), tuple(ops))
+        if not (isinstance(p, Seq) and p.kind == "ratio"):
+          scalar(p)
+    return Rel(tuple(parts), tuple(ops), tuple(ulps) if "~" in ops else ())
+
+  def part(self, first: bool):
+    """One side of a relation: a function name f(2), a ratio a:b, or an expression."""
+    name = self._function_name(first) if self.peek().kind == "ID" else None
+    if name is not None:
+      return name
+    v = self.arith()
+    if self.peek().kind != "COLON":
+      return v
+    items = [v]
+    while self.at("COLON"):
+      self.next()
+      items.append(scalar(self.arith()))
+    return Seq("ratio", tuple(scalar(x) for x in items))
+
+  def _literal_ulp(self):
+    """One unit in the last place of the plain number literal at the cursor, else None."""
+    k = 1 if self.at("OP", "-") else 0
+    tok = self.peek(k)
+    if tok.kind != "NUM" or self.peek(k + 1).kind not in _CLOSERS + ("REL",):
+      return None
+    raw = re.sub(r"[,\s{}~\\!;:]", "", tok.raw)  # thousands separators
+    if not re.fullmatch(r"\d+(\.\d*)?|\.\d+", raw):
+      return None  # scientific notation, a repeating decimal
+    decimals = len(raw.split(".")[1]) if "." in raw else 0
+    return sympy.Rational(1, 10**decimals)
+
+  def _function_name(self, first: bool):
+    """f(x), f(2), P(A), f^{-1}(3), f'(0) standing alone as a relation part, as one symbol."""
+    if not (self.at("ID") and self.peek().val not in ("e", "i")):
+      return None
+    k = 1  # look ahead without consuming: most parts (x = 5) are no function value
+    if self.at("SUB", k=k):
+      k += 2
+    if self.at("OP", "^", k=k):
+      k += 5
+    while self.at("PRIME", k=k):
+      k += 1
+    if not self.at("LP", k=k):
+      return None
+    start, flags = self.i, (self.percent, self.degree)
+    try:
+      letter = self.next().val
+      mark = ""
+      if self.at("SUB") and self.peek(1).kind in ("NUM", "ID"):
+        self.next()
+        mark += "_" + str(self.next().raw)
+      if self.at("OP", "^") and self.at("LG", k=1) and self.at("OP", "-", k=2):
+        if self.peek(3).raw == "1" and self.at("RG", k=4):
+          self.i += 5
+          mark += "^{-1}"
+      while self.at("PRIME"):
+        self.next()
+        mark += "'"
+      if not self.at("LP"):
+        raise ParseError("not a function value")
+      self.next()
+      v = self.items(("RP",))
+      self.expect("RP")
+      args = v.items if isinstance(v, Seq) and v.kind == "list" else (v,)
+      if not all(_is_name_argument(a, letter) for a in args):
+        raise ParseError("not a function value")
+      follows = self.peek().kind
+      if follows != "REL" and (first or follows not in _CLOSERS):
+        raise ParseError("not a whole relation part")
+    except ParseError:
+      self.i, (self.percent, self.degree) = start, flags
+      return None
+    return sympy.Symbol(f"{letter}{mark}({','.join(str(a) for a in args)})")
 
   def arith(self):
     v = self.term()
@@ -296,6 +437,8 @@ class _Parser:
       elif self._degree_mark() or self.at("DEG"):
         self.i += self._degree_mark() or 1
         v = self._mark_degree(v)
+        if self.peek().kind == "ID" and self.peek().val in "CF" and self.peek(1).kind in _CLOSERS:
+          self.next()  # 30^\circ C: a temperature
       elif self.at("OP", "^"):
         self.next()
         v = power(v, self.exponent())
@@ -308,7 +451,7 @@ class _Parser:
         if self.at("OP", "^"):  # cm^2
           self.next()
           self.exponent()
-        if unit == "percent":
+        if unit == "percent":  # pct, percentage, per cent (lex.PERCENT_WORDS)
           self.percent = True
           v = div(v, sympy.Integer(100))
         elif unit in ("degree", "degrees"):
@@ -361,7 +504,19 @@ class _Parser:
     if kind == "NUM":
       if tok.raw.isdigit() and self.at("FRAC"):
         return self._mixed_number(tok.val)
+      if tok.raw.isdigit() and self.at("SUB"):
+        return self._based(tok.raw)
       return tok.val
+    if kind == "ANGLE":
+      letters = []
+      while self.at("ID") or self.at("WORD"):  # \angle A, \angle ABC (a WORD to the lexer)
+        letters.append(self.next().val)
+      if not letters:
+        raise ParseError("angle without a name")
+      name = "".join(letters)
+      if len(name) == 3:  # \angle CBA is \angle ABC: the vertex in the middle
+        name = min(name[0], name[2]) + name[1] + max(name[0], name[2])
+      return sympy.Symbol("∠" + name)
     if kind == "ID":
       return self._identifier(tok.val)
     if kind == "CONST":
@@ -395,6 +550,8 @@ class _Parser:
     if kind == "BINOM":
       n = self.arg()
       return binomial(n, self.arg())
+    if kind == "FUNC" and tok.val in EXTREMA:
+      return self._extremum(tok.val)
     if kind == "FUNC":
       return self._function(tok.val)
     if kind == "BAR":
@@ -420,6 +577,36 @@ class _Parser:
     if 0 < num < den:
       return whole + num / den
     raise ParseError("improper mixed number")
+
+  def _based(self, digits: str):
+    """101_2, 101_{2}: an integer written in base 2..36 with decimal digits."""
+    self.next()  # SUB
+    braced = self.at("LG")
+    if braced:
+      self.next()
+    base_tok = self.expect("NUM")
+    if braced:
+      self.expect("RG")
+    if not base_tok.raw.isdigit() or not 2 <= int(base_tok.raw) <= 36:
+      raise ParseError("bad base")
+    base = int(base_tok.raw)
+    if any(int(d) >= base for d in digits):
+      raise ParseError("digit not below the base")
+    return sympy.Integer(int(digits, base))
+
+  def _extremum(self, name: str):
+    r"""\max(3, 5), \min\{a, b\}: the largest / smallest of real numbers."""
+    close = {"LP": "RP", "LS": "RS", "LG": "RG"}.get(self.peek().kind)
+    if close is None:
+      raise ParseError(f"{name} without arguments")
+    self.next()
+    v = self.items((close,))
+    self.expect(close)
+    args = v.items if isinstance(v, Seq) and v.kind == "list" else (v,)
+    for a in args:
+      if not (scalar(a).is_number and a.is_extended_real):
+        raise ParseError(f"{name} of a non-real or symbolic value")
+    return (sympy.Max if name == "max" else sympy.Min)(*args)
 
   def _identifier(self, name: str):
     if self.at("SUB"):
@@ -498,8 +685,8 @@ class _Parser:
       if tok.kind == "AMP":
         continue
       if tok.kind == "ROWSEP":
-        if self.at("END"):
-          self.next()
+        if self.at("END"):  # a last row ending in \\
+          tok = self.next()
           break
         rows.append([])
         continue
@@ -561,10 +748,15 @@ def parse(s: str, thousands: bool = True) -> Parsed:
   text = _as_text(s)
   if text is not None:
     return Parsed(Text(text))
-  parser = _Parser(tokenize(s, thousands))
+  toks = tokenize(s, thousands)
+  parser = _Parser(toks)
   value = parser.top()
   _check_finite(value)
-  return Parsed(value, parser.percent, parser.degree)
+  kinds = [t.kind for t in toks]
+  digits = None
+  if kinds in (["NUM", "SUB", "NUM"], ["NUM", "SUB", "LG", "NUM", "RG"]):
+    digits = sympy.Integer(int(toks[0].raw))  # 101_2 also reads as the digit string 101
+  return Parsed(value, parser.percent, parser.degree, digits)
 
 
 def _check_finite(v) -> None:

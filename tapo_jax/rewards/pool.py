@@ -20,8 +20,8 @@ import types
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 
-from tapo_jax.rewards.extract import extract_answer
-from tapo_jax.rewards.math import fast_equal, is_equivalent
+from tapo_jax.rewards.extract import EXTRACT_MODES, extract_answer
+from tapo_jax.rewards.math import fast_equal, is_equivalent, is_non_finite_gold
 
 _PRELOAD = ["tapo_jax.rewards.math"]
 
@@ -106,12 +106,16 @@ class VerifierPool:
     memory_mb: int = 2048,
     check: Callable[[str, str], bool] = is_equivalent,
     depth: int = 2,
+    extract: str = "boxed",
   ):
+    if extract not in EXTRACT_MODES:
+      raise ValueError(f"unknown answer extraction {extract!r}; expected one of {EXTRACT_MODES}")
     self.workers = max(1, int(workers))
     self.timeout_s = float(timeout_s)
     self.memory_mb = int(memory_mb)
     self.check = check  # (gold, answer) -> bool, a picklable top-level function
     self.depth = max(1, int(depth))  # items in flight per worker
+    self.extract = extract  # how grade() finds the answer: "boxed" | "answer_line" (extract.py)
     self._ctx = _context()
     self._pool: list[_Worker] = []
     self._owner = os.getpid()  # a forked copy of this object must not stop the owner's workers
@@ -198,16 +202,24 @@ class VerifierPool:
     return results
 
   def grade(
-    self, responses: Sequence[str], golds: Sequence[str], timeout_s: float | None = None
+    self,
+    responses: Sequence[str],
+    golds: Sequence[str],
+    timeout_s: float | None = None,
+    extract: str | None = None,
   ) -> list[float]:
-    """1.0 / 0.0 per (response, gold); integer golds with plain integer answers skip the pool."""
+    """1.0 / 0.0 per (response, gold); integer golds with plain integer answers skip the pool.
+
+    `extract` overrides the pool's extraction mode for this call.
+    """
     if len(responses) != len(golds):
       raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
+    extract = self.extract if extract is None else extract
     scores = [0.0] * len(responses)
     todo, where = [], []
     for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
-      answer = extract_answer(response)
-      if answer is None or gold is None:
+      answer = extract_answer(response, extract)
+      if answer is None or gold is None or is_non_finite_gold(gold):
         continue
       fast = fast_equal(str(gold), answer)
       if fast is not None:
@@ -267,11 +279,13 @@ def grade_batch(
   timeout_s: float = 5.0,
   workers: int = 2,
   memory_mb: int = 2048,
+  extract: str = "boxed",
 ) -> list[float]:
-  """grade() over a batch in a module-level VerifierPool (kept between calls, closed at exit)."""
+  """grade() over a batch in a module-level VerifierPool (kept between calls, closed at exit);
+  extract: "boxed" | "answer_line" (see extract.py)."""
   global _DEFAULT
   if _DEFAULT is not None and (_DEFAULT.workers, _DEFAULT.memory_mb) != (workers, memory_mb):
     _close_default()
   if _DEFAULT is None:
     _DEFAULT = VerifierPool(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
-  return _DEFAULT.grade(responses, golds, timeout_s=timeout_s)
+  return _DEFAULT.grade(responses, golds, timeout_s=timeout_s, extract=extract)

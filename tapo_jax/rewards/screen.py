@@ -1,9 +1,13 @@
-"""Screened sympy constructors: sizes are checked before sympy evaluates anything.
+r"""Screened sympy constructors: sizes are checked before sympy evaluates anything.
 
 Every sympy value the parser builds goes through these (or is an exact literal), so an answer
-like 9^{9^{9^9}}, (10^{100})! or (1+\\sqrt2)^{10^5} is refused in microseconds instead of
-exhausting time or memory.
+like 9^{9^{9^9}}, (10^{100})! or (1+\sqrt2)^{10^5} is refused in microseconds instead of
+exhausting time or memory. A power of a sum is bounded by its exponent after sympy folds nested
+powers ((((\sqrt2-1)^{64})^{64})^{64} is (\sqrt2-1)^{262144}: refused), and `expanded_terms`
+estimates how large expand() would make an expression before math.py asks sympy to prove it zero.
 """
+
+import math
 
 import sympy
 
@@ -14,6 +18,9 @@ MAX_SMALL_EXPONENT = 64  # |exponent| of a power of a sum (its expansion grows f
 MAX_FACTORIAL = 1000
 MAX_BINOM = 10_000
 MAX_ROOT = 1000  # index of a root, denominator of a rational exponent
+MAX_EXPANDED_TERMS = 5000  # estimated terms of expand(): more is not proved equal
+MAX_PROOF_OPS = 40  # sympy.count_ops of a difference that simplify / minimal_polynomial may see
+MAX_PROOF_DEGREE = 32  # bound on its algebraic degree (minimal_polynomial of 6 roots: minutes)
 
 
 def scalar(v) -> sympy.Expr:
@@ -55,7 +62,53 @@ def power(b, e):
       raise ParseError("exponent too large")
   elif b.is_Rational and b not in (0, 1, -1) and _bits(b) > MAX_BITS // 10:
     raise ParseError("base too large")
-  return sympy.Pow(b, e)
+  result = sympy.Pow(b, e)
+  for f in sympy.Mul.make_args(result):  # sympy folds (s^64)^64 into s^4096
+    if f.is_Pow and f.base.is_Add and f.exp.is_Rational and abs(int(f.exp.p)) > MAX_SMALL_EXPONENT:
+      raise ParseError("power of a sum too large")
+  return result
+
+
+def small_for_proof(d) -> bool:
+  """Whether d is small enough for sympy.simplify and minimal_polynomial (see MAX_PROOF_*).
+
+  The degree bound multiplies the index of every distinct root and 2n for the lcm n of the
+  denominators of trigonometric values at rational multiples of pi (cos(k pi/n) lies in the
+  2n-th cyclotomic field, of degree <= 2n).
+  """
+  degree, trig = 1, 1
+  for p in d.atoms(sympy.Pow):
+    if p.exp.is_Rational and not p.exp.is_Integer:
+      degree *= int(p.exp.q)
+  for f in d.atoms(sympy.sin, sympy.cos, sympy.tan, sympy.cot, sympy.sec, sympy.csc):
+    k = f.args[0] / sympy.pi
+    if k.is_Rational:
+      trig = math.lcm(trig, int(k.q))
+  degree *= 2 * trig if trig > 1 else 1
+  return degree <= MAX_PROOF_DEGREE and sympy.count_ops(d) <= MAX_PROOF_OPS
+
+
+def expanded_terms(e, cap: int = MAX_EXPANDED_TERMS) -> int:
+  """An upper estimate of len(expand(e).args), or cap + 1 when it is larger than cap.
+
+  Sums add, products multiply, an integer power n of a t-term sum has C(n + t - 1, t - 1)
+  monomials; radicals and functions count as one term each.
+  """
+  if isinstance(e, sympy.Add):
+    return min(cap + 1, sum(expanded_terms(a, cap) for a in e.args))
+  if isinstance(e, sympy.Mul):
+    n = 1
+    for a in e.args:
+      n = min(cap + 1, n * expanded_terms(a, cap))
+    return n
+  if isinstance(e, sympy.Pow) and e.exp.is_Integer:
+    t, n = expanded_terms(e.base, cap), abs(int(e.exp))
+    if t == 1 or n <= 1:
+      return t
+    if t > cap or n > cap:
+      return cap + 1
+    return min(cap + 1, math.comb(n + t - 1, t - 1))
+  return 1
 
 
 def factorial(n):
