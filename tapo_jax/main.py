@@ -1,6 +1,7 @@
 r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=value] [--workdir=D]
 
-Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval. Bad flags or config values
+Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval, plan (memory per device,
+tapo_jax.plan). Bad flags or config values
 print one line naming the key and exit with status 2 before anything is written.
 """
 
@@ -32,8 +33,8 @@ def validate(cfg, num_devices: int) -> None:
   """Checks everything that can be checked before any work; raises ConfigError."""
   from tapo_jax import sharding
 
-  if cfg.mode not in ("rl", "sft", "eval"):
-    raise ConfigError(f"config.mode={cfg.mode!r}: expected one of rl, sft, eval")
+  if cfg.mode not in ("rl", "sft", "eval", "plan"):
+    raise ConfigError(f"config.mode={cfg.mode!r}: expected one of rl, sft, eval, plan")
   if cfg.algorithm not in ("grpo", "tapo"):
     raise ConfigError(f"config.algorithm={cfg.algorithm!r}: expected grpo or tapo")
   if cfg.tapo.construction not in ("policy", "divergence"):
@@ -117,8 +118,16 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter; -v 0 brings it back
+  if cfg.mode == "plan":  # abstract shapes only: no devices, weights or data needed
+    from tapo_jax import plan
+
+    sys.exit(plan.run(cfg))
   if cfg.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(
+      coordinator_address=cfg.distributed_coordinator or None,
+      num_processes=cfg.distributed_num_processes if cfg.distributed_num_processes >= 0 else None,
+      process_id=cfg.distributed_process_id if cfg.distributed_process_id >= 0 else None,
+    )
   try:
     validate(cfg, jax.device_count())
   except ConfigError as e:

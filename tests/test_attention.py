@@ -175,9 +175,11 @@ def test_sharded_memory_efficient_paths_match_plain(kh):
   scale = 16**-0.5
   fns = {
     "": jax.jit(_plain),
-    "blockwise": jax.jit(lambda q, k, v: attention.causal_attention(q, k, v, scale=scale, impl="blockwise")),
+    "blockwise": jax.jit(
+      lambda q, k, v: attention.causal_attention(q, k, v, scale=scale, impl="blockwise")
+    ),
     "splash": jax.jit(lambda q, k, v: attention.splash_attention(q, k, v, scale=scale)),
-  }  # fmt: skip
+  }
   with jax.set_mesh(mesh):
     put = lambda x, spec: jax.device_put(x, jax.NamedSharding(mesh, spec))  # noqa: E731
     q = put(q, jax.P(("data", "fsdp"), None, "tensor"))

@@ -137,7 +137,9 @@ def _forward(q, k, v, qpos, scale, bq, bk, s_valid):
       p = jnp.where(vis, jnp.exp(s_ij - m_ref[..., None]), 0.0)
       decay = jnp.exp(m - m_ref)  # 0 while m = -inf
       l = l * decay + p.sum(-1)
-      pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+      pv = jnp.einsum(
+        "bkgqs,bksh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+      )
       return m_new, l, acc * decay[..., None] + pv
 
     init = (
@@ -262,4 +264,3 @@ def splash_attention(
       per_device, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False
     )(q, k, v)
   return out[:, :, :t].transpose(0, 2, 1, 3)
-
