@@ -345,7 +345,9 @@ def rollout_terms(g: Geometry, slots: int, bucket: int, new_tokens: int, windows
   pb = g.rows(p_rows)
   prefill_kv = shard_elems((p_rows, c.num_key_value_heads, bucket, c.head_dim), CACHE_AXES, g.mesh)
   prefill = 2 * layers * e * prefill_kv + pb * bucket * c.hidden_size * e
-  prefill += g.forward_layer(pb, bucket, "blockwise" if g.impl in ("blockwise", "splash") else "")
+  prefill += g.forward_layer(
+    pb, bucket, "blockwise" if g.impl in attention.MEMORY_EFFICIENT else ""
+  )
   window = max([w for w in windows if 16 <= w < s] + [0])
   fewer = f"fewer rollout.slots (now {slots}) or more chips"
   return [
@@ -427,9 +429,7 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
   if cfg.plan.mode == "sft":
     t, rows = cfg.sft.max_len, cfg.sft.batch_size
     fix = "a smaller sft.batch_size"
-    batch = Term(
-      f"batch ({rows} rows x {t}, replicated) and its micro-batches", 2 * rows * t * 5, fix
-    )
+    batch = Term(f"batch ({rows} x {t}, replicated, + micro-batches)", 2 * rows * t * 5, fix)
     terms, notes = update_terms(g, cfg, params, cfg.optim.micro_batch, t)
     phases["update"] = state + [gathered, head, batch] + terms
     return _report(sl, sizes, source, num_params, phases, cfg, notes)
@@ -451,7 +451,7 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
   r = -(-cfg.rollout.batch_queries * (cfg.rollout.n + extra) // multiple) * multiple
   per_token = 18 + 4 * (updates > 1) + 4 * (cfg.loss.kl_beta > 0)  # Rollouts' [R, T] fields
   batch = Term(
-    f"rollout batch ({r} rows x {t}, replicated) and its minibatch",
+    f"rollout batch ({r} x {t}, replicated, + minibatch)",
     r * t * per_token * (1 + 1 / cfg.optim.minibatches),
     "fewer rollout.batch_queries or a shorter tapo.max_len",
   )

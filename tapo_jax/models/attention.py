@@ -12,8 +12,8 @@ dim, Bq / Bk query / key block, nq = T / Bq, nk = S / Bk.
              with JAX) for the uncached causal forward; on other backends, or head_dim not a
              multiple of 128 (the kernel's lane tile), it runs `blockwise_attention` instead.
 Decoding one token (T = 1) keeps the plain cache attention of `Qwen` (its scores are [B, N, 1, S]);
-a prefill (T > 1 over the cache) with "blockwise" or "splash" runs `blockwise_attention`, whose
-mask comes from runtime positions (splash needs a mask fixed at trace time).
+a prefill (T > 1 over the cache) with "cudnn", "blockwise" or "splash" runs `blockwise_attention`,
+whose mask comes from runtime positions (the fused kernels take no such mask).
 
 Why both: splash is the fast path on TPU (tiles in VMEM, a tuned backward); blockwise is the same
 math in plain JAX, so it runs and is tested everywhere (CPU included), handles the cache's
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from tapo_jax import sharding
 
 IMPLS = ("", "xla", "cudnn", "blockwise", "splash")
+MEMORY_EFFICIENT = ("cudnn", "blockwise", "splash")  # their prefill over the cache is blockwise
 BLOCK = 512  # default Bq = Bk; the planner (tapo_jax.plan) sizes the per-block scratch with it
 
 

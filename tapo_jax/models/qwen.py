@@ -211,7 +211,7 @@ class Attention(nnx.Module):
       k_cache = k_cache.at[rows_B1, :, positions_BT].set(k.astype(k_cache.dtype))
       v_cache = v_cache.at[rows_B1, :, positions_BT].set(v.astype(v_cache.dtype))
       new_kv = (k_cache, v_cache)
-      if impl in ("blockwise", "splash") and x_BTD.shape[1] > 1:  # a prefill: no [B,N,T,S] scores
+      if impl in attention.MEMORY_EFFICIENT and x_BTD.shape[1] > 1:  # a prefill: no [B,N,T,S]
         k_c, v_c = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
         out = attention.blockwise_attention(q, k_c, v_c, positions_BT, scale=cfg.head_dim**-0.5)
       else:
