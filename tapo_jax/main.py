@@ -1,8 +1,8 @@
 r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=value] [--workdir=D]
 
 Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval, plan (memory per device,
-tapo_jax.plan). Bad flags or config values
-print one line naming the key and exit with status 2 before anything is written.
+tapo_jax.plan). Bad flags or config values print one line naming the key and exit with status 2
+before anything is written.
 """
 
 from __future__ import annotations

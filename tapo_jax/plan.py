@@ -410,8 +410,14 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
   dtype, param_dtype = DTYPES[cfg.model.dtype], DTYPES[cfg.model.param_dtype]
   g = _geometry(mc, mesh, jnp.dtype(dtype).itemsize, impl)
 
-  model = nnx.eval_shape(lambda: Qwen(mc, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  num_params, params = param_bytes(model, mesh, jnp.dtype(param_dtype).itemsize)
+  # layers are identical: a one-layer model gives the embeddings, the head and one layer
+  one = dataclasses.replace(mc, num_hidden_layers=1)
+  model = nnx.eval_shape(lambda: Qwen(one, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  p_bytes, layers = jnp.dtype(param_dtype).itemsize, mc.num_hidden_layers
+  count, params = param_bytes(model, mesh, p_bytes)
+  layer_count, layer_params = param_bytes(model.layers[0], mesh, p_bytes)
+  num_params = count + (layers - 1) * layer_count
+  params += (layers - 1) * layer_params
   tensor_only = jax.sharding.AbstractMesh((1, 1, sizes[2]), sharding.MESH_AXES)
   _, layer = param_bytes(model.layers[0], tensor_only, g.e)
   more = f"more chips (plan.chips > {sl.chips}) or model.param_dtype=bfloat16"
