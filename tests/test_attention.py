@@ -145,11 +145,9 @@ def test_model_logits_and_gradients_match_plain(impl, monkeypatch):
   tokens = jnp.where(mask > 0, tokens, 0)
   ref_loss, ref_grads = _loss_and_grads(_model(""), tokens, mask)
   loss, grads = _loss_and_grads(_model(impl, remat=impl == "blockwise"), tokens, mask)
-  logits = lambda m: nnx.jit(lambda m, t: m(t))(m, tokens)  # noqa: E731
-  logits_diff = _maxdiff(logits(_model(impl)), logits(_model("")))
   grad_diff = _maxdiff(grads, ref_grads)
-  print(f"{impl}: logits {logits_diff:.1e}, loss {abs(loss - ref_loss):.1e}, grads {grad_diff:.1e}")
-  assert logits_diff <= 1e-4 and abs(float(loss - ref_loss)) <= 1e-3 and grad_diff <= 1e-4
+  print(f"{impl}: loss {abs(loss - ref_loss):.1e}, grads {grad_diff:.1e}")
+  assert abs(float(loss - ref_loss)) <= 1e-4 * abs(float(ref_loss)) and grad_diff <= 1e-4
 
 
 def test_prefill_over_cache_matches_plain():
