@@ -13,6 +13,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = True
+  c.model.attention_impl = "splash"  # Pallas kernel on TPU; [B, heads, T, T] scores do not fit
   c.mesh = dict(data=1, fsdp=-1, tensor=4)
   c.data.train_path = "/mnt/data/dapo-math-17k.parquet"
   c.data.layout = "dapo"

@@ -13,6 +13,7 @@ def get_config():
   c.model.path = "/mnt/models/Qwen2.5-7B"
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  c.model.attention_impl = "splash"  # Pallas kernel on TPU; [B, heads, T, T] scores do not fit
   c.mesh = dict(data=1, fsdp=-1, tensor=4)
   c.sft.path = "/mnt/data/coldstart.jsonl"  # ~45k {prompt, response} or {messages} rows
   c.sft.batch_size = 64

@@ -9,10 +9,11 @@ from __future__ import annotations
 import ml_collections
 
 ENUMS: dict[str, tuple[str, ...]] = {
-  "mode": ("rl", "sft", "eval"),
+  "mode": ("rl", "sft", "eval", "plan"),
   "algorithm": ("grpo", "tapo"),
   "model.dtype": ("float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
+  "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
   "tapo.construction": ("policy", "divergence"),
   "tapo.ref_scope": ("batch", "query"),
   "tapo.ref_baseline": ("group", "orig"),
@@ -33,11 +34,16 @@ def check_enums(cfg) -> None:
 def base_config() -> ml_collections.ConfigDict:
   """The full config tree; experiment files in configs/ change a few keys."""
   c = ml_collections.ConfigDict()
-  c.mode = "rl"  # rl | sft | eval
+  c.mode = "rl"  # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan)
   c.algorithm = "tapo"  # grpo | tapo
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
   c.workdir = ""  # checkpoints, metrics.jsonl, TensorBoard events; --workdir overrides
   c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU slices)
+  # Explicit coordinates for jax.distributed.initialize (GPU hosts, local multi-process runs);
+  # empty/-1 leave them to JAX's auto-detection (TPU VM metadata, SLURM, Open MPI).
+  c.distributed_coordinator = ""  # HOST:PORT of process 0's coordinator service
+  c.distributed_num_processes = -1  # processes in the job
+  c.distributed_process_id = -1  # this process's index in [0, num_processes)
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)
@@ -45,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # master-weight dtype
   c.model.remat = False  # rematerialize each decoder block in the backward pass
-  c.model.attention_impl = ""  # "" (XLA) | cudnn
+  # "" (XLA: materializes [B, heads, T, T] scores) | cudnn (GPU) | blockwise (any backend) |
+  # splash (Pallas TPU kernel): tapo_jax/models/attention.py
+  c.model.attention_impl = ""
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 fills devices
 
@@ -152,4 +160,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 1024
   c.eval.pass_ks = (1, 4)  # pass@k values reported (k <= eval.k)
   c.eval.reflection_markers = ("wait", "let me re", "re-examine", "mistake", "actually,")
+
+  # mode=plan: per-device memory of this config on a device, from abstract shapes (tapo_jax.plan)
+  c.plan = ml_collections.ConfigDict()
+  c.plan.device = "v5p"  # v4 | v5e | v5p | v6e | h100 | h200, or a slice name such as v5p-32
+  c.plan.chips = 0  # devices in the mesh; 0 = from the slice name, else one host's chips
+  c.plan.shape = ""  # built-in architecture (tapo_jax.plan.SHAPES) when model.path is absent
+  c.plan.mode = "rl"  # the mode planned: rl | sft
+  c.plan.usable = 0.9  # fraction of HBM the peak may fill (runtime reserve, fragmentation)
   return c
+
+
+def synthesis_max_new_tokens(cfg) -> int:
+  """tapo.synthesis_max_new_tokens, or its default (0): rollout.max_new_tokens + 1024."""
+  return cfg.tapo.synthesis_max_new_tokens or cfg.rollout.max_new_tokens + 1024

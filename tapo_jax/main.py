@@ -1,7 +1,8 @@
 r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=value] [--workdir=D]
 
-Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval. Bad flags or config values
-print one line naming the key and exit with status 2 before anything is written.
+Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval, plan (memory per device,
+tapo_jax.plan). Bad flags or config values print one line naming the key and exit with status 2
+before anything is written.
 """
 
 from __future__ import annotations
@@ -123,8 +124,16 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter; -v 0 brings it back
+  if cfg.mode == "plan":  # abstract shapes only: no devices, weights or data needed
+    from tapo_jax import plan
+
+    sys.exit(plan.run(cfg))
   if cfg.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(
+      coordinator_address=cfg.distributed_coordinator or None,
+      num_processes=cfg.distributed_num_processes if cfg.distributed_num_processes >= 0 else None,
+      process_id=cfg.distributed_process_id if cfg.distributed_process_id >= 0 else None,
+    )
   try:
     validate(cfg, jax.device_count())
   except ConfigError as e:

@@ -13,7 +13,6 @@ from tapo_jax import config as config_lib
 from tapo_jax.tapo import synthesis
 from tapo_jax.tapo.batch import Rollouts
 from tapo_jax.tapo.loss import LossConfig, prepare_batch, tapo_loss
-from tapo_jax.train import engines
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -86,7 +85,7 @@ def test_recipe_sizes_hold_a_copied_negative(name):
   c = _config(name)
   assert c.tapo.max_len >= c.data.max_prompt_tokens + c.rollout.max_new_tokens
   if c.tapo.construction == "policy":
-    synth = engines.synthesis_max_new_tokens(c)
+    synth = config_lib.synthesis_max_new_tokens(c)
     assert synth >= c.rollout.max_new_tokens + 512  # a whole y⁻, an analysis and a correction
     assert c.tapo.max_len >= c.data.max_prompt_tokens + synth
     assert c.tapo.ref_baseline == "group"

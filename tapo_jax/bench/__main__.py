@@ -1,4 +1,4 @@
-"""python -m tapo_jax.bench {verifier,sampler,tapo,train}: us vs a peer, measured in one run."""
+"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory}: us vs a peer, in one run."""
 
 import importlib
 import sys
@@ -8,6 +8,7 @@ BENCHMARKS = {
   "sampler": "tapo_jax.bench.sampler",  # tokens/s vs transformers generate
   "tapo": "tapo_jax.bench.tapo",  # DCS + splice + DAE cost vs rollout time
   "train": "tapo_jax.bench.train",  # tokens/s, MFU vs transformers fwd+bwd+AdamW
+  "memory": "tapo_jax.bench.memory",  # planner vs XLA's compiled temp bytes; attention impls
 }
 
 

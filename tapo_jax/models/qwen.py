@@ -6,6 +6,8 @@ V vocab, L layers.
 Qwen2/2.5: q/k/v bias, tied (small sizes) or untied embeddings. Qwen3: RMSNorm on q and k per
 head, no q/k/v bias, head_dim independent of hidden_size. All: GQA, RoPE (rotate-half), RMSNorm,
 SwiGLU. Every parameter carries `logical_axes` metadata that `tapo_jax.sharding` maps to the mesh.
+`attention_impl` ("" XLA, "cudnn", "blockwise", "splash") selects the uncached causal attention
+and the prefill's: see `tapo_jax.models.attention` for what each materializes.
 
 Three entry points:
 - `model(tokens_BT)` -> logits_BTV: the full causal forward (no cache), right padding is harmless.
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tapo_jax.models import attention
 from tapo_jax.models.kv_cache import KVCache
 from tapo_jax.sharding import constrain
 
@@ -189,7 +192,8 @@ class Attention(nnx.Module):
     return y
 
   def __call__(self, x_BTD, positions_BT, mask_BTS=None, kv=None, impl=None):
-    """kv: optional (k_cache_BKSH, v_cache_BKSH) of this layer to write into and attend over."""
+    """kv: optional (k_cache_BKSH, v_cache_BKSH) of this layer to write into and attend over;
+    impl: the model's attention_impl (tapo_jax.models.attention)."""
     cfg = self.cfg
     q = self._proj(x_BTD, "q")
     k = self._proj(x_BTD, "k")
@@ -207,11 +211,13 @@ class Attention(nnx.Module):
       k_cache = k_cache.at[rows_B1, :, positions_BT].set(k.astype(k_cache.dtype))
       v_cache = v_cache.at[rows_B1, :, positions_BT].set(v.astype(v_cache.dtype))
       new_kv = (k_cache, v_cache)
-      out = self._attend_cache(q, k_cache, v_cache, mask_BTS)
+      if impl in attention.MEMORY_EFFICIENT and x_BTD.shape[1] > 1:  # a prefill: no [B,N,T,S]
+        k_c, v_c = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+        out = attention.blockwise_attention(q, k_c, v_c, positions_BT, scale=cfg.head_dim**-0.5)
+      else:
+        out = self._attend_cache(q, k_cache, v_cache, mask_BTS)
     else:
-      out = jax.nn.dot_product_attention(  # plain causal: lets cuDNN use its fused causal kernel
-        q, k, v, is_causal=True, scale=cfg.head_dim**-0.5, implementation=impl
-      )  # [B, T, N, H]
+      out = attention.causal_attention(q, k, v, scale=cfg.head_dim**-0.5, impl=impl)  # [B,T,N,H]
     b, t, n, h = out.shape
     o_NHD = self.o_proj[...].astype(self.dtype)
     return out.reshape(b, t, n * h) @ o_NHD.reshape(n * h, -1), new_kv
@@ -274,6 +280,7 @@ class Qwen(nnx.Module):
     attention_impl: str | None = None,
     rngs: nnx.Rngs,
   ):
+    attention.check_impl(attention_impl)
     self.cfg, self.dtype, self.remat, self.attention_impl = cfg, dtype, remat, attention_impl
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.embed_tokens = _param(
@@ -332,7 +339,7 @@ class Qwen(nnx.Module):
     x = self._embed(tokens_BT)
     ks, vs = list(cache.k), list(cache.v)
     for i, layer in enumerate(self.layers):
-      x, (ks[i], vs[i]) = layer(x, positions_BT, mask, (ks[i], vs[i]), None)
+      x, (ks[i], vs[i]) = layer(x, positions_BT, mask, (ks[i], vs[i]), self.attention_impl)
     return self.logits(self.norm(x)), KVCache(k=tuple(ks), v=tuple(vs))
 
   def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:

@@ -86,6 +86,13 @@ def template_parts(template: str) -> tuple[list[str], list[str]]:
   return pieces, names
 
 
+def prompt_buckets(longest: int, smallest: int = 64) -> tuple[int, ...]:
+  """Prefill buckets for synthesis prompts of at most `longest` tokens: powers of two from
+  `smallest` below `longest`, then `longest` rounded up to 64."""
+  top = -(-longest // 64) * 64
+  return tuple(sorted({b for b in (smallest << i for i in range(24)) if b < top} | {top}))
+
+
 @dataclasses.dataclass(frozen=True)
 class Template:
   """A synthesis template as token ids: literal pieces around the placeholders, in order."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tapo_jax import config
 from tapo_jax.sampling import QwenEngine, Sampling
 from tapo_jax.tapo import synthesis
 
@@ -26,12 +27,6 @@ class Engines:
       if engine is not None and all(engine is not e for e in out.values()):
         out[name] = engine
     return out
-
-
-def _buckets_up_to(longest: int, smallest: int = 64) -> tuple[int, ...]:
-  """Powers of two from `smallest` below `longest`, then `longest` rounded up to 64."""
-  top = -(-longest // 64) * 64
-  return tuple(sorted({b for b in (smallest << i for i in range(24)) if b < top} | {top}))
 
 
 def eval_engine(cfg, model, mesh) -> QwenEngine:
@@ -59,11 +54,11 @@ def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engi
   synth = None
   if template is not None:  # prompt: template + query + y⁻ + y⁺ (bodies of rollouts)
     longest = template.literal_tokens + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
-    synth_buckets = _buckets_up_to(longest)
+    synth_buckets = synthesis.prompt_buckets(longest)
     synth = QwenEngine(
       model,
       slots=cfg.rollout.slots,
-      max_len=synth_buckets[-1] + synthesis_max_new_tokens(cfg),
+      max_len=synth_buckets[-1] + config.synthesis_max_new_tokens(cfg),
       prefill_buckets=synth_buckets,
       mesh=mesh,
     )
@@ -72,11 +67,6 @@ def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engi
     same = cfg.eval.max_new_tokens == cfg.rollout.max_new_tokens
     evaluator = rollout if same else eval_engine(cfg, model, mesh)
   return Engines(rollout=rollout, synthesis=synth, eval=evaluator)
-
-
-def synthesis_max_new_tokens(cfg) -> int:
-  """tapo.synthesis_max_new_tokens, or its default (0): rollout.max_new_tokens + 1024."""
-  return cfg.tapo.synthesis_max_new_tokens or cfg.rollout.max_new_tokens + 1024
 
 
 def rollout_sampling(cfg, eos) -> Sampling:

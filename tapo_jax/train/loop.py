@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from tapo_jax import config as config_lib
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax import sampling, sharding
@@ -261,7 +262,7 @@ def _synthesize(
       prompts,
       roll,
       n=1,
-      max_new_tokens=engines_lib.synthesis_max_new_tokens(cfg),
+      max_new_tokens=config_lib.synthesis_max_new_tokens(cfg),
       seed=cfg.seed * 1_000_003 + step + 7919,
     )
     outputs = gen.completions

@@ -1,0 +1,538 @@
+r"""Memory planner: the HBM a config needs per device, from abstract shapes (nothing is allocated).
+
+python -m tapo_jax.main --config=configs/qwen7b.py --config.mode=plan --config.plan.device=v5p-32
+python -m tapo_jax.main --config=configs/qwen7b.py --config.mode=plan --config.plan.device=v5e \
+  --config.plan.chips=64 --config.plan.shape=qwen2.5-7b     # model.path not on this machine
+
+The architecture comes from config.json in model.path (or plan.shape, a built-in table); the mesh
+from config.mesh resolved against plan.chips exactly as `sharding.mesh_shape` resolves it on the
+real devices; every parameter and cache array is split by the same rules table
+(`sharding.RULES` through `sharding.fit_spec`), activations by the all-or-nothing rule of
+`sharding.constrain`. Exit status 2 with one line naming what to change when the peak does not
+fit in plan.usable x HBM.
+
+Legend (per device): L layers, D model, F mlp, V vocab, N / K q / kv heads, H head dim; n, k, f
+the heads, kv heads and mlp width left on a device after tensor parallelism (a dim the tensor
+axis does not divide stays whole); e compute-dtype bytes, p param-dtype bytes, c cache bytes;
+P the per-device parameter bytes; b rows per device (a micro-batch's rows / (data x fsdp) when
+that divides, else all of them: `constrain` leaves the batch whole); T = tapo.max_len;
+C = loss.vocab_chunk; β the attention block (models.attention.BLOCK).
+
+The run has three phases; the peak is the largest, and each phase holds the train state
+(params P, AdamW moments 2P in the param dtype, optax's default) plus:
+  rollout   KV cache 2·L·slots·K·S·H·c split over (data x fsdp) on slots and tensor on K,
+            S = max(prefill_buckets) + max_new_tokens; the decode rows (tokens, logprobs)
+            8·slots·S; the decode window copy (a window < S is sliced out of the cache: ≤ largest
+            bucket / S of it); one prefill (P' = min(16, 16384 / bucket) prompts of the largest
+            bucket: their KV plus one layer's forward); one decode step's logits slots·V/t·4; two
+            layers' weights gathered over fsdp in the compute dtype.
+  logprobs  the π_old forward of every step, one micro-batch of rows at a time (the loop maps it
+            over the R = Q·(K + m_max) rows, tapo; Q·K for grpo, rounded up like the loop rounds).
+  update    gradients 2P (the accumulator plus one micro-batch's gradient), two gathered layers,
+            the gathered lm_head D·V/t·e, the batch on device, and a micro-batch's activations:
+    per layer kept for the backward  a = b·T·[(4D + 3nH + 3kH + 3f)·e + 8D] + A_saved
+        (x, its norm, q, k, v, rotated q and k, the attention output, the mid residual, its norm,
+        gate, up, silu(gate)·up in the compute dtype; the two norms keep an f32 copy of their input)
+    no remat: L·a + a_bwd + head          remat: L·b·T·D·e + a + a_bwd + head
+        a_bwd = b·T·(2D + 2f + 2nH)·e + A_peak - A_saved  (the cotangents of the layer in backward)
+        head  = b·T·(D·(e + 4) + 3·C·4 + ⌈V/C⌉·16)  (final norm, chunked logprob scan, its carries)
+  attention per layer (A_saved kept for the backward, A_peak live while it runs), by attention_impl:
+    "" / xla   A_saved = b·n·T²·(8 + e, or 8 in f32)  A_peak = A_saved + 3·b·n·T²·4
+               (scores and probabilities in f32, the probabilities again in the compute dtype)
+    cudnn      A_saved = A_peak = b·n·T·4  (the fused kernel keeps the softmax statistics only)
+    blockwise  A_saved = b·n·T·4   A_peak = b·n·T·(4 + 4H) + 2·b·k·T·H·4 + 5·b·n·β²·4
+    splash     A_saved = A_peak = b·n·T·4  (its tiles live in VMEM, not HBM)
+With "policy" constructions the synthesis engine adds a phase like rollout, sized as the loop sizes
+it (tapo_jax.train.engines) for prompts of 512 template tokens (an estimate) +
+data.max_prompt_tokens + 2 x rollout.max_new_tokens (y⁻ and y⁺) and the synthesis length.
+
+These are estimates of what XLA keeps live, not its exact buffer assignment: fusion can drop
+some intermediates and the scheduler can overlap others; plan.usable (0.9) leaves the rest of HBM
+for the runtime, fragmentation and what the formulas miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tapo_jax import sharding
+from tapo_jax.models import attention
+from tapo_jax.models.kv_cache import CACHE_AXES
+from tapo_jax.models.qwen import Qwen, QwenConfig, param_logical_axes
+from tapo_jax.models.weights import CheckpointError, load_config
+
+GiB = 2**30
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """One accelerator chip as the planner sees it."""
+
+  hbm_gib: float  # HBM per chip (nominal)
+  kind: str  # tpu | gpu
+  cores_per_chip: int  # slice names count TensorCores: v4-32 and v5p-32 are 16 chips
+  chips_per_host: int  # chips of one host (TPU VM worker, GPU machine)
+
+
+DEVICES = {
+  "v4": Device(32, "tpu", 2, 4),
+  "v5e": Device(16, "tpu", 1, 4),  # a v5e-8 is the one 8-chip host
+  "v5p": Device(95, "tpu", 2, 4),
+  "v6e": Device(32, "tpu", 1, 4),  # a v6e-8 is the one 8-chip host
+  "h100": Device(80, "gpu", 1, 8),
+  "h200": Device(141, "gpu", 1, 8),
+}
+
+# Built-in architectures (the published config.json values) for planning without the weights.
+SHAPES = {
+  "qwen2.5-1.5b": QwenConfig(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
+  ),
+  "qwen2.5-7b": QwenConfig(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, head_dim=128, max_position_embeddings=131072,
+  ),
+  "qwen3-8b": QwenConfig(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, model_type="qwen3",
+    max_position_embeddings=40960,
+  ),
+}  # fmt: skip
+
+
+class PlanError(ValueError):
+  """A config the planner cannot plan; run() prints it on one line and returns 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str  # e.g. v5p-32 or v5p x 16
+  device: str
+  chips: int
+
+  @property
+  def hosts(self) -> int:
+    d = DEVICES[self.device]
+    if d.kind == "tpu" and d.cores_per_chip == 1 and self.chips <= 8:
+      return 1  # v5e / v6e slices up to 8 chips are one host
+    return max(1, -(-self.chips // d.chips_per_host))
+
+
+def resolve_slice(device: str, chips: int = 0) -> Slice:
+  """The Slice named "v5p-32" (TensorCores, as gcloud names slices) or "v5p" with `chips`."""
+  m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+))?", device.lower())
+  if not m or m.group(1) not in DEVICES:
+    raise PlanError(
+      f"config.plan.device={device!r}: expected one of {sorted(DEVICES)} or a slice "
+      "name such as v5p-32"
+    )
+  name, d = m.group(1), DEVICES[m.group(1)]
+  if m.group(2):
+    cores = int(m.group(2))
+    if cores % d.cores_per_chip:
+      raise PlanError(
+        f"config.plan.device={device!r}: {name} slices count {d.cores_per_chip} cores per chip"
+      )
+    from_name = cores // d.cores_per_chip
+    if chips and chips != from_name:
+      raise PlanError(f"config.plan.chips={chips} disagrees with {device} ({from_name} chips)")
+    return Slice(device, name, from_name)
+  chips = chips or d.chips_per_host
+  return Slice(f"{name} x {chips}", name, chips)
+
+
+def model_config(cfg) -> tuple[QwenConfig, str]:
+  """(architecture, where it came from): plan.shape, else model.path's config.json, else toy."""
+  if cfg.plan.shape:
+    if cfg.plan.shape not in SHAPES:
+      raise PlanError(f"config.plan.shape={cfg.plan.shape!r}: expected one of {sorted(SHAPES)}")
+    return SHAPES[cfg.plan.shape], f"plan.shape={cfg.plan.shape}"
+  if cfg.model.path:
+    if not os.path.isdir(cfg.model.path):
+      raise PlanError(
+        f"config.model.path={cfg.model.path!r} does not exist here: set "
+        f"--config.plan.shape to one of {sorted(SHAPES)}"
+      )
+    try:
+      return load_config(cfg.model.path), cfg.model.path
+    except CheckpointError as e:
+      raise PlanError(str(e)) from None
+  if cfg.model.toy == "arith":
+    from tapo_jax.toy import arith
+
+    return load_config(arith.CHECKPOINT_DIR), "toy arith checkpoint"
+  raise PlanError(
+    f"config.model.path is empty: set it or --config.plan.shape to one of {sorted(SHAPES)}"
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One line of the report: bytes per device, what it is, and what to change if it dominates."""
+
+  name: str
+  bytes: int
+  fix: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  slice: Slice
+  mesh: dict[str, int]
+  source: str
+  num_params: int
+  phases: dict[str, tuple[Term, ...]]
+  usable: float  # fraction of HBM the plan may fill
+  notes: tuple[str, ...]
+
+  @property
+  def hbm(self) -> int:
+    return int(DEVICES[self.slice.device].hbm_gib * GiB)
+
+  def total(self, phase: str) -> int:
+    return sum(t.bytes for t in self.phases[phase])
+
+  @property
+  def peak_phase(self) -> str:
+    return max(self.phases, key=self.total)
+
+  @property
+  def peak(self) -> int:
+    return self.total(self.peak_phase)
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= self.usable * self.hbm
+
+  def advice(self) -> str:
+    """One line: the peak against the budget and the change the largest term calls for."""
+    phase = self.peak_phase
+    top = max(self.phases[phase], key=lambda t: t.bytes)
+    return (
+      f"{phase} phase needs {self.peak / GiB:.1f} GiB per device, more than "
+      f"{self.usable:.0%} of {self.slice.name}'s {DEVICES[self.slice.device].hbm_gib:g} GiB; "
+      f"largest term: {top.name} ({top.bytes / GiB:.1f} GiB): {top.fix}"
+    )
+
+  def render(self) -> str:
+    d = DEVICES[self.slice.device]
+    lines = [
+      f"model   {self.source}: {self.num_params:,} parameters",
+      f"slice   {self.slice.name}: {self.slice.chips} chips x {d.hbm_gib:g} GiB, "
+      f"{self.slice.hosts} host(s)",
+      "mesh    " + " ".join(f"{k}={v}" for k, v in self.mesh.items()),
+    ]
+    lines += [f"note    {n}" for n in self.notes]
+    for phase, terms in self.phases.items():
+      lines.append(f"{phase:<60s} {'GiB/device':>10s}")
+      lines += [f"  {t.name:<58s} {t.bytes / GiB:10.2f}" for t in terms]
+      lines.append(f"  {'total':<58s} {self.total(phase) / GiB:10.2f}")
+    verdict = "fits" if self.fits else "DOES NOT FIT"
+    lines.append(
+      f"peak    {self.peak_phase}: {self.peak / GiB:.2f} GiB of {d.hbm_gib:g} GiB "
+      f"({self.peak / self.hbm:.0%}; budget {self.usable:.0%}): {verdict}"
+    )
+    return "\n".join(lines)
+
+
+def _split(dim: int, name: str, mesh) -> int:
+  """How many ways `sharding.constrain` splits a dim of logical `name` (all mesh axes or none)."""
+  axes = sharding.RULES[name]
+  flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  ways = math.prod(mesh.shape[a] for a in flat)
+  return ways if dim % ways == 0 else 1
+
+
+def shard_elems(shape, names, mesh) -> int:
+  """Elements of one device's shard of an array whose dims carry logical `names`."""
+  spec = sharding.fit_spec(sharding.logical_to_spec(names), shape, mesh)
+  n = 1
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    n *= dim // math.prod(mesh.shape[a] for a in flat)
+  return n
+
+
+def attention_bytes(impl: str, b: int, n: int, k: int, t: int, h: int, e: int) -> tuple[int, int]:
+  """(A_saved, A_peak) per layer, per device, of the T-by-T-dependent attention terms."""
+  if impl in ("", "xla"):
+    saved = b * n * t * t * (8 + (e if e != 4 else 0))
+    return saved, saved + 3 * b * n * t * t * 4
+  if impl in ("cudnn", "splash"):
+    return b * n * t * 4, b * n * t * 4
+  blk = min(attention.BLOCK, t)
+  return b * n * t * 4, b * n * t * (4 + 4 * h) + 2 * b * k * t * h * 4 + 5 * b * n * blk * blk * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Per-device sizes of one config on one mesh (the legend's lower-case letters)."""
+
+  cfg: QwenConfig
+  mesh: jax.sharding.AbstractMesh
+  n: int  # q-heads per device
+  k: int  # kv-heads per device
+  f: int  # mlp width per device
+  tv: int  # ways the vocabulary is split
+  dp: int  # data x fsdp
+  e: int  # compute-dtype bytes
+  impl: str  # the attention that actually runs (splash off TPU runs blockwise)
+
+  def rows(self, r: int) -> int:
+    """Rows per device of an activation with r rows (constrain: split over data x fsdp or not)."""
+    return r // _split(r, "batch", self.mesh)
+
+  def forward_layer(self, b: int, t: int, impl: str) -> int:
+    """Live while one layer runs forward only (no backward), b rows of t tokens."""
+    c, e = self.cfg, self.e
+    _, a_peak = attention_bytes(impl, b, self.n, self.k, t, c.head_dim, e)
+    d, h = c.hidden_size, c.head_dim
+    return b * t * ((3 * d + 2 * self.n * h + 2 * self.k * h + 3 * self.f) * e + 4 * d) + a_peak
+
+  def head(self, b: int, t: int, chunk: int) -> int:
+    """The final norm and the chunked logprob scan (forward and its backward)."""
+    d, v = self.cfg.hidden_size, self.cfg.vocab_size
+    return b * t * (d * (self.e + 4) + 3 * chunk * 4 + -(-v // chunk) * 16)
+
+  def activations(self, b: int, t: int, chunk: int, remat: bool) -> tuple[int, int]:
+    """(bytes of one micro-batch's forward + backward, of which the attention terms)."""
+    c, e, n, k, f = self.cfg, self.e, self.n, self.k, self.f
+    d, h, layers = c.hidden_size, c.head_dim, c.num_hidden_layers
+    a_saved, a_peak = attention_bytes(self.impl, b, n, k, t, h, e)
+    layer = b * t * ((4 * d + 3 * n * h + 3 * k * h + 3 * f) * e + 8 * d) + a_saved
+    layer_bwd = b * t * (2 * d + 2 * f + 2 * n * h) * e + a_peak - a_saved
+    if remat:
+      return layers * b * t * d * e + layer + layer_bwd + self.head(b, t, chunk), a_peak
+    return layers * layer + layer_bwd + self.head(b, t, chunk), a_peak + (layers - 1) * a_saved
+
+
+def _geometry(mc: QwenConfig, mesh, e: int, impl: str) -> Geometry:
+  n_, k_, f_ = mc.num_attention_heads, mc.num_key_value_heads, mc.intermediate_size
+  return Geometry(
+    cfg=mc,
+    mesh=mesh,
+    n=n_ // _split(n_, "heads", mesh),
+    k=k_ // _split(k_, "kv_heads", mesh),
+    f=f_ // _split(f_, "mlp", mesh),
+    tv=_split(mc.vocab_size, "vocab", mesh),
+    dp=mesh.shape["data"] * mesh.shape["fsdp"],
+    e=e,
+    impl=impl,
+  )
+
+
+def rollout_terms(g: Geometry, slots: int, bucket: int, new_tokens: int, windows) -> list[Term]:
+  """The engine's decode state, one prefill of the largest bucket and one decode step."""
+  c, e, layers = g.cfg, g.e, g.cfg.num_hidden_layers
+  s = bucket + new_tokens
+  # the engine places its state with sharding.named_sharding (fit_spec: each mesh axis that divides)
+  cache = (
+    2 * layers * e * shard_elems((slots, c.num_key_value_heads, s, c.head_dim), CACHE_AXES, g.mesh)
+  )
+  rows = shard_elems((slots, s), ("batch", "cache_seq"), g.mesh) // s
+  p_rows = max(1, min(16, 16384 // bucket))  # QwenEngine.max_prefill_rows with its defaults
+  p_rows = 1 << (p_rows.bit_length() - 1)
+  pb = g.rows(p_rows)
+  prefill_kv = shard_elems((p_rows, c.num_key_value_heads, bucket, c.head_dim), CACHE_AXES, g.mesh)
+  prefill = 2 * layers * e * prefill_kv + pb * bucket * c.hidden_size * e
+  prefill += g.forward_layer(
+    pb, bucket, "blockwise" if g.impl in attention.MEMORY_EFFICIENT else ""
+  )
+  window = max([w for w in windows if 16 <= w < s] + [0])
+  fewer = f"fewer rollout.slots (now {slots}) or more chips"
+  return [
+    Term(f"KV cache ({slots} slots x {s}, {e * 8}-bit)", cache, fewer),
+    Term("decode rows (tokens, logprobs)", 8 * rows * s, fewer),
+    Term(f"decode window copy (<= {window} of {s} slots)", cache * window // s, fewer),
+    Term(
+      f"prefill of {p_rows} x {bucket} tokens",
+      prefill,
+      "model.attention_impl=blockwise or splash, or smaller rollout.prefill_buckets",
+    ),
+    Term("decode step logits", rows * c.vocab_size // g.tv * 4, fewer),
+  ]
+
+
+def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[Term], list[str]]:
+  """(terms, notes) of one jitted update: gradients and a micro-batch's activations."""
+  b, remat = g.rows(mb), bool(cfg.model.remat)
+  acts, attn = g.activations(b, t, cfg.loss.vocab_chunk, remat)
+  notes = []
+  if b == mb and g.dp > 1:
+    notes.append(
+      f"optim.micro_batch={mb} is not a multiple of data x fsdp = {g.dp}: every device "
+      "holds all its rows"
+    )
+    rows_fix = f"optim.micro_batch a multiple of {g.dp} (data x fsdp)"
+  else:
+    rows_fix = f"a smaller optim.micro_batch (now {mb}) or sequence length (now {t})"
+  attn_fix = "model.attention_impl=splash (TPU), cudnn (GPU) or blockwise"
+  fix = attn_fix if 2 * attn > acts else rows_fix if remat else "model.remat=True"
+  other = g.activations(b, t, cfg.loss.vocab_chunk, not remat)[0]
+  notes.append(
+    f"activations of one micro-batch: remat={remat} {acts / GiB:.2f} GiB, "
+    f"remat={not remat} {other / GiB:.2f} GiB; attention ({g.impl or 'xla'}) terms "
+    f"{attn / 2**20:,.1f} MiB of them"
+  )
+  terms = [
+    Term("gradients (accumulator + micro-batch)", 2 * params, "more chips"),
+    Term(f"activations, {b} rows x {t} (remat={remat}, attention {g.impl or 'xla'})", acts, fix),
+  ]
+  return terms, notes
+
+
+def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
+  """The per-device memory report of `cfg` (config.plan.mode: rl or sft) on `device` x `chips`
+  (default: config.plan.device and config.plan.chips)."""
+  sl = resolve_slice(device or cfg.plan.device, cfg.plan.chips if chips is None else chips)
+  if cfg.plan.mode not in ("rl", "sft"):
+    raise PlanError(f"config.plan.mode={cfg.plan.mode!r}: expected rl or sft")
+  try:
+    sizes = sharding.mesh_shape(dict(cfg.mesh), sl.chips)
+  except ValueError as e:
+    raise PlanError(f"config.{e} (planning for {sl.chips} chips)") from None
+  mesh = jax.sharding.AbstractMesh(sizes, sharding.MESH_AXES)
+  for key in ("dtype", "param_dtype"):
+    if cfg.model[key] not in DTYPES:
+      raise PlanError(f"config.model.{key}={cfg.model[key]!r}: expected float32 or bfloat16")
+  mc, source = model_config(cfg)
+  impl = _attention_impl(cfg.model.attention_impl, sl, mc.head_dim)
+  dtype, param_dtype = DTYPES[cfg.model.dtype], DTYPES[cfg.model.param_dtype]
+  g = _geometry(mc, mesh, jnp.dtype(dtype).itemsize, impl)
+
+  # layers are identical: a one-layer model gives the embeddings, the head and one layer
+  one = dataclasses.replace(mc, num_hidden_layers=1)
+  model = nnx.eval_shape(lambda: Qwen(one, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  p_bytes, layers = jnp.dtype(param_dtype).itemsize, mc.num_hidden_layers
+  count, params = param_bytes(model, mesh, p_bytes)
+  layer_count, layer_params = param_bytes(model.layers[0], mesh, p_bytes)
+  num_params = count + (layers - 1) * layer_count
+  params += (layers - 1) * layer_params
+  tensor_only = jax.sharding.AbstractMesh((1, 1, sizes[2]), sharding.MESH_AXES)
+  _, layer = param_bytes(model.layers[0], tensor_only, g.e)
+  more = f"more chips (plan.chips > {sl.chips}) or model.param_dtype=bfloat16"
+  state = [
+    Term(f"params ({cfg.model.param_dtype})", params, more),
+    Term("AdamW moments (2 x params)", 2 * params, more),
+  ]
+  gathered = Term("2 layers' weights gathered over fsdp", 2 * layer, "a larger config.mesh.tensor")
+  head = Term(
+    "lm_head gathered over fsdp",
+    mc.hidden_size * mc.vocab_size // g.tv * g.e,
+    "a larger config.mesh.tensor",
+  )
+  phases, notes = {}, []
+  if cfg.plan.mode == "sft":
+    t, rows = cfg.sft.max_len, cfg.sft.batch_size
+    fix = "a smaller sft.batch_size"
+    batch = Term(f"batch ({rows} x {t}, replicated, + micro-batches)", 2 * rows * t * 5, fix)
+    terms, notes = update_terms(g, cfg, params, cfg.optim.micro_batch, t)
+    phases["update"] = state + [gathered, head, batch] + terms
+    return _report(sl, sizes, source, num_params, phases, cfg, notes)
+
+  buckets = sorted(cfg.rollout.prefill_buckets)
+  rollout = rollout_terms(g, cfg.rollout.slots, buckets[-1], cfg.rollout.max_new_tokens, buckets)
+  phases["rollout"] = state + rollout + [gathered]
+  if cfg.algorithm == "tapo" and cfg.tapo.construction == "policy":
+    from tapo_jax import config as config_lib
+    from tapo_jax.tapo import synthesis
+
+    longest = 512 + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
+    synth_buckets = synthesis.prompt_buckets(longest)
+    bucket, new = synth_buckets[-1], config_lib.synthesis_max_new_tokens(cfg)
+    synth = rollout_terms(g, cfg.rollout.slots, bucket, new, synth_buckets)
+    phases["synthesis"] = state + synth + [gathered]
+    notes.append(f"synthesis prompts assumed <= {longest} tokens (bucket {bucket})")
+
+  t = cfg.tapo.max_len
+  extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
+  multiple = math.lcm(cfg.optim.micro_batch, g.dp) * cfg.optim.minibatches  # the loop's padding
+  r = -(-cfg.rollout.batch_queries * (cfg.rollout.n + extra) // multiple) * multiple
+  per_token = 14 + 13  # Rollouts' [R, T] fields and the TrainBatch's, both alive in a step
+  batch = Term(
+    f"rollout batch ({r} x {t}, replicated, + minibatch)",
+    r * t * per_token * (1 + 1 / cfg.optim.minibatches),
+    "fewer rollout.batch_queries or a shorter tapo.max_len",
+  )
+  br = g.rows(cfg.optim.micro_batch)  # the loop's pi_old pass: one micro-batch at a time
+  fwd = br * t * mc.hidden_size * g.e + g.forward_layer(br, t, impl)
+  fwd += g.head(br, t, cfg.loss.vocab_chunk) // 2  # forward only
+  old = Term(
+    f"pi_old forward of {cfg.optim.micro_batch} rows at a time",
+    fwd,
+    "a smaller optim.micro_batch",
+  )
+  phases["logprobs"] = state + [batch, old, gathered, head]
+  terms, more_notes = update_terms(g, cfg, params, cfg.optim.micro_batch, t)
+  phases["update"] = state + [gathered, head, batch] + terms
+  return _report(sl, sizes, source, num_params, phases, cfg, notes + more_notes)
+
+
+def _report(sl, sizes, source, num_params, phases, cfg, notes) -> Report:
+  return Report(
+    slice=sl,
+    mesh=dict(zip(sharding.MESH_AXES, sizes)),
+    source=source,
+    num_params=num_params,
+    phases={
+      name: tuple(dataclasses.replace(t, bytes=int(t.bytes)) for t in terms)
+      for name, terms in phases.items()
+    },
+    usable=float(cfg.plan.usable),
+    notes=tuple(notes),
+  )
+
+
+def _attention_impl(impl: str, sl: Slice, head_dim: int) -> str:
+  """The attention that runs on this device for config.model.attention_impl (PlanError if none)."""
+  impl = impl or ""
+  try:
+    attention.check_impl(impl)
+  except ValueError as e:
+    raise PlanError(f"config.model.{e}") from None
+  kind = DEVICES[sl.device].kind
+  if impl == "cudnn" and kind != "gpu":
+    raise PlanError(
+      f"config.model.attention_impl=cudnn needs an NVIDIA GPU, not {sl.device}: "
+      "use splash (or blockwise)"
+    )
+  if impl == "splash" and (kind != "tpu" or head_dim % 128):
+    return "blockwise"  # what models.attention runs for "splash" there
+  return impl
+
+
+def param_bytes(module, mesh, itemsize: int) -> tuple[int, int]:
+  """(parameter count, bytes of one device's shards at `itemsize` bytes each) of an abstract
+  module, split by the rules table."""
+  shapes = jax.tree.leaves(nnx.state(module, nnx.Param))
+  axes = jax.tree.leaves(param_logical_axes(module), is_leaf=_is_axes)
+  count = sum(math.prod(x.shape) for x in shapes)
+  return count, itemsize * sum(shard_elems(x.shape, a, mesh) for x, a in zip(shapes, axes))
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def run(cfg) -> int:
+  """mode=plan: prints the report; 0 when it fits, 2 (one `error:` line) when not."""
+  try:
+    report = plan(cfg)
+  except PlanError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(report.render())
+  if not report.fits:
+    print(f"error: does not fit: {report.advice()}", file=sys.stderr)
+    return 2
+  return 0

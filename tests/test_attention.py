@@ -1,0 +1,188 @@
+"""Blockwise and splash attention against the plain XLA path: forward, gradients, cache, memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tapo_jax.models import Qwen, QwenConfig, attention
+from tapo_jax.sharding import make_mesh
+
+TOL = 2e-5
+
+
+def _qkv(b, t, n, k, h, s=None, seed=0, dtype=jnp.float32):
+  r = np.random.default_rng(seed)
+  s = s or t
+  arr = lambda *shape: jnp.asarray(r.standard_normal(shape), dtype)  # noqa: E731
+  return arr(b, t, n, h), arr(b, s, k, h), arr(b, s, k, h), arr(b, t, n, h)
+
+
+def _plain(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=q.shape[-1] ** -0.5)
+
+
+def _blockwise(bq, bk):
+  def f(q, k, v):
+    b, t = q.shape[:2]
+    qpos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    k_BKSH, v_BKSH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scale = q.shape[-1] ** -0.5
+    return attention.blockwise_attention(
+      q, k_BKSH, v_BKSH, qpos, scale=scale, block_q=bq, block_k=bk
+    )
+
+  return f
+
+
+def _grads(f, q, k, v, w):
+  return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
+
+
+def _maxdiff(a, b):
+  return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# (T, block_q, block_k, N, K): several blocks, T not a multiple of either block, unequal blocks,
+# GQA ratios 3 and 4, plain MHA with one block holding everything.
+CASES = [(37, 8, 16, 6, 2), (64, 32, 8, 4, 1), (20, 64, 64, 4, 4)]
+
+
+@pytest.mark.parametrize("t,bq,bk,n,kh", CASES)
+def test_blockwise_equals_plain_forward_and_gradients(t, bq, bk, n, kh):
+  q, k, v, w = _qkv(2, t, n, kh, 16)
+  f = jax.jit(_blockwise(bq, bk))
+  assert _maxdiff(f(q, k, v), _plain(q, k, v)) <= TOL
+  diff = _maxdiff(_grads(f, q, k, v, w), _grads(_plain, q, k, v, w))
+  print(f"T={t} blocks=({bq},{bk}) N={n} K={kh}: max |grad diff| = {diff:.1e}")
+  assert diff <= TOL
+
+
+def test_blockwise_bfloat16_close_to_float32_reference():
+  q, k, v, _ = _qkv(2, 48, 4, 2, 32, dtype=jnp.bfloat16)
+  ref = _plain(*(x.astype(jnp.float32) for x in (q, k, v)))
+  out = jax.jit(_blockwise(16, 16))(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) < 2e-2
+
+
+def test_blockwise_over_a_cache_follows_positions():
+  """Queries at arbitrary positions over S > T cache slots see exactly the slots s <= position."""
+  b, t, s, n, kh, h = 3, 5, 40, 4, 2, 8
+  q, _, _, _ = _qkv(b, t, n, kh, h, seed=1)
+  _, k, v, _ = _qkv(b, s, n, kh, h, seed=2)
+  pos = jnp.asarray([[0, 1, 2, 3, 4], [17, 18, 19, 20, 21], [35, 36, 37, 38, 39]], jnp.int32)
+  k_BKSH, v_BKSH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  out = attention.blockwise_attention(q, k_BKSH, v_BKSH, pos, scale=0.3, block_q=2, block_k=8)
+  mask = jnp.arange(s)[None, None, :] <= pos[:, :, None]  # [B, T, S]
+  ref = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=0.3)
+  assert _maxdiff(out, ref) <= TOL
+
+
+def test_blockwise_never_holds_the_score_matrix():
+  """Compiled forward + backward at T=8192: XLA's temp bytes vs one [B, N, T, T] f32 array."""
+  b, t, n, kh, h = 1, 8192, 8, 2, 64
+  sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+  args = (sd(b, t, n, h), sd(b, t, kh, h), sd(b, t, kh, h))
+  scores = b * n * t * t * 4
+
+  def temp(f):
+    g = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
+    return g.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  plain, blockwise = temp(_plain), temp(_blockwise(512, 512))
+  print(f"temp bytes: plain {plain / 2**20:.0f} MiB, blockwise {blockwise / 2**20:.0f} MiB, "
+        f"one score matrix {scores / 2**20:.0f} MiB")  # fmt: skip
+  assert plain >= scores
+  assert blockwise < scores / 20
+
+
+def test_unknown_impl_is_rejected():
+  cfg = QwenConfig(97, 48, 80, 1, 4, 2, 12)
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    Qwen(cfg, attention_impl="flash", rngs=nnx.Rngs(0))
+
+
+# ---- through the model -------------------------------------------------------------------------
+
+CFG = QwenConfig(
+  vocab_size=97,
+  hidden_size=48,
+  intermediate_size=80,
+  num_hidden_layers=1,
+  num_attention_heads=6,
+  num_key_value_heads=2,
+  head_dim=16,
+)
+
+
+def _model(impl, remat=False):
+  return Qwen(CFG, remat=remat, attention_impl=impl, rngs=nnx.Rngs(0))
+
+
+def _loss_and_grads(model, tokens, mask):
+  def loss(params):
+    m = nnx.merge(nnx.graphdef(model), params)
+    logp = jax.nn.log_softmax(m(tokens)[:, :-1])
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    return -jnp.sum(picked * mask[:, 1:])
+
+  return jax.jit(jax.value_and_grad(loss))(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_model_logits_and_gradients_match_plain(impl, monkeypatch):
+  """Right-padded rows (one all padding), loss on real tokens only; blockwise under remat (its
+  custom backward inside a checkpoint). Splash is forced on (its Pallas kernel in interpret mode
+  on CPU)."""
+  monkeypatch.setattr(attention, "splash_applies", lambda head_dim: True)
+  r = np.random.default_rng(0)
+  t = 40
+  tokens = jnp.asarray(r.integers(1, 97, (3, t)), jnp.int32)
+  lengths = np.array([t, 23, 0])
+  mask = jnp.asarray(np.arange(t)[None] < lengths[:, None], jnp.float32)
+  tokens = jnp.where(mask > 0, tokens, 0)
+  ref_loss, ref_grads = _loss_and_grads(_model(""), tokens, mask)
+  loss, grads = _loss_and_grads(_model(impl, remat=impl == "blockwise"), tokens, mask)
+  grad_diff = _maxdiff(grads, ref_grads)
+  print(f"{impl}: loss {abs(loss - ref_loss):.1e}, grads {grad_diff:.1e}")
+  assert abs(float(loss - ref_loss)) <= 1e-4 * abs(float(ref_loss)) and grad_diff <= 1e-4
+
+
+def test_prefill_over_cache_matches_plain():
+  """decode() with T > 1 (the engine's prefill) and then one token: logits and cache agree."""
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 9)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+
+  @nnx.jit
+  def run(m):
+    logits, cache = m.decode(tokens, pos, m.init_cache(2, 16))
+    step, cache = m.decode(tokens[:, :1], jnp.full((2, 1), 9), cache)
+    return logits, step, cache
+
+  outs = {impl: run(_model(impl)) for impl in ("", "blockwise")}
+  assert _maxdiff(outs["blockwise"], outs[""]) <= 1e-5
+
+
+@pytest.mark.parametrize("kh", [2, 1])
+def test_sharded_memory_efficient_paths_match_plain(kh):
+  """On a (data 2, fsdp 2, tensor 2) mesh: kv-heads split over tensor (K=2) or not (K=1, so
+  splash gives each q-head its own kv-head)."""
+  q, k, v, w = _qkv(4, 40, 4, kh, 16)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  scale = 16**-0.5
+  fns = {
+    "": jax.jit(_plain),
+    "blockwise": jax.jit(
+      lambda q, k, v: attention.causal_attention(q, k, v, scale=scale, impl="blockwise")
+    ),
+    "splash": jax.jit(lambda q, k, v: attention.splash_attention(q, k, v, scale=scale)),
+  }
+  with jax.set_mesh(mesh):
+    put = lambda x, spec: jax.device_put(x, jax.NamedSharding(mesh, spec))  # noqa: E731
+    q = put(q, jax.P(("data", "fsdp"), None, "tensor"))
+    k, v = (put(x, jax.P(("data", "fsdp"), None, "tensor" if kh == 2 else None)) for x in (k, v))
+    outs = {impl: (f(q, k, v), _grads(f, q, k, v, w)) for impl, f in fns.items()}
+  for impl in ("blockwise", "splash"):
+    assert _maxdiff(outs[impl], outs[""]) <= TOL, impl

@@ -1,0 +1,224 @@
+"""The memory planner: exact parameter bytes, hand-checked per-device terms, the real shardings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from tapo_jax import config as base
+from tapo_jax import plan as plan_lib
+from tapo_jax import sharding
+from tapo_jax.models import Qwen, load_config
+from tapo_jax.sampling.engine import QwenEngine
+from tapo_jax.sharding import make_mesh
+from tapo_jax.toy import arith
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN25_7B_PARAMS = 7_615_616_512
+
+
+def _terms(report, phase):
+  return {t.name.split(" (")[0].split(",")[0]: t.bytes for t in report.phases[phase]}
+
+
+@pytest.mark.parametrize("param_dtype,itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_qwen7b_parameter_bytes_are_the_exact_count(param_dtype, itemsize):
+  cfg = base.base_config()
+  cfg.plan.shape, cfg.model.param_dtype, cfg.mesh = "qwen2.5-7b", param_dtype, dict(fsdp=-1)
+  one = plan_lib.plan(cfg, device="v5p", chips=1)
+  assert one.num_params == QWEN25_7B_PARAMS
+  assert _terms(one, "update")["params"] == QWEN25_7B_PARAMS * itemsize
+  assert _terms(one, "update")["AdamW moments"] == 2 * QWEN25_7B_PARAMS * itemsize
+  # v5p-32 = 16 chips, fsdp 4 x tensor 4: all but the norm scales and biases split 16 ways
+  cfg.mesh = dict(data=1, fsdp=-1, tensor=4)
+  sliced = _terms(plan_lib.plan(cfg, device="v5p-32"), "update")["params"]
+  assert QWEN25_7B_PARAMS * itemsize / 16 < sliced < 1.001 * QWEN25_7B_PARAMS * itemsize / 16
+
+
+def test_slice_names():
+  cases = {
+    "v5p-32": (16, 4),
+    "v5e-8": (8, 1),
+    "v5e-64": (64, 16),
+    "v4-32": (16, 4),
+    "v6e-8": (8, 1),
+    "v5p-8": (4, 1),
+  }
+  for name, (chips, hosts) in cases.items():
+    sl = plan_lib.resolve_slice(name)
+    assert (sl.chips, sl.hosts) == (chips, hosts), name
+  assert plan_lib.resolve_slice("h100", 16).hosts == 2
+  assert plan_lib.resolve_slice("v5p").chips == 4  # one host by default
+  for bad, msg in (("v5p-31", "cores per chip"), ("tpu9", "expected one of")):
+    with pytest.raises(plan_lib.PlanError, match=msg):
+      plan_lib.resolve_slice(bad)
+  with pytest.raises(plan_lib.PlanError, match="disagrees"):
+    plan_lib.resolve_slice("v5p-32", 8)
+
+
+# A qwen2 model small enough to check every per-device number by hand: V=64, D=16, F=32, L=2,
+# N=4, K=2, H=4, untied, float32 everywhere, on 4 chips as data 1 x fsdp 2 x tensor 2.
+SMALL = dict(
+  model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+  num_attention_heads=4, num_key_value_heads=2, head_dim=4, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(SMALL))
+  cfg = base.base_config()
+  cfg.model.path = str(tmp_path)
+  cfg.model.attention_impl = "blockwise"
+  cfg.mesh = dict(data=1, fsdp=2, tensor=2)
+  cfg.plan.device, cfg.plan.chips = "v5p", 4
+  cfg.rollout.slots, cfg.rollout.prefill_buckets, cfg.rollout.max_new_tokens = 4, (8,), 8
+  cfg.rollout.batch_queries, cfg.rollout.n, cfg.tapo.m_max = 2, 2, 4
+  cfg.tapo.max_len, cfg.optim.micro_batch, cfg.loss.vocab_chunk = 32, 4, 16
+  return cfg
+
+
+def test_small_config_per_device_numbers_by_hand(small_cfg):
+  report = plan_lib.plan(small_cfg)
+  assert report.num_params == 6800  # 2·64·16 + 16 + 2 · 2368 (per layer, below)
+  rollout, update = _terms(report, "rollout"), _terms(report, "update")
+  # embed [64, 16] vocab/tensor, embed/fsdp: 32·8 = 256; lm_head the same 256; final norm 16;
+  # per layer: 2 norms 32, q [16,4,4] 8·2·4 = 64, k and v [16,2,4] 8·1·4 = 32 each, o 64,
+  # biases 8 + 4 + 4, gate/up [16,32] and down [32,16] 8·16 = 128 each -> 624.
+  params = (256 + 256 + 16 + 2 * 624) * 4
+  assert update["params"] == params == 7104
+  assert update["AdamW moments"] == update["gradients"] == 2 * params
+  # one layer in f32, split by tensor only: 32 + 128 + 64 + 64 + 128 + 16 + 3·256 = 1200
+  assert update["2 layers' weights gathered over fsdp"] == 2 * 1200 * 4
+  assert update["lm_head gathered over fsdp"] == 16 * 64 // 2 * 4
+  # R = Q·(K + m_max) = 12 rows of 32 tokens, 27 bytes a token (Rollouts 14 + TrainBatch 13),
+  # plus the (whole) minibatch
+  assert update["rollout batch"] == 12 * 32 * 27 * 2
+  # b = 4 rows / (data·fsdp = 2) = 2, T = 32, n = 2, k = 1, f = 16, H = 4, e = 4, β = 32, C = 16
+  a_saved = 2 * 2 * 32 * 4  # lse
+  a_peak = 2 * 2 * 32 * (4 + 16) + 2 * 2 * 1 * 32 * 4 * 4 + 5 * 2 * 2 * 32 * 32 * 4
+  layer = 2 * 32 * ((4 * 16 + 3 * 2 * 4 + 3 * 1 * 4 + 3 * 16) * 4 + 8 * 16) + a_saved
+  layer_bwd = 2 * 32 * (2 * 16 + 2 * 16 + 2 * 2 * 4) * 4 + a_peak - a_saved
+  head = 2 * 32 * (16 * 8 + 3 * 16 * 4 + 4 * 16)
+  assert (layer, layer_bwd, head) == (46592, 106496, 24576)
+  assert update["activations"] == 2 * layer + layer_bwd + head == 224256
+  small_cfg.model.remat = True
+  remat = _terms(plan_lib.plan(small_cfg), "update")["activations"]
+  assert remat == 2 * 2 * 32 * 16 * 4 + layer + layer_bwd + head == 185856
+  # KV: 2 (k, v) · L · (4 slots / 2) · (2 kv-heads / 2) · (S = 8 + 8) · H · 4 bytes
+  assert rollout["KV cache"] == 2 * 2 * 2 * 1 * 16 * 4 * 4 == 2048
+  assert rollout["decode rows"] == 8 * 2 * 16
+  assert rollout["decode window copy"] == 0  # bucket 8 is below the engine's smallest window
+  # prefill: 16 prompts of 8 (8 per device): their KV, the hidden, one layer forward
+  fwd = 8 * 8 * ((3 * 16 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 4 + 4 * 16)
+  fwd += 8 * 2 * 8 * (4 + 16) + 2 * 8 * 1 * 8 * 4 * 4 + 5 * 8 * 2 * 8 * 8 * 4
+  assert rollout["prefill of 16 x 8 tokens"] == 2 * 2 * 8 * 1 * 8 * 4 * 4 + 8 * 8 * 16 * 4 + fwd
+  assert rollout["decode step logits"] == 2 * 64 // 2 * 4
+  assert "logprobs" in report.phases  # the pi_old pass runs every step, a micro-batch at a time
+  assert report.fits
+
+
+def test_params_and_kv_cache_match_the_real_shardings():
+  """The planner's per-device bytes equal the shards the train state and the engine really hold
+  on 8 devices (toy model, data 2 x fsdp 2 x tensor 2: 2 kv-heads split over tensor, 6 slots
+  over data but not over data x fsdp)."""
+  cfg = base.base_config()
+  cfg.model.toy, cfg.mesh = "arith", dict(data=2, fsdp=2, tensor=2)
+  cfg.plan.device, cfg.plan.chips = "v5p", 8
+  cfg.rollout.slots, cfg.rollout.prefill_buckets, cfg.rollout.max_new_tokens = 6, (16, 32), 32
+  report = _terms(plan_lib.plan(cfg), "rollout")
+  mesh = make_mesh(dict(cfg.mesh))
+  model = Qwen(load_config(arith.CHECKPOINT_DIR), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+  assert report["params"] == held
+  engine = QwenEngine(model, slots=6, max_len=64, prefill_buckets=(16, 32), mesh=mesh)
+  state = engine.init_decode_state()
+  kv = sum(x.addressable_shards[0].data.nbytes for x in state.cache.k + state.cache.v)
+  assert report["KV cache"] == kv == engine.cache_bytes // 4  # 2 ways on slots, 2 on kv-heads
+  rows = sum(x.addressable_shards[0].data.nbytes for x in (state.tokens, state.logprobs))
+  assert report["decode rows"] == rows
+
+
+def test_memory_efficient_attention_removes_the_quadratic_term():
+  cfg = base.base_config()
+  cfg.plan.shape, cfg.mesh, cfg.model.dtype = "qwen2.5-7b", dict(fsdp=-1, tensor=4), "bfloat16"
+  cfg.model.remat = True
+
+  def acts(impl, t):
+    cfg.model.attention_impl, cfg.tapo.max_len = impl, t
+    return _terms(plan_lib.plan(cfg, device="v5p-32"), "update")["activations"]
+
+  assert acts("", 8192) / acts("", 4096) > 3  # the T² scores dominate
+  assert acts("splash", 8192) / acts("splash", 4096) == pytest.approx(2.0, rel=1e-6)
+  assert acts("blockwise", 8192) / acts("blockwise", 4096) < 2.1
+  assert acts("", 8192) > 4 * acts("splash", 8192)
+
+
+def test_bad_plans_are_one_line_errors(small_cfg, capsys):
+  small_cfg.model.path = "/nonexistent/Qwen2.5-7B"
+  assert plan_lib.run(small_cfg) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: config.model.path='/nonexistent/")
+  assert err.strip().endswith("set --config.plan.shape to one of " + str(sorted(plan_lib.SHAPES)))
+  small_cfg.plan.shape, small_cfg.model.attention_impl = "qwen2.5-7b", "cudnn"
+  assert plan_lib.run(small_cfg) == 2
+  assert "attention_impl=cudnn needs an NVIDIA GPU" in capsys.readouterr().err
+  small_cfg.model.attention_impl, small_cfg.plan.chips = "", 3
+  assert plan_lib.run(small_cfg) == 2
+  assert capsys.readouterr().err.count("\n") == 1  # mesh 1 x 2 x 2 != 3 chips, one line
+
+
+def _main(config, *args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "tapo_jax.main", config, "--config.mode=plan", *args]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_qwen7b_on_v5e_64_does_not_fit_and_says_what_to_change():
+  out = _main(
+    "--config=configs/qwen7b.py", "--config.plan.shape=qwen2.5-7b", "--config.plan.device=v5e-64"
+  )
+  assert out.returncode == 2, out.stderr
+  assert "mesh    data=1 fsdp=16 tensor=4" in out.stdout and "DOES NOT FIT" in out.stdout
+  err = out.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: does not fit: ") and "optim." in err[0]
+
+
+def test_cli_tiny_fits():
+  out = _main("--config=configs/tiny.py", "--config.plan.device=v5e-8")
+  assert out.returncode == 0, out.stderr
+  assert "toy arith checkpoint: " in out.stdout and out.stdout.rstrip().endswith(": fits")
+
+
+def test_qwen7b_numbers_documented_in_docs():
+  """docs/plan.md quotes the planner's peaks for configs/qwen7b.py: keep them current."""
+  text = open(os.path.join(REPO, "docs", "plan.md")).read()
+  cfg = _load_config("configs/qwen7b.py")
+  cfg.plan.shape = "qwen2.5-7b"
+  for device in ("v5p-32", "v5e-64"):
+    report = plan_lib.plan(cfg, device=device)
+    assert f"peak    {report.peak_phase}: {report.peak / plan_lib.GiB:.2f} GiB" in text, device
+
+
+def _load_config(path):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_qwen3_8b_in_bfloat16_on_8_gpus():
+  cfg = base.base_config()
+  cfg.plan.shape, cfg.model.param_dtype, cfg.model.dtype = "qwen3-8b", "bfloat16", "bfloat16"
+  report = plan_lib.plan(cfg, device="h200", chips=8)
+  assert report.num_params == 8_190_735_360
+  params = _terms(report, "update")["params"]
+  assert 8_190_735_360 * 2 / 8 < params < 1.001 * 8_190_735_360 * 2 / 8  # fsdp 8
