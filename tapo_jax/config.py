@@ -17,6 +17,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "tapo.construction": ("policy", "divergence"),
   "tapo.ref_scope": ("batch", "query"),
   "tapo.ref_baseline": ("group", "orig"),
+  "reward.extract": ("boxed", "answer_line"),
   "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
 }
 
@@ -84,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict()
   c.reward.timeout_s = 5.0  # hard per-item kill in the verifier pool
   c.reward.workers = 2
+  # where a response gives its answer: boxed (the last \boxed{...}) | answer_line (a last line
+  # "Answer: ...", for DAPO's own prompt template); no "last number" fallback either way
+  c.reward.extract = "boxed"
 
   c.tapo = ml_collections.ConfigDict()
   c.tapo.n_pos = 2  # DCS: min correct rollouts for an eligible query

@@ -9,6 +9,7 @@ tapo_jax.rewards.extract_answer) are injectable for tests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,7 @@ def sample_and_grade(
   extract_fn: ExtractFn | None = None,
   eos_token_ids: Sequence[int] | None = None,
   seed: int = 0,
+  extract: str = "boxed",
 ) -> list[ProblemResult]:
   """k graded samples for each problem."""
   from tapo_jax.sampling import Sampling
@@ -78,7 +80,9 @@ def sample_and_grade(
   if generate_fn is None:
     from tapo_jax.sampling import generate as generate_fn
   if extract_fn is None:
-    from tapo_jax.rewards import extract_answer as extract_fn
+    from tapo_jax.rewards import extract_answer
+
+    extract_fn = functools.partial(extract_answer, extract=extract)
   eos = list(default_eos_ids(tokenizer) if eos_token_ids is None else eos_token_ids)
   prompts = format_prompts(problems, template, tokenizer, use_chat_template)
   sampling = Sampling(float(temperature), float(top_p), int(top_k), tuple(eos))
@@ -144,6 +148,7 @@ def evaluate(
   top_k: int = 0,
   template: str | None = DEFAULT_TEMPLATE,
   use_chat_template: bool = True,
+  extract: str = "boxed",
 ) -> dict[str, float]:
   """Samples k responses per problem, grades them and returns summarize()'s metrics."""
   results = sample_and_grade(
@@ -163,6 +168,7 @@ def evaluate(
     extract_fn=extract_fn,
     eos_token_ids=eos_token_ids,
     seed=seed,
+    extract=extract,
   )
   if out_path is not None:
     write_results(results, out_path)
@@ -214,6 +220,7 @@ def eval_kwargs(cfg: Any) -> dict[str, Any]:
     template=cfg.data.prompt_template,
     use_chat_template=cfg.data.use_chat_template,
     seed=cfg.seed,
+    extract=cfg.reward.extract,
   )
 
 

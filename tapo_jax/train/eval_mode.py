@@ -25,7 +25,9 @@ def run(cfg, workdir: str) -> dict[str, float]:
   sets = problems_lib.eval_sets(cfg)
   engine = engines_lib.eval_engine(cfg, model, mesh)
   os.makedirs(workdir, exist_ok=True)
-  pool = rewards_lib.VerifierPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s)
+  pool = rewards_lib.VerifierPool(
+    workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s, extract=cfg.reward.extract
+  )
   with pool:
     summary = eval_lib.evaluate_sets(
       engine, nnx.state(model, nnx.Param), tokenizer, sets,

@@ -80,7 +80,9 @@ def run(cfg, workdir: str) -> None:
   for name, engine in engines.unique().items():
     print(f"engine {name}: {engine.describe()}", file=sys.stderr)
   vocab_size = model.cfg.vocab_size
-  pool = rewards_lib.VerifierPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s)
+  pool = rewards_lib.VerifierPool(
+    workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s, extract=cfg.reward.extract
+  )
   pool.start()
   problems = problems_lib.training_problems(cfg)
   if cfg.data.pass_rate_window:

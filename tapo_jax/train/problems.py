@@ -63,6 +63,7 @@ def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir
       use_chat_template=cfg.data.use_chat_template,
       seed=cfg.seed,
       grade_fn=pool.grade,
+      extract=cfg.reward.extract,
     )
     with open(path + ".tmp", "w") as f:
       json.dump(rates, f)
