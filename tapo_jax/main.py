@@ -129,16 +129,25 @@ def main(argv) -> None:
 
     sys.exit(plan.run(cfg))
   if cfg.distributed:
-    jax.distributed.initialize(
-      coordinator_address=cfg.distributed_coordinator or None,
-      num_processes=cfg.distributed_num_processes if cfg.distributed_num_processes >= 0 else None,
-      process_id=cfg.distributed_process_id if cfg.distributed_process_id >= 0 else None,
-    )
+    from tapo_jax import distributed
+
+    distributed.initialize(cfg)
   try:
     validate(cfg, jax.device_count())
   except ConfigError as e:
     _fail(str(e))
   logging.info("mode=%s algorithm=%s workdir=%s", cfg.mode, cfg.algorithm, workdir)
+  try:
+    _run_mode(cfg, workdir)
+  except BaseException as e:
+    if cfg.distributed and not isinstance(e, SystemExit | KeyboardInterrupt):
+      from tapo_jax import distributed
+
+      distributed.report_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise
+
+
+def _run_mode(cfg, workdir: str) -> None:
   if cfg.mode == "rl":
     from tapo_jax.train import loop
 

@@ -191,3 +191,25 @@ def mesh_of(tree) -> Mesh:
   if isinstance(s, NamedSharding):
     return s.mesh
   return make_mesh({}, sorted(s.device_set, key=lambda d: d.id))
+
+
+def to_host(tree):
+  """numpy copies of every array of `tree`, also of global arrays whose shards live on other
+  processes (gathered: every process must call this at the same point of the program)."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
+
+
+def put_global(tree, shardings):
+  """Host arrays (the same on every process) -> global arrays with `shardings`; each process
+  places only the shards of its own devices."""
+  return jax.tree.map(
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), tree, shardings
+  )

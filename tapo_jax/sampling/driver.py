@@ -27,10 +27,10 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
+from tapo_jax import sharding
 from tapo_jax.models.qwen import Qwen
 from tapo_jax.sampling.engine import DEFAULT_BUCKETS, QwenEngine
 from tapo_jax.sampling.sample import Sampling
@@ -201,7 +201,7 @@ def _run(engine, params, prompts, n, max_new_tokens, sampling, seed, k) -> Gener
   data = None
 
   def collect(slots_done, lengths):
-    toks, lps = jax.device_get((state.tokens, state.logprobs))
+    toks, lps = sharding.to_host((state.tokens, state.logprobs))
     for s in slots_done:
       r = slot_row[s]
       p, end = len(prompts[r // n]), int(lengths[s])

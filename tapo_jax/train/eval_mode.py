@@ -11,6 +11,7 @@ import sys
 
 from flax import nnx
 
+from tapo_jax import distributed
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.train import engines as engines_lib
@@ -31,13 +32,15 @@ def run(cfg, workdir: str) -> dict[str, float]:
   with pool:
     summary = eval_lib.evaluate_sets(
       engine, nnx.state(model, nnx.Param), tokenizer, sets,
-      out_dir=os.path.join(workdir, "eval"), grade_fn=pool.grade, **eval_lib.eval_kwargs(cfg),
+      out_dir=os.path.join(workdir, "eval") if distributed.is_main() else None,
+      grade_fn=distributed.divided(pool.grade), **eval_lib.eval_kwargs(cfg),
     )  # fmt: skip
   writer = metrics.MetricWriter(workdir, total_steps=0, quiet=True)
   writer.write(0, summary, prefix="eval/")
   writer.close()
-  for key, value in sorted(summary.items()):
-    print(f"{key:>28s}  {value:.4f}", file=sys.stderr)
-  with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+  if distributed.is_main():
+    for key, value in sorted(summary.items()):
+      print(f"{key:>28s}  {value:.4f}", file=sys.stderr)
+    with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
   return summary

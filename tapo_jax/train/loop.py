@@ -27,9 +27,9 @@ from absl import logging
 from flax import nnx
 
 from tapo_jax import config as config_lib
+from tapo_jax import distributed, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
-from tapo_jax import sampling, sharding
 from tapo_jax.data.prompts import format_prompts
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
@@ -45,7 +45,7 @@ from tapo_jax.train.iterator import BatchIterator
 def grade(pool, tokenizer, responses, golds, eos) -> np.ndarray:
   """Rewards of responses (token lists): the one decoding and grading path for every row."""
   texts = eval_lib.decode_responses(tokenizer, responses, eos)
-  return np.asarray(pool.grade(texts, list(golds)), np.float32)
+  return distributed.divided(pool.grade)(texts, list(golds))
 
 
 def grade_constructions(pool, tokenizer, cons, golds, eos) -> np.ndarray:
@@ -178,13 +178,17 @@ def run(cfg, workdir: str) -> None:
         batch = batch_lib.concat_rollouts(originals, cons)
       t_construct = time.time()
       if cfg.train.dump_rollouts_every and (step + 1) % cfg.train.dump_rollouts_every == 0:
-        _dump_rollouts(workdir, step + 1, batch_problems, tokenizer, batch, eos)
+        _dump_rollouts(workdir, step + 1, batch_problems, tokenizer, batch, eos)  # process 0
 
-      # 4. Decoupled advantages, masks and loss scales over the whole step; π_old.
+      # 4. Decoupled advantages, masks and loss scales over the whole step; π_old. The batch
+      #    is the same on every process; on the mesh its rows are split over the data axes.
       train, prep_metrics = loss_lib.prepare_batch(
         batch_lib.pad_rows(batch, row_multiple), loss_cfg
       )
-      train = train.replace(old_logprobs=old_logprobs(state.params, train.tokens, train.positions))
+      train = sharding.to_host(train)
+      rows = sharding.put_global(train, sharding.batch_shardings(train, mesh))
+      old = old_logprobs(state.params, rows.tokens, rows.positions)
+      train = train.replace(old_logprobs=sharding.to_host(old))
 
       # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch.
       step_metrics = []
@@ -222,13 +226,14 @@ def run(cfg, workdir: str) -> None:
       if out["skipped"]:
         logging.warning("step %d: non-finite or exploding update, skipped", step + 1)
       if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+        eval_dir = os.path.join(workdir, "eval", f"step_{step + 1}")
         summary = eval_lib.evaluate_sets(
           engines.eval,
           state.params,
           tokenizer,
           problems_lib.eval_sets(cfg),
-          out_dir=os.path.join(workdir, "eval", f"step_{step + 1}"),
-          grade_fn=pool.grade,
+          out_dir=eval_dir if distributed.is_main() else None,
+          grade_fn=distributed.divided(pool.grade),
           **eval_lib.eval_kwargs(cfg),
         )
         writer.write(step + 1, summary, prefix="eval/")
@@ -304,7 +309,9 @@ def _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards) -> dic
 
 def _dump_rollouts(workdir, step, problems, tokenizer, batch, eos) -> None:
   """WORKDIR/rollouts/step_N.jsonl: every valid row of the step (originals then constructions)
-  as the verifier read it, with its reward."""
+  as the verifier read it, with its reward (written by process 0)."""
+  if not distributed.is_main():
+    return
   valid = np.flatnonzero(np.asarray(batch.valid))
   rows = batch_lib.take_rows(batch, valid)
   texts = eval_lib.decode_responses(tokenizer, batch_lib.response_ids(rows, eos), eos)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from tapo_jax import distributed
 from tapo_jax import eval as eval_lib
 from tapo_jax.data import Problem, filter_by_pass_rate, load_problems
 from tapo_jax.toy import arith
@@ -42,7 +43,7 @@ def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir
   in WORKDIR/pass_rates.json, so a resumed run trains on exactly the same set."""
   low, high = cfg.data.pass_rate_window
   path = os.path.join(workdir, "pass_rates.json")
-  if os.path.exists(path):
+  if distributed.agree(os.path.exists(path)):  # every process samples, or none
     with open(path) as f:
       rates = json.load(f)
   else:
@@ -62,12 +63,13 @@ def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir
       template=cfg.data.prompt_template,
       use_chat_template=cfg.data.use_chat_template,
       seed=cfg.seed,
-      grade_fn=pool.grade,
+      grade_fn=distributed.divided(pool.grade),
       extract=cfg.reward.extract,
     )
-    with open(path + ".tmp", "w") as f:
-      json.dump(rates, f)
-    os.replace(path + ".tmp", path)
+    if distributed.is_main():
+      with open(path + ".tmp", "w") as f:
+        json.dump(rates, f)
+      os.replace(path + ".tmp", path)
   kept = filter_by_pass_rate(problems, rates, low, high)
   msg = f"difficulty filter [{low}, {high}]: kept {len(kept)} of {len(problems)} problems"
   print(msg, file=sys.stderr)

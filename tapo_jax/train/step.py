@@ -38,8 +38,9 @@ def split_micro_batches(batch, micro_batch: int):
 
 
 def minibatches(batch, key: jax.Array, n: int, micro_batch: int, mesh) -> list:
-  """The step's rows in `n` shuffled minibatches, each [M, micro_batch, ...] on `mesh` (rows over
-  the data axes), with the loss scaled so each update has the whole step's weight.
+  """The step's rows (host arrays, the same on every process) in `n` shuffled minibatches, each
+  [M, micro_batch, ...] placed on `mesh` (rows over the data axes), with the loss scaled so each
+  update has the whole step's weight.
 
   Originals and constructions are dealt to the minibatches separately (each minibatch holds
   1/n of each, ±1 row), so L_ref keeps its weight λ relative to L_orig in every update, not
@@ -56,7 +57,7 @@ def minibatches(batch, key: jax.Array, n: int, micro_batch: int, mesh) -> list:
     part = take(np.sort(order[i::n]))
     part = part.replace(loss_scale=part.loss_scale * n)
     part = split_micro_batches(part, micro_batch)
-    out.append(jax.device_put(part, sharding.batch_shardings(part, mesh, row_axis=1)))
+    out.append(sharding.put_global(part, sharding.batch_shardings(part, mesh, row_axis=1)))
   return out
 
 

@@ -1,0 +1,169 @@
+"""`main` as a real multi-controller JAX program: 2 local CPU processes with 4 devices each join
+through jax.distributed (gloo collectives) into one 8-device mesh, and must do exactly what one
+process with 8 devices does. Slow: each test starts several processes that compile."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = [
+  "--config.rollout.batch_queries=2",
+  "--config.rollout.n=4",
+  "--config.rollout.slots=8",
+  "--config.rollout.max_new_tokens=40",
+  "--config.tapo.n_pos=1",
+  "--config.tapo.n_neg=1",
+  "--config.tapo.m_max=2",
+  "--config.optim.micro_batch=4",
+  "--config.train.checkpoint_every=1",
+  "--config.train.steps=3",
+  "--config.eval.k=2",
+  "--config.eval.pass_ks=(1, 2)",
+  "--config.eval.max_new_tokens=32",
+]
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(tmp_path, devices):
+  env = dict(os.environ)
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  return env
+
+
+def _start(tmp_path, workdir, processes, *extra, per_process=None):
+  """Starts `processes` processes of main (8 devices in all); returns the Popen objects."""
+  port, procs = _port(), []
+  for i in range(processes):
+    cmd = [
+      sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+      *FAST, *extra, *(per_process[i] if per_process else []),
+    ]  # fmt: skip
+    if processes > 1:
+      cmd += [
+        "--config.distributed=True", f"--config.distributed_coordinator=127.0.0.1:{port}",
+        f"--config.distributed_num_processes={processes}", f"--config.distributed_process_id={i}",
+        "--config.distributed_heartbeat_s=10",
+      ]  # fmt: skip
+    log = open(pathlib.Path(f"{workdir}.p{i}.log"), "w")  # noqa: SIM115
+    env = _env(tmp_path, 8 // processes)
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _finish(procs, workdir, timeout=900):
+  for p in procs:
+    p.wait(timeout=timeout)
+  logs = [pathlib.Path(f"{workdir}.p{i}.log").read_text() for i in range(len(procs))]
+  return [p.returncode for p in procs], logs
+
+
+def _metrics(workdir):
+  return [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(workdir, step):
+  import jax
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(workdir, "checkpoints", str(step), "state").resolve()
+  checkpointer = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved over 2 processes' devices
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+    checkpointer.metadata(path).item_metadata.tree,
+  )
+  tree = checkpointer.restore(path, target)["params"]
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp_path):
+  one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+  codes, logs = _finish(_start(tmp_path, one, 1), one)
+  assert codes == [0], logs[0][-3000:]
+  codes, logs = _finish(_start(tmp_path, two, 2), two)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  m1, m2 = _metrics(one), _metrics(two)
+  assert [m["step"] for m in m2] == [1, 2, 3]  # written once, by process 0
+  for a, b in zip(m1, m2, strict=True):
+    for key in ("loss", "loss/orig", "loss/ref", "reward/accuracy"):
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+  for log in logs:  # every engine spans both processes' devices
+    assert "mesh data=1 fsdp=8 tensor=1" in log
+
+  # kill -9 one process once checkpoint 2 exists: the other stops by itself, with the error
+  procs = _start(tmp_path, killed, 2)
+  deadline = time.time() + 900
+  while not (killed / "checkpoints" / "2").exists():
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGKILL)
+  t0 = time.time()
+  procs[0].wait(timeout=120)
+  assert procs[0].returncode != 0 and time.time() - t0 < 90
+  assert "unhealthy" in pathlib.Path(f"{killed}.p0.log").read_text()
+  # both restart and resume from the last complete checkpoint
+  codes, logs = _finish(_start(tmp_path, killed, 2), killed)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  assert "at step 2" in logs[0] or "at step 3" in logs[0]
+  final, want = _params(killed, 3), _params(two, 3)
+  assert final.keys() == want.keys()
+  for key in want:
+    np.testing.assert_array_equal(final[key], want[key], err_msg=key)
+
+
+def test_two_process_eval_gives_the_one_process_summary(tmp_path):
+  held = tmp_path / "held.jsonl"
+  from tapo_jax.toy import arith
+
+  with open(held, "w") as f:
+    for p in arith.make_problems(6, seed=4):
+      f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
+  flags = ["--config.mode=eval", f"--config.eval.paths={held}"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  codes, logs = _finish(_start(tmp_path, one, 1, *flags), one)
+  assert codes == [0], logs[0][-3000:]
+  codes, logs = _finish(_start(tmp_path, two, 2, *flags), two)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  s1 = json.loads((one / "eval_summary.json").read_text())
+  s2 = json.loads((two / "eval_summary.json").read_text())
+  assert s1 == s2 and s1["held/n_problems"] == 6
+  assert len((two / "eval" / "held.jsonl").read_text().splitlines()) == 6
+  assert len(_metrics(two)) == 1
+
+
+def test_an_error_in_one_process_stops_all_with_that_error(tmp_path):
+  good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+  good.write_text(json.dumps({"problem": "Compute 1+2.", "answer": "3"}) + "\n")
+  bad.write_text('{"problem": "Compute 1+2.", "answer": \n')  # not JSON: a DataError
+  workdir = tmp_path / "wd"
+  procs = _start(
+    tmp_path, workdir, 2,
+    per_process=[[f"--config.data.train_path={good}"], [f"--config.data.train_path={bad}"]],
+  )  # fmt: skip
+  t0 = time.time()
+  codes, logs = _finish(procs, workdir, timeout=300)
+  assert codes[0] != 0 and codes[1] != 0 and time.time() - t0 < 280
+  assert "error: process 1: DataError" in logs[0], logs[0][-3000:]
