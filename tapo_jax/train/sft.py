@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tapo_jax import distributed, sharding
 from tapo_jax.data import load_sft
 from tapo_jax.data.prompts import tokenize_sft
 from tapo_jax.tapo.loss import sequence_logprobs
@@ -78,9 +79,13 @@ def run(cfg, workdir: str) -> None:
   writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
   for step in range(start, steps):
     t0 = time.time()
-    batch = pack_sft(it.next(), cfg.sft.max_len, pad)
+    batch = pack_sft(it.next(), cfg.sft.max_len, pad)  # the same on every process
+    micro_batches = step_lib.split_micro_batches(batch, micro)
+    micro_batches = sharding.put_global(
+      micro_batches, sharding.batch_shardings(micro_batches, mesh, row_axis=1)
+    )
     with jax.set_mesh(mesh):
-      state, m = train_step(state, step_lib.split_micro_batches(batch, micro))
+      state, m = train_step(state, micro_batches)
     m = metrics.to_host(m)
     m["tokens_per_s"] = float(batch["loss_mask"].sum()) / max(time.time() - t0, 1e-9)
     writer.write(step + 1, m)
@@ -94,5 +99,6 @@ def run(cfg, workdir: str) -> None:
   jax.block_until_ready(state.params)
   from tapo_jax.models import save_pretrained
 
-  save_pretrained(nnx.merge(graphdef, state.params), os.path.join(workdir, "hf"))
-  tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+  save_pretrained(nnx.merge(graphdef, state.params), os.path.join(workdir, "hf"))  # collective
+  if distributed.is_main():
+    tokenizer.save_pretrained(os.path.join(workdir, "hf"))
