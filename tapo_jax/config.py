@@ -18,6 +18,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "tapo.ref_scope": ("batch", "query"),
   "tapo.ref_baseline": ("group", "orig"),
   "reward.extract": ("boxed", "answer_line"),
+  "loss.rollout_is": ("off", "token-tis", "seq-mask"),
   "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
 }
 
@@ -124,6 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.eps_high = 0.28
   c.loss.adv_eps = 1e-6  # ε in (r - mean) / (std + ε)
   c.loss.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+  # rollout correction of the sampler/trainer gap u = pi_old / pi_sampler (tapo_jax/tapo/loss.py):
+  # off | token-tis (weigh each sampled token by min(u, cap)) | seq-mask (drop a row whose
+  # geometric-mean u leaves band). Constructions: on their anchored prefix only.
+  c.loss.rollout_is = "off"
+  c.loss.rollout_is_cap = 2.0
+  c.loss.rollout_is_band = (0.5, 2.0)
   c.loss.vocab_chunk = 4096  # logprob/entropy computed this many vocabulary entries at a time
   c.loss.filter_zero_variance = True  # drop groups whose rewards are all equal
   c.loss.mask_truncated = False  # zero the loss of responses that hit max_new_tokens

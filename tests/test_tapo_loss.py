@@ -16,6 +16,7 @@ from tapo_jax.tapo.loss import (
   ots_weights,
   policy_loss,
   prepare_batch,
+  rollout_correction,
   sequence_logprobs,
   tapo_loss,
   token_logprobs_and_entropy,
@@ -210,6 +211,9 @@ def test_ppo_clip_hand_computed():
     token_scale=jnp.full(2, 1 / 5),
     is_constructed=jnp.zeros(2, bool),
     old_logprobs=jnp.concatenate([old, old]),
+    sampler_logprobs=jnp.zeros((2, 4)),
+    sampled=jnp.zeros((2, 4), bool),
+    is_scale=jnp.zeros(2),
   )
   loss, m = policy_loss(jnp.concatenate([lp, lp]), jnp.zeros((2, 4)), b, cfg)
   # row 0 (A=2): ratio 2 -> clipped 1.28 -> -2.56; ratio .8 -> min(1.6, 1.6) -> -1.6; 1 -> -2
@@ -280,7 +284,9 @@ def test_micro_batches_add_up_to_the_full_batch():
   parts = [f(rows(prepared, idx)) for idx in ([0, 4, 7], [1, 2, 3], [5, 6, 8])]
   np.testing.assert_allclose(sum(x[0] for x in parts), loss, rtol=1e-5)
   for key in metrics:
-    np.testing.assert_allclose(sum(x[1][key] for x in parts), metrics[key], rtol=1e-5, atol=1e-7)
+    combine = max if key.endswith("_max") else sum  # the train step's rule (step._combine)
+    got = combine(x[1][key] for x in parts)
+    np.testing.assert_allclose(got, metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
 def _two_row_batch(loss_mask, constructed=(False, False)):
@@ -410,6 +416,7 @@ def test_prepare_batch_reproduces_the_pinned_values(case):
   want = json.loads(PINNED.read_text())[case]
   c = config_lib.base_config()
   c.rollout.max_new_tokens = 7
+  c.tapo.ref_baseline = "group"  # the default when the values were pinned
   for key, value in want["config"].items():
     section, _, name = key.rpartition(".")
     (c[section] if section else c)[name] = value
@@ -421,3 +428,70 @@ def test_prepare_batch_reproduces_the_pinned_values(case):
   assert set(metrics) == set(want["metrics"])
   for key, value in want["metrics"].items():
     np.testing.assert_allclose(metrics[key], value, atol=2e-6, err_msg=key)
+
+
+# ---------------------------------------------------------------------------- rollout correction
+
+
+def _is_batch(constructed=(False, False, True)):
+  """3 rows of 5 tokens; row 2 (a construction) has 2 sampled prefix tokens then 2 inserted."""
+  mask = jnp.asarray([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], bool)
+  sampled = mask & jnp.asarray([[1] * 5, [1] * 5, [1, 1, 1, 0, 0]], bool)
+  old = jnp.log(jnp.asarray([[1, 0.5, 0.3, 0.9, 1], [1, 0.2, 0.2, 1, 1], [1, 0.6, 0.6, 0.5, 0.5]]))
+  smp = jnp.log(jnp.asarray([[1, 0.1, 0.3, 0.9, 1], [1, 0.8, 0.8, 1, 1], [1, 0.3, 0.6, 1, 1]]))
+  return TrainBatch(
+    tokens=jnp.zeros((3, 5), jnp.int32),
+    positions=jnp.zeros((3, 5), jnp.int32),
+    loss_mask=mask,
+    advantages=jnp.asarray([1.0, -1.0, 1.0]),
+    loss_scale=jnp.asarray([1 / 5, 1 / 5, 1 / 4]),
+    token_scale=jnp.asarray([1 / 5, 1 / 5, 1 / 4]),
+    is_constructed=jnp.asarray(constructed),
+    old_logprobs=old,
+    sampler_logprobs=jnp.where(sampled, smp, 0.0),
+    sampled=sampled,
+    is_scale=jnp.asarray([1 / 5, 1 / 5, 1 / 2]),
+  )
+
+
+def test_rollout_correction_hand_computed():
+  b = _is_batch()
+  # u = old / sampler on sampled tokens: row 0 [5, 1, 1], row 1 [.25, .25], row 2 [2, 1]
+  rho, m = rollout_correction(b, make_cfg(loss__rollout_is="token-tis", loss__rollout_is_cap=2.0))
+  np.testing.assert_allclose(rho[0, 1:4], [2.0, 1.0, 1.0], rtol=1e-6)  # 5 capped at 2
+  np.testing.assert_allclose(rho[1, 1:3], [0.25, 0.25], rtol=1e-6)
+  np.testing.assert_allclose(rho[2, 1:5], [2.0, 1.0, 1.0, 1.0], rtol=1e-6)  # inserted: 1
+  np.testing.assert_allclose(m["rollout_is/orig_ratio_mean"], (5 + 1 + 1 + 0.25 + 0.25) / 5)
+  np.testing.assert_allclose(m["rollout_is/orig_ratio_max"], 5.0, rtol=1e-6)
+  np.testing.assert_allclose(m["rollout_is/orig_capped_frac"], 1 / 5)
+  np.testing.assert_allclose(m["rollout_is/ref_ratio_mean"], 1.5, rtol=1e-6)  # prefix only
+  np.testing.assert_allclose(m["rollout_is/ref_ratio_max"], 2.0, rtol=1e-6)
+  # seq-mask: geometric means 5^(1/3) = 1.71 (kept), 0.25 (out), sqrt(2) = 1.41 (kept)
+  cfg = make_cfg(loss__rollout_is="seq-mask", loss__rollout_is_band=(0.5, 2.0))
+  rho, m = rollout_correction(b, cfg)
+  assert np.asarray(rho).tolist() == [[1] * 5, [0] * 5, [1] * 5]
+  np.testing.assert_allclose(m["rollout_is/orig_masked_frac"], 2 / 5)  # row 1's 2 tokens
+  assert float(m["rollout_is/ref_masked_frac"]) == 0.0
+  rho, m = rollout_correction(b, make_cfg())  # off: weights 1, ratios still measured
+  assert (np.asarray(rho) == 1).all() and float(m["rollout_is/orig_ratio_max"]) == 5.0
+
+
+def test_rollout_correction_enters_the_loss_as_a_token_weight():
+  b = _is_batch()
+  lp = b.old_logprobs  # ratio π_θ / π_old = 1: per-token loss -A
+  off, _ = policy_loss(lp, jnp.zeros((3, 5)), b, make_cfg(tapo__ots=False))
+  tis, _ = policy_loss(
+    lp, jnp.zeros((3, 5)), b, make_cfg(tapo__ots=False, loss__rollout_is="token-tis")
+  )
+  np.testing.assert_allclose(off, -(3 / 5) + (2 / 5) - (4 / 4), rtol=1e-6)
+  np.testing.assert_allclose(tis, -(2 + 1 + 1) / 5 + (0.5) / 5 - (2 + 1 + 1 + 1) / 4, rtol=1e-6)
+
+
+def test_temperature_divides_the_logits():
+  batch, p = make_batch(), params()
+  cfg = make_cfg(rollout__temperature=0.5)
+  prepared, _ = prepare(batch, cfg)
+  got = jax.jit(lambda: tapo_loss(Stub(p), prepared, cfg))()
+  scaled = (p[0], p[1] / 0.5)
+  want = jax.jit(lambda: tapo_loss(Stub(scaled), prepared, make_cfg()))()
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)

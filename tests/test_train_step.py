@@ -139,6 +139,9 @@ def test_minibatches_deal_originals_and_constructions_evenly():
     token_scale=jnp.ones(r),
     is_constructed=jnp.asarray(constructed),
     old_logprobs=jnp.zeros((r, t)),
+    sampler_logprobs=jnp.zeros((r, t)),
+    sampled=jnp.zeros((r, t), bool),
+    is_scale=jnp.zeros(r),
   )
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   parts = step_lib.minibatches(batch, jax.random.key(3), 3, 4, mesh)

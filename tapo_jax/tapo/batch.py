@@ -54,6 +54,9 @@ class TrainBatch:
   token_scale: jax.Array  # [R] f32  1 / loss tokens of the row's part (token means in metrics)
   is_constructed: jax.Array  # [R] bool
   old_logprobs: jax.Array  # [R, T] f32  π_old, token-aligned (the params the step started with)
+  sampler_logprobs: jax.Array  # [R, T] f32  the sampler's, under the distribution it sampled
+  sampled: jax.Array  # [R, T] bool  sampler_logprobs valid: sampled by the learner in this context
+  is_scale: jax.Array  # [R] f32  1 / sampled loss tokens of the row's part (rollout-IS metrics)
 
   @property
   def num_rows(self) -> int:

@@ -11,8 +11,21 @@ scales) and returns a `TrainBatch`; `tapo_loss` on any micro-batch of it then re
 micro-batch's share, so the sum over micro-batches is the full-batch loss (and the metrics sum to
 full-batch means):
   L = L_orig + λ · L_ref,  each aggregated over its own rows (token-mean by default),
-  per token: w_t · max(-A r_t, -A clip(r_t, 1-ε_low, 1+ε_high)),  r_t = π_θ(y_t) / π_old(y_t),
+  per token: ρ_t · w_t · max(-A r_t, -A clip(r_t, 1-ε_low, 1+ε_high)),  r_t = π_θ(y_t) / π_old(y_t),
   w_t = clamp(exp(sg(log π_θ(y_t) + H_t)), ots_min, ots_max) on constructed rows (OTS), else 1.
+All policy probabilities are taken at the rollout temperature (logits / T), the distribution the
+sampler drew from.
+
+Rollout correction (loss.rollout_is) weighs the gap between the sampler and π_old: the sampler's
+own logprobs (decode path: KV cache, its dtype, top-p/top-k truncation) against the trainer's
+forward, u_t = π_old(y_t) / π_sampler(y_t), on the tokens the learner sampled in this context —
+every response token of an original and the anchored prefix of a construction. Inserted tokens
+of a construction (a diagnosis, y⁺'s steps, the policy's rewrite) were never sampled here: they
+are off-policy by design, get ρ_t = 1 and are left to OTS.
+  off        ρ_t = 1 (the ratios are still measured: rollout_is/* metrics)
+  token-tis  ρ_t = sg(min(u_t, C))                      truncated importance sampling, C = cap
+  seq-mask   ρ_t = 1 if the row's geometric-mean u lies in [lo, hi] (over its sampled tokens),
+             else 0 for the whole row (a construction whose anchored prefix left the band too)
 Both jitted pieces read a `LossConfig`: a small frozen, hashable view of the keys they use.
 """
 
@@ -50,6 +63,10 @@ class LossConfig:
   ots: bool = True
   ots_min: float = 0.01
   ots_max: float = 10.0
+  temperature: float = 1.0  # rollout.temperature: π at the distribution sampled from
+  rollout_is: str = "off"  # off | token-tis | seq-mask
+  rollout_is_cap: float = 2.0  # C of token-tis
+  rollout_is_band: tuple[float, float] = (0.5, 2.0)  # [lo, hi] of seq-mask
 
   @classmethod
   def from_config(cls, cfg) -> LossConfig:
@@ -74,6 +91,10 @@ class LossConfig:
       ots=bool(tc.ots),
       ots_min=float(tc.ots_min),
       ots_max=float(tc.ots_max),
+      temperature=float(cfg.rollout.temperature) or 1.0,
+      rollout_is=lc.rollout_is,
+      rollout_is_cap=float(lc.rollout_is_cap),
+      rollout_is_band=tuple(float(x) for x in lc.rollout_is_band),
     )
 
 
@@ -170,6 +191,9 @@ def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[st
   else:  # seq-mean-token-sum-norm
     scale = jnp.full(n_tok.shape, 1.0 / cfg.max_new_tokens) / seqs_in
   scale = scale * has_tok
+  sampled = loss_mask & batch.from_learner
+  n_sampled = sampled.sum(axis=1).astype(jnp.float32)
+  is_in = jnp.where(constructed, total(n_sampled, constructed), total(n_sampled, ~constructed))
   ref_rows = rows & constructed
   metrics = {
     "loss/rows_trained": trained.sum().astype(jnp.float32),
@@ -186,6 +210,9 @@ def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[st
     token_scale=1.0 / tokens_in,
     is_constructed=constructed,
     old_logprobs=jnp.zeros(batch.tokens.shape, jnp.float32),
+    sampler_logprobs=jnp.where(sampled, batch.sampler_logprobs, 0.0),
+    sampled=sampled,
+    is_scale=1.0 / is_in,
   )
   return train, metrics
 
@@ -196,10 +223,39 @@ def ots_weights(logprobs: jax.Array, entropy: jax.Array, lo: float, hi: float) -
   return jnp.clip(jnp.exp(jnp.minimum(s, 80.0)), lo, hi)
 
 
+def rollout_correction(
+  batch: TrainBatch, cfg: LossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(ρ [R, T], no gradient: see the module docstring; metrics of u = π_old / π_sampler on the
+  sampled tokens, originals and constructed prefixes apart)."""
+  sampled = batch.sampled & batch.loss_mask
+  log_u = jnp.where(sampled, batch.old_logprobs - batch.sampler_logprobs, 0.0)
+  u = jnp.exp(jnp.minimum(log_u, 80.0))
+  rho = jnp.ones_like(u)
+  lo, hi = cfg.rollout_is_band
+  n = sampled.sum(axis=1)
+  geo = jnp.exp(log_u.sum(axis=1) / jnp.maximum(n, 1))
+  row_out = (n > 0) & ((geo < lo) | (geo > hi))
+  if cfg.rollout_is == "token-tis":
+    rho = jnp.where(sampled, jnp.minimum(u, cfg.rollout_is_cap), 1.0)
+  elif cfg.rollout_is == "seq-mask":
+    rho = jnp.where(row_out[:, None], 0.0, rho)
+  constructed = batch.is_constructed[:, None]
+  mean = batch.is_scale[:, None] * sampled  # sums to 1 over each part's sampled tokens (step)
+  metrics = {}
+  for part, where in (("orig", mean * ~constructed), ("ref", mean * constructed)):
+    metrics[f"rollout_is/{part}_ratio_mean"] = jnp.sum(u * where)
+    metrics[f"rollout_is/{part}_ratio_max"] = jnp.max(jnp.where(where > 0, u, 0.0))
+    metrics[f"rollout_is/{part}_capped_frac"] = jnp.sum((u > cfg.rollout_is_cap) * where)
+    metrics[f"rollout_is/{part}_masked_frac"] = jnp.sum(row_out[:, None] * where)
+  return jax.lax.stop_gradient(rho), metrics
+
+
 def policy_loss(
   logprobs_RT: jax.Array, entropy_RT: jax.Array, batch: TrainBatch, cfg: LossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The summed, scaled PPO-clip (+ OTS) loss of `batch` (a micro-batch) and its metrics."""
+  """The summed, scaled PPO-clip (+ OTS, + rollout correction) loss of `batch` (a micro-batch)
+  and its metrics (additive over micro-batches; names ending in _max combine by max)."""
   mask = batch.loss_mask
   constructed = batch.is_constructed[:, None]
   log_ratio = jnp.where(mask, logprobs_RT - batch.old_logprobs, 0.0)
@@ -211,7 +267,8 @@ def policy_loss(
   w = jnp.ones_like(pg)
   if cfg.ots and cfg.algorithm == "tapo":
     w = jnp.where(constructed, ots_weights(logprobs_RT, entropy_RT, cfg.ots_min, cfg.ots_max), 1.0)
-  per_token = w * pg
+  rho, is_metrics = rollout_correction(batch, cfg)
+  per_token = rho * w * pg
   scale = batch.loss_scale[:, None] * mask
   l_orig = jnp.sum(per_token * scale * ~constructed)
   l_ref = jnp.sum(per_token * scale * constructed)
@@ -229,6 +286,7 @@ def policy_loss(
     "loss/entropy_orig": jnp.sum(ent * orig),
     "loss/entropy_ref": jnp.sum(ent * ref),
     "tapo/ots_weight_mean": jnp.sum(jax.lax.stop_gradient(w) * ref),
+    **is_metrics,
   }
   return loss, metrics
 
@@ -236,11 +294,13 @@ def policy_loss(
 def tapo_loss(model, batch: TrainBatch, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of a prepared (micro-)batch under `model` (anything with .hidden/.lm_head)."""
   hidden = model.hidden(batch.tokens, batch.positions)
-  lp, ent = sequence_logprobs(hidden, model.lm_head(), batch.tokens, cfg.vocab_chunk)
+  head = model.lm_head() if cfg.temperature == 1.0 else model.lm_head() / cfg.temperature
+  lp, ent = sequence_logprobs(hidden, head, batch.tokens, cfg.vocab_chunk)
   return policy_loss(lp, ent, batch, cfg)
 
 
-def logprobs(model, tokens: jax.Array, positions: jax.Array, chunk: int) -> jax.Array:
-  """[R, T] token-aligned logprobs of `tokens` under `model` (π_old of a step)."""
-  lp, _ = sequence_logprobs(model.hidden(tokens, positions), model.lm_head(), tokens, chunk)
+def logprobs(model, tokens, positions, chunk: int, temperature: float = 1.0) -> jax.Array:
+  """[R, T] token-aligned logprobs of `tokens` under `model` at `temperature` (π_old)."""
+  head = model.lm_head() if temperature == 1.0 else model.lm_head() / temperature
+  lp, _ = sequence_logprobs(model.hidden(tokens, positions), head, tokens, chunk)
   return lp

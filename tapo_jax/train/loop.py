@@ -115,7 +115,9 @@ def run(cfg, workdir: str) -> None:
       ssh,
       max_update_ratio=cfg.optim.max_update_ratio,
     )
-  old_logprobs = step_lib.make_old_logprobs(graphdef, cfg.loss.vocab_chunk, cfg.optim.micro_batch)
+  old_logprobs = step_lib.make_old_logprobs(
+    graphdef, cfg.loss.vocab_chunk, cfg.optim.micro_batch, loss_cfg.temperature
+  )
   row_multiple = math.lcm(cfg.optim.micro_batch, sharding.data_parallel_size(mesh))
   row_multiple *= cfg.optim.minibatches
   stop = checkpoint.PreemptionGuard()
@@ -292,9 +294,10 @@ def _synthesize(
 
 
 def _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards) -> dict[str, float]:
-  """Sums the additive loss metrics over updates (means over updates for the rest)."""
+  """Metrics of the step: means over its updates ("*_max": the max), skipped updates summed."""
   host = [metrics.to_host(m) for m in step_metrics]
-  out = {key: float(np.mean([h[key] for h in host])) for key in host[0]}
+  pick = lambda key: np.max if key.endswith("_max") else np.mean  # noqa: E731
+  out = {key: float(pick(key)([h[key] for h in host])) for key in host[0]}
   out["skipped"] = float(sum(h["skipped"] for h in host))
   out.update(metrics.to_host(prep_metrics))
   out.update({k_: float(v) for k_, v in tapo_metrics.items()})

@@ -61,6 +61,11 @@ def minibatches(batch, key: jax.Array, n: int, micro_batch: int, mesh) -> list:
   return out
 
 
+def _combine(name: str):
+  """How a metric of micro-batches adds up to the batch's: a sum, or a max for "*_max"."""
+  return jnp.maximum if name.endswith("_max") else jnp.add
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   optimizer: optax.GradientTransformation,
@@ -84,7 +89,7 @@ def make_train_step(
       loss_acc, grads_acc, metrics_acc = carry
       (loss, metrics), grads = grads_of(state.params, micro)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+      metrics_acc = {k: _combine(k)(metrics_acc[k], v) for k, v in metrics.items()}
       return (loss_acc + loss, grads_acc, metrics_acc), None
 
     first = jax.tree.map(lambda x: x[0], batch)
@@ -125,13 +130,13 @@ def make_train_step(
   return jax.jit(train_step, donate_argnums=0, **shardings)
 
 
-def make_old_logprobs(graphdef, chunk: int, micro_batch: int):
+def make_old_logprobs(graphdef, chunk: int, micro_batch: int, temperature: float = 1.0):
   """Jitted π_old of a TrainBatch's rows under `params`, one micro-batch at a time."""
 
   @jax.jit
   def old_logprobs(params, tokens, positions):
     def one(xs):
-      return loss_lib.logprobs(nnx.merge(graphdef, params), *xs, chunk)
+      return loss_lib.logprobs(nnx.merge(graphdef, params), *xs, chunk, temperature)
 
     split = lambda x: x.reshape((-1, micro_batch) + x.shape[1:])  # noqa: E731
     return jax.lax.map(one, (split(tokens), split(positions))).reshape(tokens.shape)
