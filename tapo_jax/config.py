@@ -83,6 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = 0  # 0 = off
   c.rollout.slots = 64  # engine's max concurrent decodes
   c.rollout.prefill_buckets = (64, 128, 256, 512, 1024, 2048)
+  # dynamic sampling: while fewer than Q of a step's groups have mixed rewards, sample Q more
+  # queries, up to resample_rounds extra rounds (tapo_jax/train/rollouts.py)
+  c.rollout.dynamic = False
+  c.rollout.resample_rounds = 2
+  # 1: one-step-off overlap, the rollouts of step t+1 are sampled with step t's params while step
+  # t updates (pair with loss.rollout_is); 0: sample, then update
+  c.rollout.async_steps = 0
+  # > 0: the first N devices sample (on rollout.sampler_mesh) and the rest train (on mesh);
+  # 0: samplers and trainer share the one mesh
+  c.rollout.sampler_devices = 0
+  c.rollout.sampler_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
   c.reward = ml_collections.ConfigDict()
   c.reward.timeout_s = 5.0  # hard per-item kill in the verifier pool

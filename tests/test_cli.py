@@ -116,10 +116,13 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   env = _env(tmp_path)
   straight, chain = tmp_path / "straight", tmp_path / "chain"
   # An uninterrupted 3-step run (also warms the compilation cache for the rest), with a periodic
-  # eval at step 2, which must not perturb training.
+  # eval at step 2, which must not perturb training; dynamic sampling draws extra queries from
+  # the data iterator, which resume must replay exactly.
+  dynamic = "--config.rollout.dynamic=True"
   out = _run(
     env,
     straight,
+    dynamic,
     "--config.train.steps=3",
     "--config.train.eval_every=2",
     "--config.eval.k=2",
@@ -132,7 +135,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
 
   def start():
     return subprocess.Popen(
-      _cmd(chain, "--config.train.steps=3"),
+      _cmd(chain, dynamic, "--config.train.steps=3"),
       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -149,7 +152,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   assert "resumed from" in err
   # ... and resumed again to the end.
-  out = _run(env, chain, "--config.train.steps=3")
+  out = _run(env, chain, dynamic, "--config.train.steps=3")
   assert out.returncode == 0, out.stderr[-3000:]
 
   a, b = _flat(_final_params(straight, 3)), _flat(_final_params(chain, 3))
@@ -162,7 +165,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   assert _steps_logged(chain)[-1] == 3
 
   # A finished workdir given more steps resumes where it stopped.
-  out = _run(env, straight, "--config.train.steps=4")
+  out = _run(env, straight, dynamic, "--config.train.steps=4")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr and "at step 3" in out.stderr
   assert _steps_logged(straight) == [1, 2, 2, 3, 4]

@@ -280,16 +280,17 @@ class QwenEngine(engine_api.Engine):
 
   # ---- Engine API ----------------------------------------------------------------------------
 
-  def load_params(self, params, *args, **kwargs):
+  def load_params(self, params, *args, copy: bool = False, **kwargs):
     """Params (an nnx.State of nnx.Param, or a Qwen module) placed with the engine's shardings
-    (no copy when they already are, e.g. the trainer's params on the same mesh)."""
+    (no copy when they already are, e.g. the trainer's params on the same mesh, unless `copy`:
+    a sampler that runs while the trainer donates its params needs its own)."""
     if isinstance(params, nnx.Module):
       params = nnx.state(params, nnx.Param)
     # rebuilt in the engine's own tree structure: any metadata difference would retrace
     leaves = jax.tree.leaves(params)
     if len(leaves) != self._param_tree.num_leaves:
       raise ValueError(f"params have {len(leaves)} arrays, the model {self._param_tree.num_leaves}")
-    placed = jax.device_put(leaves, jax.tree.leaves(self.param_shardings))
+    placed = jax.device_put(leaves, jax.tree.leaves(self.param_shardings), may_alias=not copy)
     return jax.tree.unflatten(self._param_tree, placed)
 
   def init_decode_state(self, seed: int = 0, *args, **kwargs) -> DecodeState:

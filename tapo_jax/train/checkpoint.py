@@ -23,6 +23,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int, *, force: bool = False) -> bool:
+    """Whether save(step, ..., force=force) would write a checkpoint."""
+    return (force or step % self.every == 0) and self.manager.latest_step() != step
+
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
     """Saves when `step` is due (or `force`); `extra` is JSON (data iterator, metrics)."""
     if not force and step % self.every:
@@ -50,14 +54,15 @@ class Checkpointer:
     return out["state"], out["extra"]
 
   def resume(self, state, state_sharding, iterator) -> tuple:
-    """(state, start step): the newest checkpoint's, with the iterator moved to its position;
-    (state, 0) when the workdir has none."""
+    """(state, start step, extra): the newest checkpoint's, with the iterator moved to its
+    position; (state, 0, {}) when the workdir has none."""
     start = self.latest_step() or 0
+    extra = {}
     if start:
       state, extra = self.restore(start, state_sharding, state)
       iterator.restore(extra["data"])
       print(f"resumed from {self.manager.directory} at step {start}", file=sys.stderr)
-    return state, start
+    return state, start, extra
 
   def wait(self):
     self.manager.wait_until_finished()

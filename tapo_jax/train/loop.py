@@ -5,6 +5,9 @@
   constructions (same pool, same decoding) -> DAE + masks (prepare_batch) -> π_old ->
   minibatch updates -> metrics -> periodic eval (eval engine) -> checkpoint.
 
+Rollouts come from `train.rollouts`: sampled at the start of the step, with dynamic sampling
+when configured, or one step ahead in a background thread (rollout.async_steps = 1).
+
 Every sampler is an engine built once, in setup, on the training mesh, and handed the current
 params at each call; there is one verifier pool per run. Each step's randomness is folded from
 (seed, step) and the data iterator's state is saved with the checkpoint, so a run killed at any
@@ -24,31 +27,24 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from tapo_jax import config as config_lib
 from tapo_jax import distributed, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
-from tapo_jax.data.prompts import format_prompts
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
 from tapo_jax.train import checkpoint, metrics
 from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
+from tapo_jax.train import rollouts as rollouts_lib
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 from tapo_jax.train.iterator import BatchIterator
 
 
-def grade(pool, tokenizer, responses, golds, eos) -> np.ndarray:
-  """Rewards of responses (token lists): the one decoding and grading path for every row."""
-  texts = eval_lib.decode_responses(tokenizer, responses, eos)
-  return distributed.divided(pool.grade)(texts, list(golds))
-
-
-def grade_constructions(pool, tokenizer, cons, golds, eos) -> np.ndarray:
+def grade_constructions(grade, tokenizer, cons, golds, eos) -> np.ndarray:
   """[C] rewards of the built constructions against their source query's gold (0 elsewhere)."""
   q = len(golds)
   built = np.flatnonzero(np.asarray(cons.valid))
@@ -56,7 +52,8 @@ def grade_constructions(pool, tokenizer, cons, golds, eos) -> np.ndarray:
   if built.size:
     source = np.asarray(cons.group_ids)[built] - q
     responses = batch_lib.response_ids(batch_lib.take_rows(cons, built), eos)
-    rewards[built] = grade(pool, tokenizer, responses, [golds[j] for j in source], eos)
+    texts = eval_lib.decode_responses(tokenizer, responses, eos)  # as the originals are
+    rewards[built] = grade(texts, [golds[j] for j in source])
   return rewards
 
 
@@ -67,6 +64,7 @@ def run(cfg, workdir: str) -> None:
   """Trains for cfg.train.steps RL steps; resumes from the newest checkpoint in `workdir`."""
   t_setup = time.time()
   mesh, model, tokenizer = state_lib.load_policy(cfg)
+  sampler_mesh = state_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
   os.makedirs(workdir, exist_ok=True)
   k, q = cfg.rollout.n, cfg.rollout.batch_queries
   eos = eval_lib.default_eos_ids(tokenizer)
@@ -76,7 +74,7 @@ def run(cfg, workdir: str) -> None:
   if policy_construction:
     text = cfg.tapo.synthesis_template or synthesis.SYNTHESIS_TEMPLATE
     template = synthesis.encode_template(tokenizer, text, cfg.data.use_chat_template)
-  engines = engines_lib.build_engines(cfg, model, mesh, template)
+  engines = engines_lib.build_engines(cfg, model, sampler_mesh, template)
   for name, engine in engines.unique().items():
     print(f"engine {name}: {engine.describe()}", file=sys.stderr)
   vocab_size = model.cfg.vocab_size
@@ -86,7 +84,7 @@ def run(cfg, workdir: str) -> None:
   pool.start()
   problems = problems_lib.training_problems(cfg)
   if cfg.data.pass_rate_window:
-    params = nnx.state(model, nnx.Param)
+    params = engines.rollout.load_params(model)
     problems = problems_lib.filter_by_difficulty(
       cfg, engines.rollout, params, tokenizer, pool, problems, workdir
     )
@@ -97,10 +95,17 @@ def run(cfg, workdir: str) -> None:
   graphdef, state, ssh = state_lib.create(model, mesh, optimizer)
   del model  # its arrays are the state's params now (donated by every update)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
-  state, start = ckpt.resume(state, ssh, it)
+  state, start, restored = ckpt.resume(state, ssh, it)
 
   loss_cfg = loss_lib.LossConfig.from_config(cfg)
   roll = engines_lib.rollout_sampling(cfg, eos)
+  grade_fn = rollouts_lib.locked(distributed.divided(pool.grade))  # loop and producer thread
+  sampler = rollouts_lib.Sampler(cfg, engines.rollout, tokenizer, grade_fn, eos, roll)
+  pending = restored.get("pending")  # the next step's rollouts, made before an interruption
+  pending = rollouts_lib.StepRollouts.from_json(pending) if pending else None
+  producer = rollouts_lib.Producer(sampler, cfg.rollout.async_steps, pending)
+  copy = bool(cfg.rollout.async_steps)  # the trainer donates its params while the sampler reads
+  to_sampler = lambda params: engines.rollout.load_params(params, copy=copy)  # noqa: E731
   tables = construct.token_tables(tokenizer, vocab_size, eos)
   diag, joiner = divergence.diagnosis_tokens(tokenizer, cfg.tapo.diagnosis_template)
   dcs_args = dict(n_pos=cfg.tapo.n_pos, n_neg=cfg.tapo.n_neg, m_max=cfg.tapo.m_max)
@@ -128,39 +133,24 @@ def run(cfg, workdir: str) -> None:
     for step in range(start, cfg.train.steps):
       t0 = time.time()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-      batch_problems = it.next()
-      golds = [p.answer for p in batch_problems]
-      prompts = format_prompts(
-        batch_problems,
-        cfg.data.prompt_template,
-        tokenizer,
-        cfg.data.use_chat_template,
-        cfg.data.max_prompt_tokens,
-      )
 
-      # 1. Rollouts: K samples per query from the current policy.
-      gen = sampling.generate(
-        engines.rollout,
-        state.params,
-        prompts,
-        roll,
-        n=k,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        seed=cfg.seed * 1_000_003 + step,
-      )
-      t_rollout = time.time()
-
-      # 2. Rewards from the verifier pool.
-      rewards = grade(pool, tokenizer, gen.completions, [g for g in golds for _ in range(k)], eos)
+      # 1-2. Rollouts: K samples per query from the policy, graded by the verifier pool (now,
+      #      or, one-step-off, during the previous step with its params; the next step's start
+      #      here with the params this step starts from).
+      on_sampler = to_sampler(state.params)
+      r, staleness = producer.take(on_sampler, it, step)
+      if step + 1 < cfg.train.steps:
+        producer.start_next(on_sampler, it, step)
+      batch_problems, golds = r.problems, [p.answer for p in r.problems]
       originals = batch_lib.pack_rollouts(
-        prompts,
-        gen.completions,
-        gen.logprobs,
+        r.prompts,
+        r.completions,
+        r.logprobs,
         samples_per_prompt=k,
         max_len=cfg.tapo.max_len,
         eos_ids=eos,
         max_new_tokens=cfg.rollout.max_new_tokens,
-        rewards=rewards,
+        rewards=r.rewards,
       )
       t_reward = time.time()
 
@@ -171,11 +161,11 @@ def run(cfg, workdir: str) -> None:
         cands = construct.select(originals, jax.random.fold_in(key, 1), k=k, **dcs_args)
         if policy_construction:
           queries = [p.problem for p in batch_problems]
-          cons, prefix, synth_metrics = synthesize(state.params, originals, cands, queries, step)
+          cons, prefix, synth_metrics = synthesize(on_sampler, originals, cands, queries, step)
         else:
           cons, prefix = divergence.divergence_rows(originals, cands, diag, joiner, tables, k=k)
           synth_metrics = {}
-        cons = cons.replace(rewards=grade_constructions(pool, tokenizer, cons, golds, eos))
+        cons = cons.replace(rewards=grade_constructions(grade_fn, tokenizer, cons, golds, eos))
         tapo_metrics = {**construct.construction_metrics(cands, cons, prefix), **synth_metrics}
         batch = batch_lib.concat_rollouts(originals, cons)
       t_construct = time.time()
@@ -191,6 +181,7 @@ def run(cfg, workdir: str) -> None:
       rows = sharding.put_global(train, sharding.batch_shardings(train, mesh))
       old = old_logprobs(state.params, rows.tokens, rows.positions)
       train = train.replace(old_logprobs=sharding.to_host(old))
+      t_advantage = time.time()
 
       # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch.
       step_metrics = []
@@ -206,21 +197,24 @@ def run(cfg, workdir: str) -> None:
           with jax.set_mesh(mesh):
             state, m = train_step(state, part)
           step_metrics.append(m)
+      jax.block_until_ready(state.params)  # the update's time, not its dispatch's
       t_update = time.time()
 
       # 6. Metrics (host side), periodic eval and checkpoint.
-      out = _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards)
+      out = _step_metrics(step_metrics, prep_metrics, tapo_metrics, r)
       out.update(
         {
-          "time/rollout": t_rollout - t0,
-          "time/reward": t_reward - t_rollout,
+          "rollout/staleness": float(staleness),
+          "time/rollout_wait": t_reward - t0,  # all of rollout + reward unless one-step-off
           "time/construct": t_construct - t_reward,
-          "time/update": t_update - t_construct,
+          "time/advantage": t_advantage - t_construct,
+          "time/update": t_update - t_advantage,
           "time/step": time.time() - t0,
-          "perf/rollout_tokens_per_s": sum(map(len, gen.completions)) / max(t_rollout - t0, 1e-9),
+          "perf/rollout_tokens_per_s": r.stats["perf/rollout_tokens"]
+          / max(r.stats["time/rollout"], 1e-9),
           "perf/train_tokens_per_s": float(np.asarray(train.loss_mask).sum())
           * cfg.optim.ppo_epochs
-          / max(t_update - t_construct, 1e-9),
+          / max(t_update - t_advantage, 1e-9),
         }
       )
       writer.write(step + 1, out)
@@ -231,25 +225,37 @@ def run(cfg, workdir: str) -> None:
         eval_dir = os.path.join(workdir, "eval", f"step_{step + 1}")
         summary = eval_lib.evaluate_sets(
           engines.eval,
-          state.params,
+          engines.eval.load_params(state.params),
           tokenizer,
           problems_lib.eval_sets(cfg),
           out_dir=eval_dir if distributed.is_main() else None,
-          grade_fn=distributed.divided(pool.grade),
+          grade_fn=grade_fn,
           **eval_lib.eval_kwargs(cfg),
         )
         writer.write(step + 1, summary, prefix="eval/")
-      ckpt.save(step + 1, state, {"data": it.state()}, force=stop.requested)
+      if ckpt.due(step + 1, force=stop.requested):
+        ckpt.save(step + 1, state, _extra(it, producer), force=True)
       if stop.requested:
         print(f"SIGTERM: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
         break
     else:
       if start < cfg.train.steps:
-        ckpt.save(cfg.train.steps, state, {"data": it.state()}, force=True)
+        ckpt.save(cfg.train.steps, state, _extra(it, producer), force=True)
   finally:
+    producer.close()
     ckpt.close()
     writer.close()
     pool.close()
+
+
+def _extra(it, producer) -> dict:
+  """What a checkpoint holds besides the train state: the data iterator's position and, with
+  one-step-off rollouts, the next step's rollouts (waited for: they drew from the iterator)."""
+  pending = producer.settle()
+  extra = {"data": it.state()}
+  if pending is not None:
+    extra["pending"] = pending.to_json()
+  return extra
 
 
 def _synthesize(
@@ -293,7 +299,7 @@ def _synthesize(
   return rows, anchored.prefix_lens, anchored.metrics(len(todo))
 
 
-def _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards) -> dict[str, float]:
+def _step_metrics(step_metrics, prep_metrics, tapo_metrics, r) -> dict[str, float]:
   """Metrics of the step: means over its updates ("*_max": the max), skipped updates summed."""
   host = [metrics.to_host(m) for m in step_metrics]
   pick = lambda key: np.max if key.endswith("_max") else np.mean  # noqa: E731
@@ -301,12 +307,13 @@ def _step_metrics(step_metrics, prep_metrics, tapo_metrics, gen, rewards) -> dic
   out["skipped"] = float(sum(h["skipped"] for h in host))
   out.update(metrics.to_host(prep_metrics))
   out.update({k_: float(v) for k_, v in tapo_metrics.items()})
-  lens = np.array([len(c) for c in gen.completions])
-  out["reward/accuracy"] = float(np.mean(np.asarray(rewards) > 0.5))
-  out["reward/mean"] = float(np.mean(rewards))
+  out.update({k_: float(v) for k_, v in r.stats.items() if k_ != "perf/rollout_tokens"})
+  lens = np.array([len(c) for c in r.completions])
+  out["reward/accuracy"] = float(np.mean(r.rewards > 0.5))
+  out["reward/mean"] = float(np.mean(r.rewards))
   out["response/len_mean"] = float(lens.mean())
   out["response/len_max"] = float(lens.max())
-  out["response/truncated_frac"] = float(np.mean(gen.truncated))
+  out["response/truncated_frac"] = float(np.mean(r.truncated))
   return out
 
 

@@ -63,7 +63,7 @@ def run(cfg, workdir: str) -> None:
   optimizer = state_lib.make_optimizer(cfg.optim, steps)
   graphdef, state, ssh = state_lib.create(model, mesh, optimizer)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
-  state, start = ckpt.resume(state, ssh, it)
+  state, start, _ = ckpt.resume(state, ssh, it)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   chunk = cfg.loss.vocab_chunk
   with jax.set_mesh(mesh):

@@ -31,9 +31,22 @@ def model_dir(cfg) -> str:
   return cfg.model.path or str(arith.CHECKPOINT_DIR)
 
 
+def meshes(cfg) -> tuple[Mesh, Mesh]:
+  """(training mesh, samplers' mesh): one mesh over every device (config.mesh), or, with
+  rollout.sampler_devices = N, rollout.sampler_mesh over the first N and config.mesh over the
+  rest."""
+  n = int(cfg.rollout.sampler_devices)
+  if not n:
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    return mesh, mesh
+  devices = jax.devices()
+  trainer = sharding.make_mesh(dict(cfg.mesh), devices[n:])
+  return trainer, sharding.make_mesh(dict(cfg.rollout.sampler_mesh), devices[:n])
+
+
 def load_policy(cfg):
-  """(mesh from config.mesh, model sharded over it, tokenizer) from the local model directory."""
-  mesh = sharding.make_mesh(dict(cfg.mesh))
+  """(training mesh, model sharded over it, tokenizer) from the local model directory."""
+  mesh = meshes(cfg)[0]
   path = model_dir(cfg)
   with jax.set_mesh(mesh):
     model = load_pretrained(
