@@ -103,6 +103,8 @@ def validate_coldstart(cfg) -> None:
   from tapo_jax.tapo import synthesis
 
   cs = cfg.coldstart
+  if cfg.distributed:
+    raise ConfigError("config.distributed=True: mode=coldstart runs on one host; set it False")
   if cfg.tapo.synthesis_template:
     try:
       synthesis.template_parts(cfg.tapo.synthesis_template)

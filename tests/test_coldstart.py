@@ -121,6 +121,10 @@ def test_toy_model_as_policy_and_teacher(tmp_path):
   before = (tmp_path / "wd" / "coldstart.jsonl").read_bytes()
   coldstart.run(cfg, str(tmp_path / "wd"))
   assert (tmp_path / "wd" / "coldstart.jsonl").read_bytes() == before
+  foreign = _config(tmp_path / "train.jsonl", output=str(tmp_path / "wd" / "coldstart.jsonl"))
+  with pytest.raises(coldstart.BuildError, match="not this build's output"):
+    coldstart.run(foreign, str(tmp_path / "elsewhere"))  # a new workdir must not truncate it
+  assert (tmp_path / "wd" / "coldstart.jsonl").read_bytes() == before
   other = _config(tmp_path / "train.jsonl")
   other.rollout.n = 8
   with pytest.raises(coldstart.BuildError, match=r"config\.rollout\.n=4, now 8"):
@@ -337,6 +341,7 @@ BAD = [
   (dict(constructions=0, solutions=0), "both 0"),
   (dict(teacher_top_p=0.0), "teacher_top_p=0.0"),
   (dict(_n_pos=4), "config.tapo.n_pos + tapo.n_neg = 5 > rollout.n=4"),
+  (dict(__distributed=True), "config.distributed=True: mode=coldstart runs on one host"),
   (dict(_synthesis_template="{query}"), "config.tapo.synthesis_template: synthesis template"),
 ]
 
@@ -346,7 +351,9 @@ def test_bad_coldstart_config_is_one_line(tmp_path, keys, message):
   _problems(tmp_path / "train.jsonl", n=4)
   cfg = _config(tmp_path / "train.jsonl")
   for key, value in keys.items():
-    if key.startswith("_"):
+    if key.startswith("__"):
+      cfg[key[2:]] = value
+    elif key.startswith("_"):
       cfg.tapo[key[1:]] = value
     else:
       cfg.coldstart[key] = value
@@ -367,3 +374,26 @@ def test_fill_template_is_str_format():
   assert filled == synthesis.SYNTHESIS_TEMPLATE.format(query="q", incorrect="i", correct="c")
   digest = hashlib.sha256(json.dumps(["a", "b"]).encode()).hexdigest()[:32]
   assert coldstart.make_row("solution", "p", "a", "b")["id"] == digest
+
+
+def test_three_stage_recipe_configs_agree():
+  """The cold-start data, its SFT and TAPO RL render prompts alike: SFT trains on exactly the text
+  the RL policy is prompted with (the synthesis template, the problem template, the chat wrap)."""
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+  data, sft, rl = load("qwen7b_coldstart_data"), load("qwen7b_coldstart"), load("qwen7b")
+  assert data.mode == "coldstart" and sft.mode == "sft" and rl.tapo.construction == "policy"
+  assert (data.coldstart.constructions, data.coldstart.solutions) == (30000, 15000)
+  assert data.rollout.n == rl.rollout.n == 8
+  dcs = lambda c: (c.tapo.n_pos, c.tapo.n_neg, c.tapo.m_max)  # noqa: E731
+  assert dcs(data) == dcs(rl) == (2, 4, 4)
+  for key in ("data.prompt_template", "data.use_chat_template", "tapo.synthesis_template"):
+    section, name = key.split(".")
+    assert data[section][name] == rl[section][name] == sft[section][name], key
+  assert data.rollout.max_new_tokens == rl.rollout.max_new_tokens
+  assert data.model.path == sft.model.path == rl.model.path  # the same base model (or its SFT)

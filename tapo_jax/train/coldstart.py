@@ -44,8 +44,7 @@ from tapo_jax import rewards as rewards_lib
 from tapo_jax import sampling
 from tapo_jax.data import Problem
 from tapo_jax.data.prompts import format_prompts, render
-from tapo_jax.tapo import batch as batch_lib
-from tapo_jax.tapo import construct, synthesis
+from tapo_jax.tapo import dcs, synthesis
 from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import state as state_lib
@@ -63,9 +62,9 @@ FINGERPRINT = (
   "data.layout", "data.prompt_template", "data.use_chat_template", "data.shuffle", "rollout.n",
   "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p", "rollout.top_k",
   "reward.extract", "tapo.n_pos", "tapo.n_neg", "tapo.m_max", "tapo.min_anchor",
-  "tapo.synthesis_template", "tapo.synthesis_max_new_tokens", "coldstart.chunk_problems",
-  "coldstart.solutions_per_problem", "coldstart.teacher_path", "coldstart.teacher_model",
-  "coldstart.teacher_temperature", "coldstart.teacher_top_p",
+  "tapo.synthesis_template", "tapo.synthesis_max_new_tokens", "coldstart.output",
+  "coldstart.chunk_problems", "coldstart.solutions_per_problem", "coldstart.teacher_path",
+  "coldstart.teacher_model", "coldstart.teacher_temperature", "coldstart.teacher_top_p",
 )  # fmt: skip
 HIST_BINS = 10  # anchored fraction |kept prefix| / |y⁻| in tenths
 
@@ -84,6 +83,14 @@ def chunk_of(problems: list[Problem], size: int, seed: int, shuffle: bool, chunk
   order = rng.permutation(len(problems)) if shuffle else np.arange(len(problems))
   j = chunk % per_pass
   return [problems[i] for i in order[j * size : (j + 1) * size]]
+
+
+def body(ids, eos) -> list[int]:
+  """A response's ids without its trailing EOS ids (what y⁻ is anchored to, as in RL)."""
+  ids = [int(t) for t in ids]
+  while ids and ids[-1] in eos:
+    ids.pop()
+  return ids
 
 
 def fill_template(template: str, **fields: str) -> str:
@@ -111,9 +118,15 @@ def fingerprint(cfg) -> dict:
   return out
 
 
-def read_progress(path: str, fp: dict) -> dict:
-  """The committed progress of the build in `path` (a fresh one when absent)."""
+def read_progress(path: str, fp: dict, output: str) -> dict:
+  """The committed progress of the build in `path` (a fresh one when absent, for an `output`
+  that does not exist or is empty: a file this build did not write is never truncated)."""
   if not os.path.exists(path):
+    if os.path.exists(output) and os.path.getsize(output):
+      raise BuildError(
+        f"{output} exists but {path} does not: it is not this build's output; move it away or "
+        "set coldstart.output to a new file"
+      )
     counts = dict.fromkeys(COUNTERS, 0)
     return dict(chunks_done=0, bytes=0, counts=counts, hist=[0] * HIST_BINS, fingerprint=fp)
   with open(path) as f:
@@ -238,7 +251,7 @@ def run(cfg, workdir: str) -> dict:
   template = cfg.tapo.synthesis_template or synthesis.SYNTHESIS_TEMPLATE
   problems = problems_lib.training_problems(cfg)
   total = cs.passes * math.ceil(len(problems) / cs.chunk_problems)
-  progress = read_progress(progress_path, fingerprint(cfg))
+  progress = read_progress(progress_path, fingerprint(cfg), output)
   counts, targets = progress["counts"], dict(constructions=cs.constructions, solutions=cs.solutions)
   seen = committed_rows(output, progress["bytes"])
   start = progress["chunks_done"]
@@ -277,17 +290,13 @@ def run(cfg, workdir: str) -> dict:
           engine, params, prompts, roll, n=k, max_new_tokens=cfg.rollout.max_new_tokens, seed=seed
         )
         rewards = grade(pool, tokenizer, gen.completions, [g for g in golds for _ in range(k)], eos)
-        originals = batch_lib.pack_rollouts(
-          prompts, gen.completions, None, samples_per_prompt=k, eos_ids=eos,
-          max_len=max(map(len, prompts)) + cfg.rollout.max_new_tokens,
-          max_new_tokens=cfg.rollout.max_new_tokens, rewards=rewards,
-        )  # fmt: skip
-        responses = batch_lib.response_ids(originals, eos)
+        responses = [body(ids, eos) for ids in gen.completions]
         texts = eval_lib.decode_responses(tokenizer, responses, eos)
 
-        # 2. DCS: (y⁻, y⁺) pairs of the mixed groups, as rollout rows.
+        # 2. DCS over the [Q, K] grid of verdicts (the rule construct.select applies to a packed
+        #    batch, which needs no token arrays here): (y⁻, y⁺) pairs of the mixed groups as rows.
         key = jax.random.fold_in(jax.random.key(cfg.seed), chunk)
-        cands = construct.select(originals, key, k=k, **dcs_args)
+        cands = dcs.select_candidates((rewards > 0.5).reshape(-1, k), key, **dcs_args)
         neg, pos = jax.device_get(cands.rows(k))
         valid = np.asarray(cands.valid).reshape(-1)
         pairs = [(int(i), int(j)) for i, j, v in zip(neg, pos, valid, strict=True) if v]
