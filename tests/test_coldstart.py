@@ -125,6 +125,7 @@ def test_toy_model_as_policy_and_teacher(tmp_path):
   with pytest.raises(coldstart.BuildError, match="not this build's output"):
     coldstart.run(foreign, str(tmp_path / "elsewhere"))  # a new workdir must not truncate it
   assert (tmp_path / "wd" / "coldstart.jsonl").read_bytes() == before
+  assert not (tmp_path / "elsewhere").exists()
   other = _config(tmp_path / "train.jsonl")
   other.rollout.n = 8
   with pytest.raises(coldstart.BuildError, match=r"config\.rollout\.n=4, now 8"):

@@ -244,9 +244,7 @@ def append_rows(out, rows, counts: dict, targets: dict, seen: set[str]) -> None:
 def run(cfg, workdir: str) -> dict:
   """Builds (or continues) the cold-start SFT set; returns the summary it writes."""
   cs, k = cfg.coldstart, cfg.rollout.n
-  os.makedirs(workdir, exist_ok=True)
   output = cs.output or os.path.join(workdir, "coldstart.jsonl")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   progress_path = os.path.join(workdir, "coldstart_progress.json")
   template = cfg.tapo.synthesis_template or synthesis.SYNTHESIS_TEMPLATE
   problems = problems_lib.training_problems(cfg)
@@ -254,6 +252,8 @@ def run(cfg, workdir: str) -> dict:
   progress = read_progress(progress_path, fingerprint(cfg), output)
   counts, targets = progress["counts"], dict(constructions=cs.constructions, solutions=cs.solutions)
   seen = committed_rows(output, progress["bytes"])
+  for directory in (workdir, os.path.dirname(os.path.abspath(output))):
+    os.makedirs(directory, exist_ok=True)
   start = progress["chunks_done"]
   stop = min(total, start + cs.max_chunks) if cs.max_chunks else total
 
