@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 ENUMS: dict[str, tuple[str, ...]] = {
-  "mode": ("rl", "sft", "eval", "plan"),
+  "mode": ("rl", "sft", "eval", "plan", "coldstart"),
   "algorithm": ("grpo", "tapo"),
   "model.dtype": ("float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
@@ -36,7 +36,9 @@ def check_enums(cfg) -> None:
 def base_config() -> ml_collections.ConfigDict:
   """The full config tree; experiment files in configs/ change a few keys."""
   c = ml_collections.ConfigDict()
-  c.mode = "rl"  # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan)
+  # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan) |
+  # coldstart (build the cold-start SFT set: tapo_jax.train.coldstart)
+  c.mode = "rl"
   c.algorithm = "tapo"  # grpo | tapo
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
   c.workdir = ""  # checkpoints, metrics.jsonl, TensorBoard events; --workdir overrides
@@ -174,6 +176,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.max_len = 2048
   c.sft.epochs = 1
   c.sft.steps = 0  # optimizer steps; 0 = epochs over the data
+
+  # mode=coldstart: rollout.n rollouts of the policy (model.path) per problem of data.train_path,
+  # DCS pairs (tapo.n_pos / n_neg / m_max), a teacher rewrites each y- with the synthesis template
+  # (tapo.synthesis_template, tapo.synthesis_max_new_tokens); rewrites that parse, anchor to y-
+  # (tapo.min_anchor) and reach the gold become SFT rows, with plain solutions. Paper: ~45k rows,
+  # 30k constructions + 15k solutions (configs/qwen7b_coldstart_data.py).
+  c.coldstart = ml_collections.ConfigDict()
+  c.coldstart.output = ""  # the SFT jsonl (mode=sft's sft.path); "" = WORKDIR/coldstart.jsonl
+  c.coldstart.constructions = 30000  # target rows: synthesis prompt -> <analysis><reconstruction>
+  c.coldstart.solutions = 15000  # target rows: the problem's RL prompt -> a correct rollout
+  c.coldstart.solutions_per_problem = 1  # distinct correct (untruncated) rollouts kept per problem
+  c.coldstart.chunk_problems = 64  # problems per chunk: rows and progress are committed per chunk
+  c.coldstart.passes = 1  # passes over the training file (fresh seeds each) to reach the targets
+  c.coldstart.max_chunks = 0  # stop after this many chunks in one invocation (0 = no limit)
+  c.coldstart.teacher_path = ""  # local HF directory of the teacher (own tokenizer); "" = policy
+  c.coldstart.teacher_url = ""  # OpenAI-compatible server instead (e.g. vLLM): {url}/v1/chat/...
+  c.coldstart.teacher_model = ""  # model name sent to teacher_url
+  c.coldstart.teacher_temperature = 0.7
+  c.coldstart.teacher_top_p = 0.95
+  c.coldstart.teacher_workers = 16  # concurrent requests to teacher_url
+  c.coldstart.teacher_timeout_s = 600.0  # per request to teacher_url
+  c.coldstart.teacher_retries = 3  # per request: connection errors, timeouts, HTTP 429 / 5xx
 
   c.eval = ml_collections.ConfigDict()
   c.eval.paths = ""  # comma-separated eval files (each in one of the data layouts)

@@ -1,8 +1,8 @@
 r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=value] [--workdir=D]
 
 Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval, plan (memory per device,
-tapo_jax.plan). Bad flags or config values print one line naming the key and exit with status 2
-before anything is written.
+tapo_jax.plan), coldstart (builds the cold-start SFT set: tapo_jax.train.coldstart). Bad flags
+or config values print one line naming the key and exit with status 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def validate(cfg, num_devices: int) -> None:
     sharding.mesh_shape(dict(cfg.mesh), num_devices)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
-  if cfg.mode == "rl" and cfg.rollout.n < 2:
+  if cfg.mode in ("rl", "coldstart") and cfg.rollout.n < 2:
     raise ConfigError(f"config.rollout.n={cfg.rollout.n}: GRPO/TAPO need K >= 2 samples per query")
   if cfg.algorithm == "tapo" and cfg.tapo.construction == "divergence":
     if cfg.tapo.ref_baseline == "group":
@@ -76,13 +76,15 @@ def validate(cfg, num_devices: int) -> None:
       raise ConfigError(f"config.model.path={cfg.model.path!r}: no config.json in it")
   elif cfg.model.toy != "arith":
     raise ConfigError("config.model.path is empty: set it to a local Hugging Face model directory")
-  if cfg.mode == "rl" and cfg.data.train_path and not _exists(cfg.data.train_path):
+  if cfg.mode in ("rl", "coldstart") and cfg.data.train_path and not _exists(cfg.data.train_path):
     raise ConfigError(f"config.data.train_path={cfg.data.train_path!r}: no such file")
-  if cfg.mode == "rl" and not cfg.data.train_path and cfg.model.toy != "arith":
+  if cfg.mode in ("rl", "coldstart") and not cfg.data.train_path and cfg.model.toy != "arith":
     raise ConfigError("config.data.train_path is empty: set it to a jsonl/json/parquet file")
   window = tuple(cfg.data.pass_rate_window)
   if window and not (len(window) == 2 and 0.0 <= window[0] <= window[1] <= 1.0):
     raise ConfigError(f"config.data.pass_rate_window={window}: expected (low, high) in [0, 1]")
+  if cfg.mode == "coldstart":
+    validate_coldstart(cfg)
   if cfg.mode == "sft" and not _exists(cfg.sft.path):
     raise ConfigError(f"config.sft.path={cfg.sft.path!r}: no such file")
   if cfg.mode == "eval" or cfg.train.eval_every:
@@ -96,9 +98,56 @@ def validate(cfg, num_devices: int) -> None:
       raise ConfigError(f"config.eval.pass_ks={tuple(cfg.eval.pass_ks)}: {bad} not in [1, eval.k]")
 
 
-def _fail(msg: str) -> None:
+def validate_coldstart(cfg) -> None:
+  """The keys mode=coldstart reads (config.coldstart and the synthesis template)."""
+  from tapo_jax.tapo import synthesis
+
+  cs = cfg.coldstart
+  if cfg.distributed:
+    raise ConfigError("config.distributed=True: mode=coldstart runs on one host; set it False")
+  if cfg.tapo.synthesis_template:
+    try:
+      synthesis.template_parts(cfg.tapo.synthesis_template)
+    except ValueError as e:
+      raise ConfigError(f"config.tapo.synthesis_template: {e}") from None
+  for key in ("constructions", "solutions", "max_chunks", "teacher_retries"):
+    if cs[key] < 0:
+      raise ConfigError(f"config.coldstart.{key}={cs[key]}: must be >= 0")
+  for key in ("chunk_problems", "passes", "solutions_per_problem", "teacher_workers"):
+    if cs[key] < 1:
+      raise ConfigError(f"config.coldstart.{key}={cs[key]}: must be >= 1")
+  if cs.constructions == 0 and cs.solutions == 0:
+    raise ConfigError("config.coldstart.constructions and .solutions are both 0: nothing to build")
+  if cs.constructions and cfg.tapo.n_pos + cfg.tapo.n_neg > cfg.rollout.n:
+    raise ConfigError(
+      f"config.tapo.n_pos + tapo.n_neg = {cfg.tapo.n_pos + cfg.tapo.n_neg} > rollout.n="
+      f"{cfg.rollout.n}: no problem can have a DCS pair; lower them or raise rollout.n"
+    )
+  if cs.teacher_temperature < 0 or not 0 < cs.teacher_top_p <= 1:
+    raise ConfigError(
+      f"config.coldstart.teacher_temperature={cs.teacher_temperature}, teacher_top_p="
+      f"{cs.teacher_top_p}: expected temperature >= 0 and top_p in (0, 1]"
+    )
+  if cs.teacher_timeout_s <= 0:
+    raise ConfigError(f"config.coldstart.teacher_timeout_s={cs.teacher_timeout_s}: must be > 0")
+  if cs.teacher_url and cs.teacher_path:
+    raise ConfigError("config.coldstart.teacher_url and teacher_path are both set: choose one")
+  if cs.teacher_url:
+    if not cs.teacher_url.startswith(("http://", "https://")):
+      raise ConfigError(f"config.coldstart.teacher_url={cs.teacher_url!r}: expected http(s)://...")
+    if not cs.teacher_model:
+      raise ConfigError("config.coldstart.teacher_model is empty: the model name the server serves")
+  if cs.teacher_path:
+    if not os.path.exists(os.path.join(cs.teacher_path, "config.json")):
+      raise ConfigError(
+        f"config.coldstart.teacher_path={cs.teacher_path!r}: not a Hugging Face model directory "
+        "(no config.json)"
+      )
+
+
+def _fail(msg: str, status: int = 2) -> None:
   print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _parse_flags(argv):
@@ -152,6 +201,16 @@ def _run_mode(cfg, workdir: str) -> None:
     from tapo_jax.train import loop
 
     loop.run(cfg, workdir)
+  elif cfg.mode == "coldstart":
+    from tapo_jax.data import DataError
+    from tapo_jax.train import coldstart
+
+    try:
+      coldstart.run(cfg, workdir)
+    except (coldstart.BuildError, DataError) as e:
+      _fail(str(e))
+    except coldstart.TeacherError as e:
+      _fail(f"{e}; rerun to resume from the last finished chunk", status=1)
   elif cfg.mode == "sft":
     from tapo_jax.train import sft
 

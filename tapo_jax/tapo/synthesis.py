@@ -212,6 +212,13 @@ def anchor_text(tokenizer, negative: Sequence[int], reconstruction: str) -> tupl
   return lo, target[len(tokenizer.decode(list(negative[:lo]))) :]
 
 
+def full_reconstruction(tokenizer, negative: Sequence[int], n: int, min_anchor: float) -> bool:
+  """Whether keeping y⁻'s first n tokens keeps too little of it: nothing but whitespace (which
+  anchors nothing), or fewer than min_anchor x |y⁻| tokens."""
+  kept = tokenizer.decode(list(negative[:n])).strip()
+  return not kept or n < min_anchor * len(negative)
+
+
 @dataclasses.dataclass(frozen=True)
 class Anchored:
   """Per construction slot [C]: y⁻ tokens kept, the policy's remaining tokens, outcome."""
@@ -261,8 +268,7 @@ def anchor(
       continue
     out.parsed[i] = True
     n, text = anchor_text(tokenizer, negatives[i], parsed[1]) if anchor_prefix else (0, parsed[1])
-    kept = tokenizer.decode(list(negatives[i][:n])).strip()  # whitespace alone anchors nothing
-    if anchor_prefix and (not kept or n < min_anchor * len(negatives[i])):
+    if anchor_prefix and full_reconstruction(tokenizer, negatives[i], n, min_anchor):
       out.too_short[i] = True
       continue
     tail = list(tokenizer.encode(text, add_special_tokens=False)) + list(eos_ids[:1])

@@ -41,27 +41,38 @@ def eval_engine(cfg, model, mesh) -> QwenEngine:
   )
 
 
-def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engines:
-  """The engines this config samples with, built once (each compiles on first use)."""
+def rollout_engine(cfg, model, mesh) -> QwenEngine:
+  """The engine rollouts sample with (rollout.max_new_tokens past the prompt buckets)."""
   buckets = tuple(sorted(cfg.rollout.prefill_buckets))
-  rollout = QwenEngine(
+  return QwenEngine(
     model,
     slots=cfg.rollout.slots,
     max_len=buckets[-1] + cfg.rollout.max_new_tokens,
     prefill_buckets=buckets,
     mesh=mesh,
   )
+
+
+def synthesis_engine(cfg, model, mesh, literal_tokens: int) -> QwenEngine:
+  """The engine that writes constructions (the policy, or mode=coldstart's teacher): prompts of
+  the template's `literal_tokens` + a query + y⁻ + y⁺ (bodies of rollouts)."""
+  longest = literal_tokens + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
+  buckets = synthesis.prompt_buckets(longest)
+  return QwenEngine(
+    model,
+    slots=cfg.rollout.slots,
+    max_len=buckets[-1] + config.synthesis_max_new_tokens(cfg),
+    prefill_buckets=buckets,
+    mesh=mesh,
+  )
+
+
+def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engines:
+  """The engines this config samples with, built once (each compiles on first use)."""
+  rollout = rollout_engine(cfg, model, mesh)
   synth = None
-  if template is not None:  # prompt: template + query + y⁻ + y⁺ (bodies of rollouts)
-    longest = template.literal_tokens + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
-    synth_buckets = synthesis.prompt_buckets(longest)
-    synth = QwenEngine(
-      model,
-      slots=cfg.rollout.slots,
-      max_len=synth_buckets[-1] + config.synthesis_max_new_tokens(cfg),
-      prefill_buckets=synth_buckets,
-      mesh=mesh,
-    )
+  if template is not None:
+    synth = synthesis_engine(cfg, model, mesh, template.literal_tokens)
   evaluator = None
   if cfg.train.eval_every:
     same = cfg.eval.max_new_tokens == cfg.rollout.max_new_tokens

@@ -1,0 +1,354 @@
+"""Cold-start data (mode = coldstart): the SFT set that teaches the policy the construction format
+before TAPO RL (TAPO.md, step 6), chunk by chunk, top to bottom:
+
+  problems -> rollouts (the policy's engine) -> rewards (verifier pool) -> DCS pairs (y⁻, y⁺) ->
+  synthesis prompts as text (the template filled with the query, y⁻ and y⁺) -> teacher (a local HF
+  model on its own engine and tokenizer, the policy by default; or an OpenAI-compatible server) ->
+  parse -> anchor to y⁻ under the policy's tokenizer (full reconstructions dropped by RL's rule) ->
+  grade -> rows appended to the SFT jsonl -> progress file.
+
+Rows (one JSON object a line; mode=sft reads `prompt` and `response`, the rest is provenance):
+  {"id", "kind": "construction", "problem_id", "prompt": the filled template (no chat wrapper: sft
+   applies it), "response": "<analysis>…</analysis>\\n<reconstruction>…</reconstruction>"}
+  {"id", "kind": "solution", "problem_id", "prompt": the problem's RL prompt text,
+   "response": a correct, untruncated rollout}
+`id` hashes (prompt, response): a row already in the file is never written again. Each kind stops
+at its target (coldstart.constructions / coldstart.solutions; the teacher is not called once the
+constructions are reached).
+
+Resuming: the problem order and every seed follow from (config.seed, chunk index), so chunk c
+yields the same rows in any run. After each chunk its rows are appended and synced, then
+WORKDIR/coldstart_progress.json (chunks done, the output's committed size, the counters) is
+replaced atomically. A restart cuts the output back to the committed size (a chunk a crash cut
+short is never counted) and continues with the next chunk; the settings that decide the rows
+(FINGERPRINT) must not change. WORKDIR/coldstart_summary.json: counters and rates.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from tapo_jax import eval as eval_lib
+from tapo_jax import rewards as rewards_lib
+from tapo_jax import sampling
+from tapo_jax.data import Problem
+from tapo_jax.data.prompts import format_prompts, render
+from tapo_jax.tapo import dcs, synthesis
+from tapo_jax.train import engines as engines_lib
+from tapo_jax.train import problems as problems_lib
+from tapo_jax.train import state as state_lib
+from tapo_jax.train import teachers
+from tapo_jax.train.loop import grade
+from tapo_jax.train.teachers import TeacherError  # noqa: F401 (main catches it from here)
+
+COUNTERS = (
+  "problems", "rollouts", "rollouts_correct", "eligible", "pairs", "prompted", "too_long",
+  "parsed", "anchored", "correct", "constructions", "solutions", "duplicates",
+)  # fmt: skip
+# The settings that decide which rows a chunk yields: a resumed build must keep them.
+FINGERPRINT = (
+  "seed", "model.path", "model.toy", "model.dtype", "model.param_dtype", "data.train_path",
+  "data.layout", "data.prompt_template", "data.use_chat_template", "data.shuffle", "rollout.n",
+  "rollout.max_new_tokens", "rollout.temperature", "rollout.top_p", "rollout.top_k",
+  "reward.extract", "tapo.n_pos", "tapo.n_neg", "tapo.m_max", "tapo.min_anchor",
+  "tapo.synthesis_template", "tapo.synthesis_max_new_tokens", "coldstart.output",
+  "coldstart.chunk_problems", "coldstart.solutions_per_problem", "coldstart.teacher_path",
+  "coldstart.teacher_model", "coldstart.teacher_temperature", "coldstart.teacher_top_p",
+)  # fmt: skip
+HIST_BINS = 10  # anchored fraction |kept prefix| / |y⁻| in tenths
+
+
+class BuildError(ValueError):
+  """A workdir or output that cannot be resumed; main prints it on one line, exit 2."""
+
+
+# ---------------------------------------------------------------------------------- pure helpers
+
+
+def chunk_of(problems: list[Problem], size: int, seed: int, shuffle: bool, chunk: int):
+  """The problems of chunk `chunk`: pass chunk // chunks-per-pass, in an order fixed by the pass."""
+  per_pass = math.ceil(len(problems) / size)
+  rng = np.random.default_rng([seed, chunk // per_pass])
+  order = rng.permutation(len(problems)) if shuffle else np.arange(len(problems))
+  j = chunk % per_pass
+  return [problems[i] for i in order[j * size : (j + 1) * size]]
+
+
+def body(ids, eos) -> list[int]:
+  """A response's ids without its trailing EOS ids (what y⁻ is anchored to, as in RL)."""
+  ids = [int(t) for t in ids]
+  while ids and ids[-1] in eos:
+    ids.pop()
+  return ids
+
+
+def fill_template(template: str, **fields: str) -> str:
+  """The synthesis prompt as text: the template's pieces around {query}, {incorrect}, {correct}."""
+  pieces, names = synthesis.template_parts(template)
+  return "".join(p + fields[n] for p, n in zip(pieces, names)) + pieces[-1]
+
+
+def make_row(kind: str, problem_id: str, prompt: str, response: str) -> dict[str, str]:
+  digest = hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest()[:32]
+  return dict(id=digest, kind=kind, problem_id=problem_id, prompt=prompt, response=response)
+
+
+def construction_response(analysis: str, reconstruction: str) -> str:
+  return f"<analysis>{analysis}</analysis>\n<reconstruction>{reconstruction}</reconstruction>"
+
+
+def fingerprint(cfg) -> dict:
+  out = {}
+  for key in FINGERPRINT:
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
+    out[key] = json.loads(json.dumps(value))
+  return out
+
+
+def read_progress(path: str, fp: dict, output: str) -> dict:
+  """The committed progress of the build in `path` (a fresh one when absent, for an `output`
+  that does not exist or is empty: a file this build did not write is never truncated)."""
+  if not os.path.exists(path):
+    if os.path.exists(output) and os.path.getsize(output):
+      raise BuildError(
+        f"{output} exists but {path} does not: it is not this build's output; move it away or "
+        "set coldstart.output to a new file"
+      )
+    counts = dict.fromkeys(COUNTERS, 0)
+    return dict(chunks_done=0, bytes=0, counts=counts, hist=[0] * HIST_BINS, fingerprint=fp)
+  with open(path) as f:
+    progress = json.load(f)
+  for key, value in fp.items():
+    if progress["fingerprint"].get(key) != value:
+      old = progress["fingerprint"].get(key)
+      raise BuildError(
+        f"{path}: this build was made with config.{key}={old!r}, now {value!r}: resume with the "
+        "same settings or use a new workdir"
+      )
+  return progress
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Replaces `path` atomically (a crash leaves the old or the new file, never a mix)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+
+
+def committed_rows(path: str, size: int) -> set[str]:
+  """Cuts the output back to its committed `size` bytes; the ids of the rows it then holds."""
+  have = os.path.getsize(path) if os.path.exists(path) else 0
+  if have < size:
+    raise BuildError(f"{path}: {have} bytes, but {size} were committed: the file was changed")
+  if not os.path.exists(path):
+    return set()
+  with open(path, "r+b") as f:
+    f.truncate(size)
+    return {json.loads(line)["id"] for line in f.read().splitlines() if line.strip()}
+
+
+def summarize(progress: dict, total: int, output: str, complete: bool) -> dict:
+  c = progress["counts"]
+
+  def rate(a: str, b: str) -> float:
+    return c[a] / c[b] if c[b] else 0.0
+
+  return dict(
+    output=output, chunks_done=progress["chunks_done"], chunks_total=total, complete=complete,
+    **c,
+    rollout_accuracy=rate("rollouts_correct", "rollouts"),
+    eligible_rate=rate("eligible", "problems"),
+    parse_rate=rate("parsed", "prompted"),  # teacher outputs in the format
+    anchored_rate=rate("anchored", "parsed"),  # parsed ones keeping enough of y⁻ (not full)
+    correct_rate=rate("correct", "anchored"),  # anchored ones that reach the gold
+    yield_rate=rate("correct", "prompted"),
+    anchored_fraction_hist=progress["hist"],  # |kept prefix| / |y⁻| of anchored ones, in tenths
+  )  # fmt: skip
+
+
+def judge(tokenizer, pool, eos, outputs, negatives, golds, min_anchor):
+  """Per teacher output (None: not sent): (analysis, reconstruction) when it parses, anchors to
+  its y⁻ (response ids, no EOS) and reaches the gold, else None; counters; anchored fractions."""
+  stats, fracs, todo, ids = collections.Counter(), [], [], []
+  for i, (text, negative) in enumerate(zip(outputs, negatives, strict=True)):
+    stats["too_long" if text is None else "prompted"] += 1
+    parsed = None if text is None else synthesis.parse_construction(text)
+    if parsed is None:
+      continue
+    stats["parsed"] += 1
+    n, rest = synthesis.anchor_text(tokenizer, negative, parsed[1])
+    if synthesis.full_reconstruction(tokenizer, negative, n, min_anchor):
+      continue
+    stats["anchored"] += 1
+    fracs.append(n / max(len(negative), 1))
+    todo.append(i)  # graded as RL grades a construction: y⁻'s tokens, then the rest re-tokenized
+    ids.append(list(negative[:n]) + list(tokenizer.encode(rest, add_special_tokens=False)))
+  rewards = grade(pool, tokenizer, ids, [golds[i] for i in todo], eos) if ids else []
+  kept = [None] * len(outputs)
+  for i, r in zip(todo, rewards, strict=True):
+    if r > 0.5:
+      kept[i] = synthesis.parse_construction(outputs[i])
+      stats["correct"] += 1
+  return kept, stats, fracs
+
+
+def chunk_rows(batch, k, asked, synth, kept, texts, correct, per_problem, prompt_template):
+  """Rows of one chunk, per problem: its constructions (kept teacher outputs), then up to
+  `per_problem` distinct correct, untruncated rollouts as plain solutions."""
+  rows = []
+  for q, problem in enumerate(batch):
+    for (i, _), prompt, parsed in zip(asked, synth, kept, strict=True):
+      if i // k == q and parsed is not None:
+        response = construction_response(*parsed)
+        rows.append(make_row("construction", problem.id, prompt, response))
+    right = [texts[r] for r in range(q * k, (q + 1) * k) if correct[r]]
+    for text in list(dict.fromkeys(right))[:per_problem]:
+      rows.append(make_row("solution", problem.id, render(problem, prompt_template), text))
+  return rows
+
+
+def append_rows(out, rows, counts: dict, targets: dict, seen: set[str]) -> None:
+  """Appends the rows of kinds below their targets and not yet written, then syncs the file."""
+  for row in rows:
+    kind = row["kind"] + "s"
+    if counts[kind] >= targets[kind]:
+      continue
+    if row["id"] in seen:
+      counts["duplicates"] += 1
+      continue
+    seen.add(row["id"])
+    counts[kind] += 1
+    out.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+  out.flush()
+  os.fsync(out.fileno())
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def run(cfg, workdir: str) -> dict:
+  """Builds (or continues) the cold-start SFT set; returns the summary it writes."""
+  cs, k = cfg.coldstart, cfg.rollout.n
+  output = cs.output or os.path.join(workdir, "coldstart.jsonl")
+  progress_path = os.path.join(workdir, "coldstart_progress.json")
+  template = cfg.tapo.synthesis_template or synthesis.SYNTHESIS_TEMPLATE
+  problems = problems_lib.training_problems(cfg)
+  total = cs.passes * math.ceil(len(problems) / cs.chunk_problems)
+  progress = read_progress(progress_path, fingerprint(cfg), output)
+  counts, targets = progress["counts"], dict(constructions=cs.constructions, solutions=cs.solutions)
+  seen = committed_rows(output, progress["bytes"])
+  for directory in (workdir, os.path.dirname(os.path.abspath(output))):
+    os.makedirs(directory, exist_ok=True)
+  start = progress["chunks_done"]
+  stop = min(total, start + cs.max_chunks) if cs.max_chunks else total
+
+  def reached(kind: str) -> bool:
+    return counts[kind] >= targets[kind]
+
+  t0 = time.time()
+  if start < stop and not (reached("constructions") and reached("solutions")):
+    mesh, model, tokenizer = state_lib.load_policy(cfg)
+    eos = eval_lib.default_eos_ids(tokenizer)
+    params = nnx.state(model, nnx.Param)
+    engine = engines_lib.rollout_engine(cfg, model, mesh)
+    roll = engines_lib.rollout_sampling(cfg, eos)
+    teacher = teachers.make_teacher(cfg, template, mesh, model, tokenizer)
+    pool = rewards_lib.VerifierPool(
+      workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s, extract=cfg.reward.extract
+    )
+    dcs_args = dict(n_pos=cfg.tapo.n_pos, n_neg=cfg.tapo.n_neg, m_max=cfg.tapo.m_max)
+    bar = tqdm.tqdm(total=total, initial=start, desc="coldstart", unit="chunk", file=sys.stderr)
+    with pool, bar, open(output, "ab") as out:
+      for chunk in range(start, stop):
+        if reached("constructions") and reached("solutions"):
+          break
+        seed = cfg.seed * 1_000_003 + chunk
+        batch = chunk_of(problems, cs.chunk_problems, cfg.seed, cfg.data.shuffle, chunk)
+        golds = [p.answer for p in batch]
+        prompts = format_prompts(
+          batch, cfg.data.prompt_template, tokenizer, cfg.data.use_chat_template,
+          cfg.data.max_prompt_tokens,
+        )  # fmt: skip
+
+        # 1. Rollouts: K samples per problem from the policy, graded by the verifier pool.
+        gen = sampling.generate(
+          engine, params, prompts, roll, n=k, max_new_tokens=cfg.rollout.max_new_tokens, seed=seed
+        )
+        rewards = grade(pool, tokenizer, gen.completions, [g for g in golds for _ in range(k)], eos)
+        responses = [body(ids, eos) for ids in gen.completions]
+        texts = eval_lib.decode_responses(tokenizer, responses, eos)
+
+        # 2. DCS over the [Q, K] grid of verdicts (the rule construct.select applies to a packed
+        #    batch, which needs no token arrays here): (y⁻, y⁺) pairs of the mixed groups as rows.
+        key = jax.random.fold_in(jax.random.key(cfg.seed), chunk)
+        cands = dcs.select_candidates((rewards > 0.5).reshape(-1, k), key, **dcs_args)
+        neg, pos = jax.device_get(cands.rows(k))
+        valid = np.asarray(cands.valid).reshape(-1)
+        pairs = [(int(i), int(j)) for i, j, v in zip(neg, pos, valid, strict=True) if v]
+
+        # 3. The teacher rewrites each y⁻ (none once the constructions are reached); keep the
+        #    rewrites that parse, anchor to y⁻ under the policy's tokenizer and reach the gold.
+        asked = [] if reached("constructions") else pairs
+        synth = [
+          fill_template(template, query=batch[i // k].problem, incorrect=texts[i], correct=texts[j])
+          for i, j in asked
+        ]
+        outputs = teacher.write(synth, seed=seed + 7919) if synth else []
+        kept, stats, fracs = judge(
+          tokenizer, pool, eos, outputs, [responses[i] for i, _ in asked],
+          [golds[i // k] for i, _ in asked], cfg.tapo.min_anchor,
+        )  # fmt: skip
+
+        # 4. Commit: the rows appended and synced, then the counters and the progress file.
+        correct = (rewards > 0.5) & ~np.asarray(gen.truncated)
+        rows = chunk_rows(
+          batch, k, asked, synth, kept, texts, correct, cs.solutions_per_problem,
+          cfg.data.prompt_template,
+        )  # fmt: skip
+        append_rows(out, rows, counts, targets, seen)
+        stats.update(
+          problems=len(batch), rollouts=len(rewards), rollouts_correct=int((rewards > 0.5).sum()),
+          eligible=int(np.asarray(cands.eligible).sum()), pairs=len(pairs),
+        )  # fmt: skip
+        for name, value in stats.items():
+          counts[name] += value
+        hist = np.histogram(fracs, bins=HIST_BINS, range=(0.0, 1.0))[0]
+        progress["hist"] = [int(a + b) for a, b in zip(progress["hist"], hist, strict=True)]
+        progress.update(chunks_done=chunk + 1, bytes=out.tell())
+        write_json(progress_path, progress)
+        bar.set_postfix(dict(cons=counts["constructions"], sol=counts["solutions"]))
+        bar.update(1)
+
+  complete = reached("constructions") and reached("solutions")
+  summary = summarize(progress, total, output, complete)
+  summary["seconds"] = time.time() - t0
+  write_json(os.path.join(workdir, "coldstart_summary.json"), summary)
+  print(
+    f"coldstart: {counts['constructions']}/{cs.constructions} constructions + "
+    f"{counts['solutions']}/{cs.solutions} solutions in {output} (chunk {progress['chunks_done']}"
+    f"/{total}); teacher outputs parsed {summary['parse_rate']:.1%}, of those anchored "
+    f"{summary['anchored_rate']:.1%}, of those correct {summary['correct_rate']:.1%}",
+    file=sys.stderr,
+  )
+  if not complete and progress["chunks_done"] == total:
+    print(
+      f"coldstart: the training file is used up (coldstart.passes={cs.passes}) before the "
+      "targets; raise coldstart.passes or add problems to continue",
+      file=sys.stderr,
+    )
+  return summary
