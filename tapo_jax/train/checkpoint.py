@@ -227,21 +227,30 @@ class Checkpointer:
     self.manager.close()
 
 
+def _finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+
+
+@jax.jit
+def _inspect(state, params):
+  """(checksums of `state`, all-finite flags of `params`) in one program: many small eager
+  reductions over sharded arrays, dispatched asynchronously, can deadlock XLA:CPU collectives."""
+  return jax.tree.map(_array_checksum, state), jax.tree.map(_finite, params)
+
+
 def verify(state, extra: dict) -> None:
   """Raises ValueError when `state` differs from the checksum saved with it or has a non-finite
   parameter. Checkpoints written before checksums were saved only get the finiteness check."""
+  sums, finite = jax.device_get(_inspect(state, getattr(state, "params", {})))
   saved = extra.get("checksum") if isinstance(extra, dict) else None
   if saved:
-    ours = checksum(state)
+    ours = {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
     bad = sorted(k for k in saved if ours.get(k) != saved[k])
     if bad or set(ours) != set(saved):
       raise ValueError(f"checksum mismatch in {bad[0] if bad else 'the array list'}")
-  params = getattr(state, "params", None)
-  if params is not None:
-    finite = jax.device_get(jax.tree.map(lambda x: jnp.isfinite(x).all(), params))
-    bad = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(finite) if not v]
-    if bad:
-      raise ValueError(f"non-finite values in params{bad[0]}")
+  bad = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(finite) if not v]
+  if bad:
+    raise ValueError(f"non-finite values in params{bad[0]}")
 
 
 def steps(workdir: str) -> list[int]:
