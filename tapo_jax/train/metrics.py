@@ -74,7 +74,11 @@ class MetricWriter:
     self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115
     from tensorboardX import SummaryWriter
 
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+    # tensorboardX names files by the second and opens them with "wb": a second writer in the
+    # same second would erase the first's events. The nanosecond suffix keeps them apart, in order.
+    self.tb = SummaryWriter(
+      os.path.join(workdir, "tb"), purge_step=purge, filename_suffix=f".{time.time_ns()}"
+    )
     self.bar = None
     if not quiet:
       from tqdm import tqdm
