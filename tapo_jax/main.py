@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging as std_logging
 import math
 import os
+import re
 import shutil
 import string
 import sys
@@ -136,8 +138,11 @@ def _in(cfg, key: str, low: float, high: float, *, low_open=False, high_open=Fal
   v = _get(cfg, key)
   ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
   if not ok:
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ConfigError(f"config.{key}={v!r}: must be in {lo}{low}, {high}{hi}{why}")
+    if math.isinf(high):
+      bound = f"{'>' if low_open else '>='} {low}"
+    else:
+      bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ConfigError(f"config.{key}={v!r}: must be {bound}{why}")
 
 
 def validate_values(cfg) -> None:
@@ -260,7 +265,9 @@ def io_error(e: BaseException) -> str | None:
     text = str(e)
     for code in _IO_ERRNOS:
       if os.strerror(code) in text:
-        return f"{os.strerror(code)} ({text.strip().splitlines()[0][:200]}){_io_hint(code)}"
+        path = re.search(r'"(/[^"]+)"', text)  # TensorStore quotes the file it failed on
+        where = f"{path.group(1)}: " if path else ""
+        return f"{where}{os.strerror(code)}{_io_hint(code)}"
     e = e.__cause__ or e.__context__
   return None
 
@@ -271,6 +278,29 @@ def _io_hint(code) -> str:
   if code in (errno.EROFS, errno.EACCES, errno.EPERM):
     return "; pass a writable --workdir"
   return ""
+
+
+def _quiet_orbax_thread_errors(record) -> bool:
+  """A logging filter: Orbax's background threads log each failure with a full traceback (a full
+  disk: hundreds of lines) and then re-raise it in the main thread, where main() reports it."""
+  from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+  return not (from_orbax and record.levelno >= std_logging.ERROR and record.exc_info)
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+  """sys.unraisablehook: after a failed Orbax write, TensorStore completes the other pending writes
+  into Orbax's already closed event loop, one 'Event loop is closed' traceback each (a hundred for
+  a full disk); the failure itself is raised in the main thread. Everything else is printed."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def _silence_orphaned_tasks() -> None:
+  """After a reported error, asyncio's 'Task exception was never retrieved' at shutdown repeats it
+  for each write Orbax left pending."""
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
 
 
 def _discard_if_untouched(workdir: str, existed: bool) -> None:
@@ -295,6 +325,8 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter; -v 0 brings it back
+    std_logging.getLogger("absl").addFilter(_quiet_orbax_thread_errors)
+    sys.unraisablehook = _drop_closed_loop_callbacks
   if cfg.distributed:
     jax.distributed.initialize()
   try:
@@ -321,12 +353,14 @@ def main(argv) -> None:
     _fail(str(e))
   except user_errors as e:
     _discard_if_untouched(workdir, existed)
+    _silence_orphaned_tasks()
     _fail(str(e))
   except Exception as e:
     line = io_error(e)
     if line is None:
       raise  # a bug: keep the traceback
     _discard_if_untouched(workdir, existed)
+    _silence_orphaned_tasks()
     print(f"error: {line}", file=sys.stderr)
     sys.exit(1)
 
