@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("workdir")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  parser.add_argument("--out", default=None, help="output directory (default: WORKDIR/export/step_N)")
+  parser.add_argument(
+    "--out", default=None, help="output directory (default: WORKDIR/export/step_N)"
+  )
   parser.add_argument("--model", default=None, help="base model directory (default: recorded)")
   args = parser.parse_args(argv)
   if not os.path.isdir(args.workdir):

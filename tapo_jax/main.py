@@ -253,20 +253,22 @@ def _dispatch(cfg, workdir: str) -> None:
 _IO_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
-def io_error(e: BaseException) -> str | None:
+def io_error(e: BaseException, workdir: str = "") -> str | None:
   """One line for a file-system failure anywhere in `e`'s chain (Orbax and TensorStore re-raise
-  them as other types, keeping the OS message); None when `e` is not one."""
+  them as other types, keeping the OS message), naming the file, else `workdir`; None when `e`
+  is not one."""
   seen = set()
+  fallback = f"{workdir}: " if workdir else ""
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.strerror:
-      where = f"{e.filename}: " if e.filename else ""
+      where = f"{e.filename}: " if e.filename else fallback
       return f"{where}{e.strerror}{_io_hint(e.errno)}"
     text = str(e)
     for code in _IO_ERRNOS:
       if os.strerror(code) in text:
         path = re.search(r'"(/[^"]+)"', text)  # TensorStore quotes the file it failed on
-        where = f"{path.group(1)}: " if path else ""
+        where = f"{path.group(1)}: " if path else fallback
         return f"{where}{os.strerror(code)}{_io_hint(code)}"
     e = e.__cause__ or e.__context__
   return None
@@ -356,7 +358,7 @@ def main(argv) -> None:
     _silence_orphaned_tasks()
     _fail(str(e))
   except Exception as e:
-    line = io_error(e)
+    line = io_error(e, workdir)
     if line is None:
       raise  # a bug: keep the traceback
     _discard_if_untouched(workdir, existed)
