@@ -88,7 +88,11 @@ def run(cfg, workdir: str) -> None:
   ckpt.close()
   writer.close()
   jax.block_until_ready(state.params)
-  from tapo_jax.models import save_pretrained
+  from tapo_jax import export
 
-  save_pretrained(nnx.merge(graphdef, state.params), os.path.join(workdir, "hf"))
-  tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+  export.export_model(
+    nnx.merge(graphdef, state.params),
+    tokenizer,
+    os.path.join(workdir, "hf"),
+    source_dir=setup.model_dir(cfg),
+  )
