@@ -81,7 +81,8 @@ def test_notebook_code_cells_run_against_the_checkout(tmp_path):
   assert sum(is_setup(c) for c in cells) == 1  # only the install cell is skipped
   script = PRELUDE + "\n".join(translate(c) for c in cells if not is_setup(c))
   (tmp_path / "configs").symlink_to(ROOT / "configs")  # the notebook runs from the repo root
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  path = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PATH=path)  # `python` is ours
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(
     [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
