@@ -345,10 +345,11 @@ def main(argv) -> None:
   existed = os.path.exists(workdir)
   try:
     with workdir_lib.hold(workdir, process_index=jax.process_index()):
-      if cfg.mode in ("rl", "sft"):
-        workdir_lib.record_config(workdir, cfg)
+      if cfg.mode in ("rl", "sft") and jax.process_index() == 0 and workdir_lib.is_local(workdir):
+        workdir_lib.record_config(workdir, cfg)  # cloud workdirs (gs://) keep no record yet
       _dispatch(cfg, workdir)
   except KeyboardInterrupt:
+    _discard_if_untouched(workdir, existed)
     print("\nerror: interrupted; the workdir keeps its newest finished checkpoint", file=sys.stderr)
     sys.exit(130)
   except workdir_lib.WorkdirBusy as e:
