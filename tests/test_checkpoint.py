@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from hypothesis import given, settings
@@ -131,11 +132,28 @@ def test_no_intact_checkpoint_is_one_error_naming_the_directory(tmp_path, traine
   assert sorted(os.listdir(ckpts)) == ["1"]  # nothing renamed when nothing restores
 
 
-def test_non_finite_params_are_a_broken_checkpoint(tmp_path, trained):
-  state, ssh = trained
-  poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+def test_non_finite_params_are_never_saved(tmp_path, trained):
+  state, _ = trained
   save_steps(tmp_path, state, steps=(1,))
-  save_steps(tmp_path, poisoned, steps=(2,))
+  poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+  with pytest.raises(CheckpointError, match=r"step 2: non-finite values in params.*step 1"):
+    save_steps(tmp_path, poisoned, steps=(2,))
+  assert checkpoint.steps(tmp_path) == [1]
+
+
+def test_non_finite_params_on_disk_are_a_broken_checkpoint(tmp_path, trained):
+  state, ssh = trained
+  save_steps(tmp_path, state, steps=(1,))
+  # Written without our checks (an older version, or another tool): restore still refuses it.
+  poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+  ck = checkpoint.Checkpointer(tmp_path, 1, 10)
+  ck.manager.save(
+    2,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(poisoned), extra=ocp.args.JsonSave({"data": {"pos": 2}})
+    ),
+  )
+  ck.close()
   warnings = []
   assert resume(tmp_path, state, ssh, warnings)[0] == 1
   assert "non-finite values in params" in warnings[0]

@@ -66,6 +66,25 @@ def checksum(state) -> dict[str, int]:
   return {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
+def _finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+
+
+@jax.jit
+def _inspect(state, params):
+  """(checksums of `state`, all-finite flags of `params`) in one program: many small eager
+  reductions over sharded arrays, dispatched asynchronously, can deadlock XLA:CPU collectives."""
+  return jax.tree.map(_array_checksum, state), jax.tree.map(_finite, params)
+
+
+def inspect_state(state) -> tuple[dict[str, int], str | None]:
+  """(checksum of every array, the path of the first non-finite param or None)."""
+  sums, finite = jax.device_get(_inspect(state, getattr(state, "params", {})))
+  sums = {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
+  bad = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(finite) if not v]
+  return sums, (f"params{bad[0]}" if bad else None)
+
+
 @contextlib.contextmanager
 def _quiet():
   """Silences Orbax's absl warnings while a step is tried: its failure is reported in one line."""
@@ -115,12 +134,21 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
-    """Saves when `step` is due (or `force`); `extra` is JSON (data iterator, metrics)."""
+    """Saves when `step` is due (or `force`); `extra` is JSON (data iterator, metrics).
+
+    Non-finite params are never saved: CheckpointError, so that rotation cannot delete the last
+    good checkpoints in favour of a diverged one."""
     if not force and step % self.every:
       return False
     if self.manager.latest_step() == step:
       return False
-    extra = {**extra, "checksum": checksum(state)}
+    sums, bad = inspect_state(state)
+    if bad:
+      raise CheckpointError(
+        f"step {step}: non-finite values in {bad}, not saved (the newest checkpoint in "
+        f"{self.directory} is step {self.manager.latest_step()}): lower optim.lr or check the data"
+      )
+    extra = {**extra, "checksum": sums}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
     return self.manager.save(step, args=args, force=True)
 
@@ -227,30 +255,17 @@ class Checkpointer:
     self.manager.close()
 
 
-def _finite(x: jax.Array) -> jax.Array:
-  return jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-
-
-@jax.jit
-def _inspect(state, params):
-  """(checksums of `state`, all-finite flags of `params`) in one program: many small eager
-  reductions over sharded arrays, dispatched asynchronously, can deadlock XLA:CPU collectives."""
-  return jax.tree.map(_array_checksum, state), jax.tree.map(_finite, params)
-
-
 def verify(state, extra: dict) -> None:
   """Raises ValueError when `state` differs from the checksum saved with it or has a non-finite
   parameter. Checkpoints written before checksums were saved only get the finiteness check."""
-  sums, finite = jax.device_get(_inspect(state, getattr(state, "params", {})))
+  ours, non_finite = inspect_state(state)
   saved = extra.get("checksum") if isinstance(extra, dict) else None
   if saved:
-    ours = {jax.tree_util.keystr(p): int(v) for p, v in jax.tree_util.tree_leaves_with_path(sums)}
     bad = sorted(k for k in saved if ours.get(k) != saved[k])
     if bad or set(ours) != set(saved):
       raise ValueError(f"checksum mismatch in {bad[0] if bad else 'the array list'}")
-  bad = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(finite) if not v]
-  if bad:
-    raise ValueError(f"non-finite values in params{bad[0]}")
+  if non_finite:
+    raise ValueError(f"non-finite values in {non_finite}")
 
 
 def steps(workdir: str) -> list[int]:
