@@ -374,6 +374,7 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   assert _steps_logged(workdir) == [1, 2]
+  assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
   nll = [json.loads(line)["nll"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(nll)) and all(v > 0 for v in nll)
   hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf")

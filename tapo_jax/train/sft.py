@@ -88,7 +88,7 @@ def run(cfg, workdir: str) -> None:
   ckpt.close()
   writer.close()
   jax.block_until_ready(state.params)
-  from tapo_jax import export
+  from tapo_jax import export, plot
 
   export.export_model(
     nnx.merge(graphdef, state.params),
@@ -96,3 +96,5 @@ def run(cfg, workdir: str) -> None:
     os.path.join(workdir, "hf"),
     source_dir=setup.model_dir(cfg),
   )
+  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    plot.plot_run(workdir)  # WORKDIR/curves.png
