@@ -30,12 +30,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@test -n "$(JETSTREAM)" || { echo "error: no jetstream pin in pyproject.toml" >&2; exit 1; }
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-warn-conflicts -e .
 	$(BIN)/python -m pip install -q --no-deps "$(JETSTREAM)"
 	touch $@
 
+# --no-warn-conflicts: pip would otherwise list google-jetstream's dependencies, uninstalled by design.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-warn-conflicts -e ".[test]"
 	touch $@
 
 clean-venv:
