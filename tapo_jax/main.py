@@ -25,6 +25,8 @@ import sys
 
 # google-jetstream's full install (the `jetstream` extra) imports TensorFlow, which logs from C++.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# transformers (tokenizers and chat templates only here) warns at import that torch is absent.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
