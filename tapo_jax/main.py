@@ -3,14 +3,32 @@ r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=
 Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval, plan (memory per device,
 tapo_jax.plan), coldstart (builds the cold-start SFT set: tapo_jax.train.coldstart). Bad flags
 or config values print one line naming the key and exit with status 2 before anything is written.
+
+User errors end in one `error:` line and no traceback (tracebacks stay for bugs):
+  exit 2  a bad config, bad data (DataError), a checkpoint or model directory that cannot be used
+          (CheckpointError), a workdir holding another run (ResumeError) or in use (WorkdirBusy);
+  exit 1  the file system refused (OSError: read-only or full disk, permissions);
+  exit 130  Ctrl-C pressed twice (once checkpoints after the current step and exits 0).
+A run that fails this way before doing any work removes the workdir it created. In a
+multi-process run a failing process stops the others with its error (tapo_jax.distributed).
 """
 
 from __future__ import annotations
 
+import errno
+import importlib.util
+import logging as std_logging
+import math
 import os
+import re
+import shutil
+import string
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # JetStream's full install imports TensorFlow
+# google-jetstream's full install (the `jetstream` extra) imports TensorFlow, which logs from C++.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# transformers (tokenizers and chat templates only here) warns at import that torch is absent.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -27,6 +45,13 @@ class ConfigError(ValueError):
 
 def _exists(path: str) -> bool:
   return bool(path) and os.path.exists(path)
+
+
+def _check_file(key: str, path: str) -> None:
+  if not os.path.exists(path):
+    raise ConfigError(f"config.{key}={path!r}: no such file")
+  if os.path.isdir(path):
+    raise ConfigError(f"config.{key}={path!r}: is a directory; expected a jsonl/json/parquet file")
 
 
 def validate(cfg, num_devices: int) -> None:
@@ -76,8 +101,8 @@ def validate(cfg, num_devices: int) -> None:
       raise ConfigError(f"config.model.path={cfg.model.path!r}: no config.json in it")
   elif cfg.model.toy != "arith":
     raise ConfigError("config.model.path is empty: set it to a local Hugging Face model directory")
-  if cfg.mode in ("rl", "coldstart") and cfg.data.train_path and not _exists(cfg.data.train_path):
-    raise ConfigError(f"config.data.train_path={cfg.data.train_path!r}: no such file")
+  if cfg.mode in ("rl", "coldstart") and cfg.data.train_path:
+    _check_file("data.train_path", cfg.data.train_path)
   if cfg.mode in ("rl", "coldstart") and not cfg.data.train_path and cfg.model.toy != "arith":
     raise ConfigError("config.data.train_path is empty: set it to a jsonl/json/parquet file")
   window = tuple(cfg.data.pass_rate_window)
@@ -85,17 +110,123 @@ def validate(cfg, num_devices: int) -> None:
     raise ConfigError(f"config.data.pass_rate_window={window}: expected (low, high) in [0, 1]")
   if cfg.mode == "coldstart":
     validate_coldstart(cfg)
-  if cfg.mode == "sft" and not _exists(cfg.sft.path):
-    raise ConfigError(f"config.sft.path={cfg.sft.path!r}: no such file")
+  if cfg.mode == "sft":
+    _check_file("sft.path", cfg.sft.path)
   if cfg.mode == "eval" or cfg.train.eval_every:
-    for path in [p for p in cfg.eval.paths.split(",") if p.strip()]:
-      if not _exists(path.strip()):
-        raise ConfigError(f"config.eval.paths: {path.strip()!r}: no such file")
+    for path in [p.strip() for p in cfg.eval.paths.split(",") if p.strip()]:
+      if not _exists(path):
+        raise ConfigError(f"config.eval.paths: {path!r}: no such file")
+      if os.path.isdir(path):
+        raise ConfigError(f"config.eval.paths: {path!r}: is a directory; expected a data file")
     if cfg.eval.k < 1:
       raise ConfigError(f"config.eval.k={cfg.eval.k}: must be >= 1")
     bad = [k for k in cfg.eval.pass_ks if not 1 <= k <= cfg.eval.k]
     if bad:
       raise ConfigError(f"config.eval.pass_ks={tuple(cfg.eval.pass_ks)}: {bad} not in [1, eval.k]")
+  validate_values(cfg)
+
+
+# --- value checks (finite hyper-parameters, counts, lengths, the prompt template) ----------------
+
+FINITE = (
+  "optim.lr", "optim.b1", "optim.b2", "optim.weight_decay", "optim.grad_clip",
+  "loss.eps_low", "loss.eps_high", "loss.adv_eps", "loss.kl_beta", "loss.overlong_penalty",
+  "tapo.lam", "tapo.ots_min", "tapo.ots_max", "rollout.temperature", "rollout.top_p",
+  "eval.temperature", "eval.top_p", "reward.timeout_s",
+)  # fmt: skip
+AT_LEAST_1 = (
+  "optim.micro_batch", "optim.ppo_epochs", "optim.minibatches", "reward.workers",
+  "data.max_prompt_tokens", "rollout.slots", "tapo.max_len",
+)  # fmt: skip
+
+
+def _get(cfg, key: str):
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def _in(cfg, key: str, low: float, high: float, *, low_open=False, high_open=False, why=""):
+  v = _get(cfg, key)
+  ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  if not ok:
+    if math.isinf(high):
+      bound = f"{'>' if low_open else '>='} {low}"
+    else:
+      bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ConfigError(f"config.{key}={v!r}: must be {bound}{why}")
+
+
+def validate_values(cfg) -> None:
+  """Numbers that would crash mid-run, or silently ruin it, are rejected before any work."""
+  for key in FINITE:
+    v = _get(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+      raise ConfigError(f"config.{key}={v!r}: must be a finite number")
+  for key in AT_LEAST_1:
+    v = _get(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f"config.{key}={v!r}: must be an integer >= 1")
+  if cfg.optim.lr > 1:
+    raise ConfigError(
+      f"config.optim.lr={cfg.optim.lr!r}: a learning rate above 1 destroys the model in one "
+      "update (typical: 1e-6 to 1e-4)"
+    )
+  _in(cfg, "optim.lr", 0, 1)
+  _in(cfg, "optim.b1", 0, 1, high_open=True)
+  _in(cfg, "optim.b2", 0, 1, high_open=True)
+  for key in ("optim.weight_decay", "optim.grad_clip", "loss.kl_beta", "loss.overlong_penalty"):
+    _in(cfg, key, 0, math.inf)
+  _in(cfg, "loss.eps_low", 0, 1)
+  _in(cfg, "loss.eps_high", 0, math.inf)
+  _in(cfg, "loss.adv_eps", 0, math.inf, low_open=True)
+  _in(cfg, "tapo.lam", 0, math.inf)
+  _in(cfg, "tapo.ots_min", 0, math.inf, low_open=True)
+  if cfg.tapo.ots_max < cfg.tapo.ots_min:
+    raise ConfigError(
+      f"config.tapo.ots_max={cfg.tapo.ots_max!r}: must be >= tapo.ots_min={cfg.tapo.ots_min!r}"
+    )
+  for key in ("rollout.temperature", "eval.temperature"):
+    _in(cfg, key, 0, math.inf, why=" (0 is greedy)")
+  for key in ("rollout.top_p", "eval.top_p"):
+    _in(cfg, key, 0, 1, low_open=True)
+  _in(cfg, "reward.timeout_s", 0, math.inf, low_open=True, why=": the verifier's per-item limit")
+  if cfg.optim.warmup_steps < 0:
+    raise ConfigError(f"config.optim.warmup_steps={cfg.optim.warmup_steps}: must be >= 0")
+  buckets = tuple(cfg.rollout.prefill_buckets)
+  if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+    raise ConfigError(
+      f"config.rollout.prefill_buckets={buckets}: expected a non-empty tuple of positive "
+      "prompt lengths, e.g. (64, 128, 256)"
+    )
+  if cfg.mode == "rl" and max(buckets) < cfg.data.max_prompt_tokens:
+    raise ConfigError(
+      f"config.rollout.prefill_buckets={buckets}: the largest must be >= "
+      f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} (the longest prompt allowed)"
+    )
+  _check_template(cfg.data.prompt_template)
+  need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+  if cfg.mode == "rl" and cfg.tapo.max_len < need:
+    raise ConfigError(
+      f"config.tapo.max_len={cfg.tapo.max_len}: must be >= data.max_prompt_tokens + "
+      f"rollout.max_new_tokens = {cfg.data.max_prompt_tokens} + {cfg.rollout.max_new_tokens} "
+      f"= {need}"
+    )
+
+
+def _check_template(template: str) -> None:
+  try:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+  except ValueError as e:
+    raise ConfigError(
+      f"config.data.prompt_template={template!r}: {e}; write literal braces as {{{{ and }}}}"
+    ) from None
+  bad = [f for f in fields if f != "problem"]
+  if bad:
+    raise ConfigError(
+      f"config.data.prompt_template={template!r}: unknown field {{{bad[0]}}}; the only field is "
+      "{problem} (write literal braces as {{ and }})"
+    )
 
 
 def validate_coldstart(cfg) -> None:
@@ -163,40 +294,20 @@ def _parse_flags(argv):
     _fail(f"unknown config key {name!r} in {bad}" if bad else f"bad flag: {e}")
 
 
-def main(argv) -> None:
-  del argv
-  import jax
-
-  cfg = _CONFIG.value
-  if cfg is None:
-    _fail("--config is required, e.g. --config=configs/tiny.py")
-  workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter; -v 0 brings it back
-  if cfg.mode == "plan":  # abstract shapes only: no devices, weights or data needed
-    from tapo_jax import plan
-
-    sys.exit(plan.run(cfg))
-  if cfg.distributed:
-    from tapo_jax import distributed
-
-    distributed.initialize(cfg)
+def _dispatch_reporting(cfg, workdir: str) -> None:
+  """_dispatch; in a multi-process run an error here is first reported to the other processes,
+  which then stop with it instead of waiting in a collective."""
   try:
-    validate(cfg, jax.device_count())
-  except ConfigError as e:
-    _fail(str(e))
-  logging.info("mode=%s algorithm=%s workdir=%s", cfg.mode, cfg.algorithm, workdir)
-  try:
-    _run_mode(cfg, workdir)
-  except BaseException as e:
-    if cfg.distributed and not isinstance(e, SystemExit | KeyboardInterrupt):
+    _dispatch(cfg, workdir)
+  except Exception as e:
+    if cfg.distributed:
       from tapo_jax import distributed
 
       distributed.report_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     raise
 
 
-def _run_mode(cfg, workdir: str) -> None:
+def _dispatch(cfg, workdir: str) -> None:
   if cfg.mode == "rl":
     from tapo_jax.train import loop
 
@@ -219,6 +330,130 @@ def _run_mode(cfg, workdir: str) -> None:
     from tapo_jax.train import eval_mode
 
     eval_mode.run(cfg, workdir)
+
+
+_IO_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+
+
+def io_error(e: BaseException, workdir: str = "") -> str | None:
+  """One line for a file-system failure anywhere in `e`'s chain (Orbax and TensorStore re-raise
+  them as other types, keeping the OS message), naming the file, else `workdir`; None when `e`
+  is not one."""
+  seen = set()
+  fallback = f"{workdir}: " if workdir else ""
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.strerror:
+      where = f"{e.filename}: " if e.filename else fallback
+      return f"{where}{e.strerror}{_io_hint(e.errno)}"
+    text = str(e)
+    for code in _IO_ERRNOS:
+      if os.strerror(code) in text:
+        path = re.search(r'"(/[^"]+)"', text)  # TensorStore quotes the file it failed on
+        where = f"{path.group(1)}: " if path else fallback
+        return f"{where}{os.strerror(code)}{_io_hint(code)}"
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _io_hint(code) -> str:
+  if code in (errno.ENOSPC, errno.EDQUOT):
+    return "; free some space and rerun: the run resumes from its newest finished checkpoint"
+  if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return "; pass a writable --workdir"
+  return ""
+
+
+def _quiet_orbax_thread_errors(record) -> bool:
+  """A logging filter: Orbax's background threads log each failure with a full traceback (a full
+  disk: hundreds of lines) and then re-raise it in the main thread, where main() reports it."""
+  from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+  return not (from_orbax and record.levelno >= std_logging.ERROR and record.exc_info)
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+  """sys.unraisablehook: after a failed Orbax write, TensorStore completes the other pending writes
+  into Orbax's already closed event loop, one 'Event loop is closed' traceback each (a hundred for
+  a full disk); the failure itself is raised in the main thread. Everything else is printed."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def _silence_orphaned_tasks() -> None:
+  """After a reported error, asyncio's 'Task exception was never retrieved' at shutdown repeats it
+  for each write Orbax left pending."""
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+
+
+def _discard_if_untouched(workdir: str, existed: bool) -> None:
+  """Removes a workdir this run created when it holds nothing but the lock and config record."""
+  if existed or not os.path.isdir(workdir):
+    return
+  if set(os.listdir(workdir)) <= {".lock", "config.json"}:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv) -> None:
+  del argv
+  import jax
+
+  from tapo_jax.data import DataError
+  from tapo_jax.models import CheckpointError
+  from tapo_jax.train import workdir as workdir_lib
+
+  cfg = _CONFIG.value
+  if cfg is None:
+    _fail("--config is required, e.g. --config=configs/tiny.py")
+  workdir = _WORKDIR.value or cfg.workdir or os.path.join("runs", "default")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter; -v 0 brings it back
+    std_logging.getLogger("absl").addFilter(_quiet_orbax_thread_errors)
+    sys.unraisablehook = _drop_closed_loop_callbacks
+  if cfg.mode == "plan":  # abstract shapes only: no devices, weights or data needed
+    from tapo_jax import plan
+
+    sys.exit(plan.run(cfg))
+  if cfg.distributed:
+    from tapo_jax import distributed
+
+    distributed.initialize(cfg)
+  try:
+    validate(cfg, jax.device_count())
+  except ConfigError as e:
+    _fail(str(e))
+  if cfg.mode in ("rl", "eval") and importlib.util.find_spec("jetstream") is None:
+    _fail(
+      "google-jetstream is not installed: run `make install`, or "
+      "`pip install --no-deps google-jetstream==0.2.2` (README: Install)"
+    )
+  logging.info("mode=%s algorithm=%s workdir=%s", cfg.mode, cfg.algorithm, workdir)
+  user_errors = (ConfigError, DataError, CheckpointError, workdir_lib.ResumeError)
+  existed = os.path.exists(workdir)
+  try:
+    with workdir_lib.hold(workdir, process_index=jax.process_index()):
+      if cfg.mode in ("rl", "sft") and jax.process_index() == 0 and workdir_lib.is_local(workdir):
+        workdir_lib.record_config(workdir, cfg)  # cloud workdirs (gs://) keep no record yet
+      _dispatch_reporting(cfg, workdir)
+  except KeyboardInterrupt:
+    _discard_if_untouched(workdir, existed)
+    print("\nerror: interrupted; the workdir keeps its newest finished checkpoint", file=sys.stderr)
+    sys.exit(130)
+  except workdir_lib.WorkdirBusy as e:
+    _fail(str(e))
+  except user_errors as e:
+    _discard_if_untouched(workdir, existed)
+    _silence_orphaned_tasks()
+    _fail(str(e))
+  except Exception as e:
+    line = io_error(e, workdir)
+    if line is None:
+      raise  # a bug: keep the traceback
+    _discard_if_untouched(workdir, existed)
+    _silence_orphaned_tasks()
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(1)
 
 
 def entry() -> None:

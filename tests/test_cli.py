@@ -1,5 +1,6 @@
 """The real CLI in subprocesses: bad configs, a run, a clean resume, kill -9 and exact resume."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -87,10 +88,33 @@ BAD = [
   (["--config.tapo.ref_baseline=group"], "config.tapo.ref_baseline='group' with tapo.constru"),
   (["--config.tapo.synthesis_max_new_tokens=16"], "config.tapo.synthesis_max_new_tokens=16"),
   (["--config.tapo.min_anchor=1.5"], "config.tapo.min_anchor=1.5"),
+  # Non-finite or absurd hyper-parameters, rejected before any work.
+  (["--config.optim.lr=nan"], "config.optim.lr=nan: must be a finite number"),
+  (["--config.optim.lr=1e6"], "config.optim.lr=1000000.0: a learning rate above 1"),
+  (["--config.optim.b1=inf"], "config.optim.b1=inf: must be a finite number"),
+  (["--config.optim.b2=nan"], "config.optim.b2=nan"),
+  (["--config.optim.weight_decay=-inf"], "config.optim.weight_decay=-inf"),
+  (["--config.optim.grad_clip=nan"], "config.optim.grad_clip=nan"),
+  (["--config.loss.eps_low=nan"], "config.loss.eps_low=nan"),
+  (["--config.loss.eps_high=inf"], "config.loss.eps_high=inf"),
+  (["--config.tapo.lam=nan"], "config.tapo.lam=nan"),
+  (["--config.rollout.temperature=inf"], "config.rollout.temperature=inf"),
+  (["--config.eval.temperature=nan"], "config.eval.temperature=nan"),
+  # Counts and lengths that crashed mid-run.
+  (["--config.optim.micro_batch=0"], "config.optim.micro_batch=0: must be an integer >= 1"),
+  (["--config.optim.ppo_epochs=0"], "config.optim.ppo_epochs=0"),
+  (["--config.optim.minibatches=0"], "config.optim.minibatches=0"),
+  (["--config.rollout.prefill_buckets=()"], "config.rollout.prefill_buckets=(): expected a non"),
+  (["--config.rollout.prefill_buckets=(0, 64)"], "config.rollout.prefill_buckets=(0, 64)"),
+  (["--config.reward.timeout_s=0"], "config.reward.timeout_s=0.0: must be > 0"),
+  (["--config.reward.workers=0"], "config.reward.workers=0"),
+  (["--config.data.prompt_template={problem} {answer}"], "unknown field {answer}"),
+  (["--config.tapo.max_len=100"], "config.tapo.max_len=100: must be >= data.max_prompt_tokens"),
+  (["--config.data.train_path=tests"], "config.data.train_path='tests': is a directory"),
 ]
 
 
-@pytest.mark.parametrize("flags,message", BAD, ids=[m for _, m in BAD])
+@pytest.mark.parametrize("flags,message", BAD, ids=[m[:60] for _, m in BAD])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, flags, message):
   workdir = tmp_path / "wd"
   out = _run(_env(tmp_path), workdir, *flags, timeout=120)
@@ -98,7 +122,115 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, flags, message):
   last = out.stderr.strip().splitlines()[-1]
   assert message in last, out.stderr[-2000:]
   assert last.startswith("error:") or "FATAL" in last or "Error" in last
+  assert "Traceback" not in out.stderr
   assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def shared_env(tmp_path_factory):
+  """One compilation cache for the user-error runs below."""
+  return _env(tmp_path_factory.mktemp("cli_errors"))
+
+
+def test_bad_data_is_one_line_and_leaves_no_workdir(tmp_path, shared_env):
+  data = tmp_path / "train.jsonl"
+  data.write_text('{"problem": "1+1", "answer": 2}\n{"problem": "0/0", "answer": NaN}\n')
+  workdir = tmp_path / "wd"
+  out = _run(shared_env, workdir, f"--config.data.train_path={data}", timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {data}: line 2: field 'answer'") and "NaN" in last
+  assert "Traceback" not in out.stderr and not workdir.exists()
+
+
+def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path, shared_env):
+  from tapo_jax.train import workdir as workdir_lib
+
+  workdir = tmp_path / "wd"
+  with workdir_lib.hold(str(workdir)):
+    out = _run(shared_env, workdir, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last == (
+    f"error: {workdir} is in use by another run (pid {os.getpid()}); wait for it to finish, "
+    "stop it, or use another --workdir"
+  )
+  assert sorted(os.listdir(workdir)) == [".lock"]  # nothing else written
+
+
+def test_unwritable_workdir_is_one_line_exit_1(tmp_path, shared_env):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  out = _run(shared_env, blocker / "wd", timeout=120)  # a path under a regular file
+  assert out.returncode == 1, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1] == f"error: {blocker / 'wd'}: Not a directory"
+  assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 1 MiB tmpfs filled up (skipped where mounting is not allowed)."""
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
+  if (
+    os.geteuid() != 0
+    or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode
+  ):
+    pytest.skip("mounting a tmpfs needs root")
+  try:
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+      while True:
+        os.write(fd, b"x" * 4096)
+    os.close(fd)
+    yield mnt
+  finally:
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_is_one_line_exit_1(full_disk, shared_env):
+  workdir = full_disk / "wd"
+  out = _run(shared_env, workdir, timeout=120)
+  assert out.returncode == 1, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "No space left on device; free some space" in last
+  assert "Traceback" not in out.stderr and not workdir.exists()
+
+
+def test_full_disk_during_an_orbax_save_is_named(full_disk):
+  from tapo_jax import main
+  from tapo_jax.train import checkpoint
+
+  ck = checkpoint.Checkpointer(str(full_disk / "wd"), 1, 2)
+  state = {"w": np.ones((256, 1024), np.float32)}  # 1 MiB: more than the disk has left
+  with pytest.raises(Exception) as e:  # noqa: B017 (Orbax re-raises as ValueError today)
+    ck.save(1, state, {"data": {}})
+    ck.close()
+  line = main.io_error(e.value, str(full_disk / "wd"))
+  assert line is not None and "No space left on device; free some space" in line
+  assert line.startswith(str(full_disk / "wd"))
+  assert checkpoint.steps(str(full_disk / "wd")) == []  # no finished step: only Orbax's tmp dir
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_exits_0(tmp_path, shared_env):
+  workdir = tmp_path / "wd"
+  proc = subprocess.Popen(
+    _cmd(workdir, "--config.train.steps=40", "--config.train.checkpoint_every=100"),
+    cwd=ROOT, env=shared_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  deadline = time.time() + 600
+  while not (workdir / "metrics.jsonl").exists() or not _steps_logged(workdir):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  last = _steps_logged(workdir)[-1]
+  assert last < 40 and sorted(int(p) for p in os.listdir(workdir / "checkpoints")) == [last]
 
 
 def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
@@ -151,9 +283,16 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
   assert "resumed from" in err
+  # ... its newest checkpoint truncated on disk (set aside: the run falls back one step) ...
+  newest = max(int(p) for p in os.listdir(chain / "checkpoints") if p.isdigit())
+  data = [p for p in (chain / "checkpoints" / str(newest) / "state").rglob("*") if p.is_file()]
+  biggest = max(data, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
   # ... and resumed again to the end.
   out = _run(env, chain, dynamic, "--config.train.steps=3")
   assert out.returncode == 0, out.stderr[-3000:]
+  assert f"warning: checkpoint step {newest} does not restore" in out.stderr
+  assert (chain / "checkpoints" / f"{newest}.broken").is_dir()
 
   a, b = _flat(_final_params(straight, 3)), _flat(_final_params(chain, 3))
   assert a.keys() == b.keys() and len(a) > 10
@@ -162,7 +301,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   # The run really trained: the params moved between checkpoints (the newest two are kept).
   before = _flat(_final_params(straight, 2))
   assert any(not np.array_equal(before[key], a[key]) for key in a)
-  assert _steps_logged(chain)[-1] == 3
+  assert _steps_logged(chain) == [1, 2, 3]  # rows logged after a checkpoint were dropped on resume
 
   # A finished workdir given more steps resumes where it stopped.
   out = _run(env, straight, dynamic, "--config.train.steps=4")
@@ -241,6 +380,7 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   assert _steps_logged(workdir) == [1, 2]
+  assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
   nll = [json.loads(line)["nll"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(nll)) and all(v > 0 for v in nll)
   hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf")

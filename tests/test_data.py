@@ -11,6 +11,7 @@ from tapo_jax.data import (
   DataError,
   Problem,
   SFTExample,
+  check_prompt_lengths,
   detect_layout,
   filter_by_pass_rate,
   format_prompt,
@@ -446,3 +447,84 @@ def test_problems_hash_and_compare_without_metadata():
   b = Problem(id="1", problem="p", answer="1", messages=a.messages, metadata={"row": "line 9"})
   assert a == b and hash(a) == hash(b) and len({a, b}) == 1
   assert a != Problem(id="1", problem="p", answer="2")
+
+
+# --- bad files and over-long prompts found at load time -------------------------------------------
+
+
+def test_directory_as_data_file_is_a_data_error(tmp_path):
+  (tmp_path / "train.jsonl").mkdir()
+  with pytest.raises(DataError, match="train.jsonl: is a directory"):
+    load_problems(tmp_path / "train.jsonl")
+  with pytest.raises(DataError, match="no such file"):
+    load_problems(tmp_path / "none.jsonl")
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+  path = tmp_path / "train.jsonl"
+  good = json.dumps({"problem": "1+1", "answer": "2"}).encode()
+  path.write_bytes(good + b"\n" + good + b"\n" + b'{"problem": "caf\xe9", "answer": "1"}\n')
+  with pytest.raises(DataError, match=r"train.jsonl: line 3: not UTF-8 \(byte 0xe9\)"):
+    load_problems(path)
+  path = tmp_path / "train.json"
+  path.write_bytes(b'[\n{"problem": "1", "answer": "1"},\n{"problem": "\xff", "answer": "1"}\n]')
+  with pytest.raises(DataError, match=r"train.json: line 3: not UTF-8 \(byte 0xff\)"):
+    load_problems(path)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_nan_and_infinity_golds_are_errors(tmp_path, constant):
+  path = tmp_path / "train.jsonl"
+  rows = ['{"problem": "1+1", "answer": 2}', f'{{"problem": "0/0", "answer": {constant}}}']
+  path.write_text("\n".join(rows) + "\n")
+  with pytest.raises(DataError, match=r"train.jsonl: line 2: field 'answer': .*NaN/Infinity"):
+    load_problems(path)
+
+
+class CountingTokenizer:
+  """Wraps a tokenizer and counts the calls that tokenize."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, 0
+    self.chat_template = inner.chat_template
+
+  def get_vocab(self):
+    return self.inner.get_vocab()
+
+  def apply_chat_template(self, *args, **kwargs):
+    self.calls += 1
+    return self.inner.apply_chat_template(*args, **kwargs)
+
+  def encode(self, *args, **kwargs):
+    self.calls += 1
+    return self.inner.encode(*args, **kwargs)
+
+
+def test_huge_problem_fails_before_anything_is_tokenized(tok, tmp_path):
+  path = write_jsonl(
+    tmp_path / "train.jsonl",
+    [{"problem": "1+1", "answer": "2"}] * 3 + [{"problem": "9" * 10_000_000, "answer": "9"}],
+  )
+  problems = load_problems(path)
+  counting = CountingTokenizer(tok)
+  with pytest.raises(DataError) as e:
+    check_prompt_lengths(problems, "{problem}", counting, 64, path=str(path))
+  assert counting.calls == 0  # the character bound alone rejected it
+  msg = str(e.value)
+  assert f"{path}: line 4: problem 'train-3'" in msg and "data.max_prompt_tokens=64" in msg
+  # 10^7 characters / 13 (the longest vocabulary entry, '<|endoftext|>') tokens at least
+  assert "at least 769231 tokens" in msg
+
+
+def test_check_prompt_lengths_is_exact_below_the_bound(tok):
+  problems = [
+    Problem(id="a", problem="x", answer="1"),
+    Problem(id="b", problem="y" * 40, answer="2"),
+  ]
+  ids = check_prompt_lengths(problems, "{problem}", tok, 59)
+  assert ids == format_prompts(problems, "{problem}", tok)
+  # 40 characters pass the bound (ceil(40/13) = 4 <= 58) but the prompt has 59 tokens.
+  with pytest.raises(
+    DataError, match=r"problem 'b': prompt has 59 tokens > data.max_prompt_tokens=58"
+  ):
+    check_prompt_lengths(problems, "{problem}", tok, 58)

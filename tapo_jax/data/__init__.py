@@ -14,6 +14,7 @@ from tapo_jax.data.datasets import (
 )
 from tapo_jax.data.prompts import (
   DEFAULT_TEMPLATE,
+  check_prompt_lengths,
   format_prompt,
   format_prompts,
   render,
@@ -26,6 +27,7 @@ __all__ = [
   "DataError",
   "Problem",
   "SFTExample",
+  "check_prompt_lengths",
   "detect_layout",
   "filter_by_pass_rate",
   "format_prompt",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -65,15 +66,29 @@ class _Row:
     return DataError(f"{self.path}: {self.where}: field {field!r}: {why}")
 
 
+def _decode(path: pathlib.Path, raw: bytes, where: str | None = None) -> str:
+  """UTF-8 text of `raw`; a DataError naming the file, line and byte otherwise."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if where is None:
+      lineno = raw.count(b"\n", 0, e.start) + 1
+      where = f"line {lineno}"
+    raise DataError(
+      f"{path}: {where}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8"
+    ) from None
+
+
 def _read_rows(path: pathlib.Path) -> Iterator[_Row]:
   """Yields every row of a jsonl / json / parquet file."""
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
-    with path.open(encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+      for lineno, raw in enumerate(f, start=1):
+        where = f"line {lineno}"
+        line = _decode(path, raw, where)
         if not line.strip():
           continue
-        where = f"line {lineno}"
         try:
           data = json.loads(line)
         except json.JSONDecodeError as e:
@@ -81,7 +96,7 @@ def _read_rows(path: pathlib.Path) -> Iterator[_Row]:
         yield _Row(path, where, data)
   elif suffix == ".json":
     try:
-      data = json.loads(path.read_text(encoding="utf-8"))
+      data = json.loads(_decode(path, path.read_bytes()))
     except json.JSONDecodeError as e:
       raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
     if isinstance(data, dict) and "data" in data:
@@ -105,6 +120,10 @@ def _read_rows(path: pathlib.Path) -> Iterator[_Row]:
 
 def _rows(path: str | pathlib.Path) -> list[_Row]:
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise DataError(f"{path}: is a directory; expected a .jsonl, .json or .parquet file")
+  if not path.exists():
+    raise DataError(f"{path}: no such file")
   rows = list(_read_rows(path))
   if not rows:
     raise DataError(f"{path}: file has no rows")
@@ -163,6 +182,9 @@ def _get(row: _Row, keys: Sequence[str]) -> tuple[str, Any]:
 
 
 def _text(row: _Row, field: str, value: Any, *, numbers: bool = False) -> str:
+  if numbers and isinstance(value, float) and not math.isfinite(value):
+    # JSON's NaN / Infinity (and parquet's NaN) would become the gold answers "nan" / "inf".
+    raise row.fail(field, f"{value} is not an answer (JSON NaN/Infinity); write the real answer")
   if numbers and isinstance(value, int | float) and not isinstance(value, bool):
     value = str(value)
   if not isinstance(value, str):

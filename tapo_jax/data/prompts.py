@@ -1,7 +1,16 @@
-"""Problem -> prompt tokens: a str.format template, then the tokenizer's chat template if any."""
+"""Problem -> prompt tokens: a str.format template, then the tokenizer's chat template if any.
+
+`check_prompt_lengths` finds an over-long prompt when the data is loaded, not when its batch comes
+up. Its pre-check needs no tokenizer call: a token stands for at most L bytes (L = the longest
+vocabulary entry, in the byte-level alphabet one character per byte) and a character is at least
+one byte, so a user message of C characters has at least ceil(C / L) tokens in any rendering. A
+problem whose bound already exceeds the limit fails at once, however large; the rest are tokenized
+exactly as the RL loop will.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,6 +93,57 @@ def format_prompts(
       raise DataError(
         f"problem {p.id!r}: prompt has {len(ids)} tokens > max_prompt_tokens={max_prompt_tokens}"
       )
+    out.append(ids)
+  return out
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+  """The length of the longest vocabulary entry (an upper bound on the bytes one token covers)."""
+  return max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
+def _where(p: Problem, path: str | None) -> str:
+  meta = p.metadata or {}
+  source = meta.get("source") or path
+  row = meta.get("row")
+  place = ": ".join(str(x) for x in (source, row) if x)
+  return f"{place}: problem {p.id!r}" if place else f"problem {p.id!r}"
+
+
+def _user_text(p: Problem, template: str | None) -> str:
+  if template is None and p.messages:
+    return "".join(m["content"] for m in p.messages)
+  return render(p, template or DEFAULT_TEMPLATE)
+
+
+def check_prompt_lengths(
+  problems: Sequence[Problem],
+  template: str | None,
+  tokenizer: Any,
+  max_tokens: int,
+  use_chat_template: bool = True,
+  path: str | None = None,
+) -> list[list[int]]:
+  """The prompt ids of every problem (as format_prompts gives them); the first problem whose
+  prompt is longer than `max_tokens` raises DataError naming its file, row and id."""
+  per_token = longest_token_chars(tokenizer)
+
+  def fail(p: Problem, n: int, exact: bool) -> DataError:
+    size = "" if exact else "at least "
+    return DataError(
+      f"{_where(p, path)}: prompt has {size}{n} tokens > data.max_prompt_tokens={max_tokens}; "
+      "shorten or drop the problem, or raise data.max_prompt_tokens"
+    )
+
+  for p in problems:  # the cheap bound first: nothing is tokenized before every row passes it
+    bound = math.ceil(len(_user_text(p, template)) / per_token)
+    if bound > max_tokens:
+      raise fail(p, bound, exact=False)
+  out = []
+  for p in problems:
+    ids = format_prompt(p, template, tokenizer, use_chat_template)
+    if len(ids) > max_tokens:
+      raise fail(p, len(ids), exact=True)
     out.append(ids)
   return out
 

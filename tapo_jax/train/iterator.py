@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tapo_jax.data.datasets import DataError
+
 
 class BatchIterator:
   """Yields fixed-size batches from `items`, reshuffled every epoch from (seed, epoch)."""
@@ -39,7 +41,8 @@ class BatchIterator:
 
   def restore(self, s: dict) -> None:
     if s.get("n") != len(self.items):
-      raise ValueError(
-        f"data changed since the checkpoint: {s.get('n')} items then, {len(self.items)} now"
+      raise DataError(
+        f"data changed since the checkpoint: {s.get('n')} items then, {len(self.items)} now; "
+        "restore the data or use a new --workdir"
       )
     self.seed, self.epoch, self.index = int(s["seed"]), int(s["epoch"]), int(s["index"])

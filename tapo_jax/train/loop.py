@@ -27,11 +27,13 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import distributed, sampling, sharding
+from tapo_jax import distributed, export, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
+from tapo_jax.data.prompts import check_prompt_lengths
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
@@ -83,6 +85,10 @@ def run(cfg, workdir: str) -> None:
   )
   pool.start()
   problems = problems_lib.training_problems(cfg)
+  check_prompt_lengths(
+    problems, cfg.data.prompt_template, tokenizer, cfg.data.max_prompt_tokens,
+    cfg.data.use_chat_template, path=cfg.data.train_path,
+  )  # fmt: skip
   if cfg.data.pass_rate_window:
     params = engines.rollout.load_params(model)
     problems = problems_lib.filter_by_difficulty(
@@ -236,11 +242,17 @@ def run(cfg, workdir: str) -> None:
       if ckpt.due(step + 1, force=stop.requested):
         ckpt.save(step + 1, state, _extra(it, producer), force=True)
       if stop.requested:
-        print(f"SIGTERM: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
+        print(f"{stop.reason}: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
         break
     else:
-      if start < cfg.train.steps:
+      if start < cfg.train.steps:  # (a rerun with fewer steps than done saves nothing)
         ckpt.save(cfg.train.steps, state, _extra(it, producer), force=True)
+    # The policy as a Hugging Face directory and the run's curves (also after a SIGTERM).
+    policy = nnx.merge(graphdef, state.params)
+    hf_dir = os.path.join(workdir, "hf")
+    export.export_model(policy, tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
+    if distributed.is_main():
+      plot.plot_run(workdir)
   finally:
     producer.close()
     ckpt.close()

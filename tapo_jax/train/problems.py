@@ -9,7 +9,7 @@ import sys
 
 from tapo_jax import distributed
 from tapo_jax import eval as eval_lib
-from tapo_jax.data import Problem, filter_by_pass_rate, load_problems
+from tapo_jax.data import DataError, Problem, filter_by_pass_rate, load_problems
 from tapo_jax.toy import arith
 
 TOY_PROBLEMS = 4096
@@ -74,7 +74,8 @@ def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir
   msg = f"difficulty filter [{low}, {high}]: kept {len(kept)} of {len(problems)} problems"
   print(msg, file=sys.stderr)
   if not kept:
-    raise ValueError(
-      f"data.pass_rate_window=({low}, {high}) keeps none of {len(problems)} problems"
+    raise DataError(
+      f"config.data.pass_rate_window=({low}, {high}) keeps none of {len(problems)} problems "
+      f"(their pass rates: {path}); widen the window"
     )
   return kept

@@ -97,8 +97,13 @@ def run(cfg, workdir: str) -> None:
   ckpt.close()
   writer.close()
   jax.block_until_ready(state.params)
-  from tapo_jax.models import save_pretrained
+  from tapo_jax import export, plot
 
-  save_pretrained(nnx.merge(graphdef, state.params), os.path.join(workdir, "hf"))  # collective
-  if distributed.is_main():
-    tokenizer.save_pretrained(os.path.join(workdir, "hf"))
+  export.export_model(
+    nnx.merge(graphdef, state.params),
+    tokenizer,
+    os.path.join(workdir, "hf"),
+    source_dir=state_lib.model_dir(cfg),
+  )
+  if distributed.is_main() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    plot.plot_run(workdir)  # WORKDIR/curves.png
