@@ -1,4 +1,4 @@
-"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory}: us vs a peer, in one run."""
+"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory,rl}: us vs a peer, in one run."""
 
 import importlib
 import sys
@@ -9,6 +9,7 @@ BENCHMARKS = {
   "tapo": "tapo_jax.bench.tapo",  # DCS + splice + DAE cost vs rollout time
   "train": "tapo_jax.bench.train",  # tokens/s, MFU vs transformers fwd+bwd+AdamW
   "memory": "tapo_jax.bench.memory",  # planner vs XLA's compiled temp bytes; attention impls
+  "rl": "tapo_jax.bench.rl",  # the whole RL step stage by stage; one-step-off vs synchronous
 }
 
 

@@ -65,6 +65,7 @@ def grade_constructions(grade, tokenizer, cons, golds, eos) -> np.ndarray:
 def run(cfg, workdir: str) -> None:
   """Trains for cfg.train.steps RL steps; resumes from the newest checkpoint in `workdir`."""
   t_setup = time.time()
+  compiles = metrics.CompileCounter()
   mesh, model, tokenizer = state_lib.load_policy(cfg)
   sampler_mesh = state_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
   os.makedirs(workdir, exist_ok=True)
@@ -208,6 +209,7 @@ def run(cfg, workdir: str) -> None:
 
       # 6. Metrics (host side), periodic eval and checkpoint.
       out = _step_metrics(step_metrics, prep_metrics, tapo_metrics, r)
+      out.update(compiles.take())  # (the first step's include setup's)
       out.update(
         {
           "rollout/staleness": float(staleness),
@@ -254,6 +256,7 @@ def run(cfg, workdir: str) -> None:
     if distributed.is_main():
       plot.plot_run(workdir)
   finally:
+    compiles.close()
     producer.close()
     ckpt.close()
     writer.close()

@@ -121,3 +121,28 @@ class MetricWriter:
       self.bar.close()
     self.tb.close()
     self.jsonl.close()
+
+
+class CompileCounter:
+  """Counts XLA compilations (and their seconds) while open: `take()` returns those since the
+  last take. A compilation after the first steps means a shape or a static argument changed."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count, self.seconds = 0, 0.0
+    self._listener = self._record
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+
+  def _record(self, event: str, duration: float, **_) -> None:
+    if event == self.EVENT:
+      self.count += 1
+      self.seconds += duration
+
+  def take(self) -> dict[str, float]:
+    out = {"perf/compilations": float(self.count), "perf/compile_s": self.seconds}
+    self.count, self.seconds = 0, 0.0
+    return out
+
+  def close(self) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listener)
