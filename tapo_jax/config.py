@@ -16,7 +16,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
   "tapo.construction": ("policy", "divergence"),
   "tapo.ref_scope": ("batch", "query"),
-  "tapo.ref_baseline": ("group", "orig"),
+  "tapo.ref_baseline": ("group", "orig", "joint"),
   "reward.extract": ("boxed", "answer_line"),
   "loss.rollout_is": ("off", "token-tis", "seq-mask"),
   "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tapo.ref_scope = "batch"  # batch | query: the group G_ref is normalized over
   # group (the paper's: normalize within G_ref) | orig (r - mean of the source query's G_orig).
   # divergence constructions all end in y+'s answer: G_ref has no variance, so they need orig.
+  # joint: the ablation without DAE (a construction joins its query's G_orig, normalized together)
   c.tapo.ref_baseline = "orig"
   c.tapo.lam = 1.0  # λ: weight of the constructed-trajectory loss
   c.tapo.ots = True  # OOD token suppression on constructed rows

@@ -114,3 +114,19 @@ def test_orig_baseline_compares_constructions_with_their_query_originals():
   # The paper's group baseline: G_ref = {1, 1, 0} (batch scope), mean 2/3, std sqrt(1/3).
   s = np.sqrt(1 / 3)
   np.testing.assert_allclose(group[8:], [(1 / 3) / s, (1 / 3) / s, -(2 / 3) / s, 0.0], rtol=1e-6)
+
+
+def test_joint_baseline_normalizes_constructions_with_their_query():
+  # query 0: originals [1, 0, 0, 0] + its 2 constructions [1, 1]: one group of 6, mean 1/2,
+  # sample std sqrt(1.5 / 5); query 1's originals [1, 1, 0, 0] alone (no construction)
+  r = [1, 0, 0, 0, 1, 1, 0, 0, 1, 1]
+  g = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+  c = [0] * 8 + [1, 1]
+  a = dae(r, g, c, eps=0.0, baseline="joint")
+  s0, s1 = np.sqrt(1.5 / 5), np.sqrt(1 / 3)
+  want = [0.5 / s0, -0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s1, 0.5 / s1, -0.5 / s1, -0.5 / s1]
+  np.testing.assert_allclose(a, want + [0.5 / s0, 0.5 / s0], rtol=1e-6)
+  # DAE keeps the originals as if there were no constructions
+  dae_a = dae(r, g, c, eps=0.0, baseline="group")
+  np.testing.assert_allclose(dae_a[:8], dae(r[:8], g[:8], c[:8], eps=0.0), rtol=1e-6)
+  assert not np.allclose(a[:4], dae_a[:4])

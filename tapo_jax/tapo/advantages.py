@@ -12,6 +12,10 @@ Baseline "orig" (an option of this project, not the paper's): a construction's a
 r - mean(G_orig of its source query), unnormalized. The originals' statistics are untouched; it
 gives the rule-based `divergence` construction a signal, whose rows all end correct (so G_ref
 has zero variance and the "group" baseline gives them advantage 0).
+
+Baseline "joint" is the ablation DAE exists to avoid: a construction joins its source query's
+group, G_orig ∪ G_ref(q), normalized together — the constructions then shift the originals' mean
+and std (the contamination the paper measures).
 """
 
 from __future__ import annotations
@@ -20,9 +24,20 @@ import jax
 import jax.numpy as jnp
 
 
-def dae_groups(group_ids: jax.Array, is_constructed: jax.Array, scope: str = "batch") -> jax.Array:
+def n_queries(group_ids: jax.Array, is_constructed: jax.Array) -> jax.Array:
+  """Q: originals have group ids 0..Q-1, constructions Q + their source query."""
+  return jnp.max(jnp.where(is_constructed, -1, group_ids)) + 1
+
+
+def dae_groups(
+  group_ids: jax.Array, is_constructed: jax.Array, scope: str = "batch", baseline: str = "group"
+) -> jax.Array:
   """[R] statistics group of each row in [0, 2R]: originals keep their id, constructions are
-  shifted past every original id (scope batch: all into one group)."""
+  shifted past every original id (scope batch: all into one group); with baseline "joint" a
+  construction takes its source query's id."""
+  if baseline == "joint":
+    source = group_ids - n_queries(group_ids, is_constructed)
+    return jnp.where(is_constructed, source, group_ids).astype(jnp.int32)
   r = group_ids.shape[0]
   ref = r + (group_ids if scope == "query" else jnp.zeros_like(group_ids))
   return jnp.where(is_constructed, ref, group_ids).astype(jnp.int32)
@@ -51,24 +66,24 @@ def decoupled_advantages(
   baseline: str = "group",
 ) -> jax.Array:
   """[R] advantages: originals over their query's group, constructions over G_ref (baseline
-  "group") or against their source query's originals' mean reward (baseline "orig").
+  "group") or against their source query's originals' mean reward (baseline "orig"); "joint":
+  both over G_orig ∪ G_ref of the query (the ablation).
 
   Invalid rows, and failed constructions (reward <= 0) when not `keep_failed`, get advantage 0
   and are left out of every statistic."""
   rewards = rewards.astype(jnp.float32)
   rows = included_rows(rewards, is_constructed, valid, keep_failed)
-  groups = dae_groups(group_ids, is_constructed, scope)
+  groups = dae_groups(group_ids, is_constructed, scope, baseline)
   mean, std, _ = group_stats(rewards, groups, rows)
   adv = jnp.where(rows & (std > 0), (rewards - mean) / (std + eps), 0.0)
-  if baseline == "group":
+  if baseline in ("group", "joint"):
     return adv
   orig = rows & ~is_constructed
   n_seg = 2 * rewards.shape[0] + 1
   seg = jnp.where(orig, group_ids, n_seg - 1)
   count = jax.ops.segment_sum(orig.astype(jnp.float32), seg, n_seg)
   orig_mean = jax.ops.segment_sum(jnp.where(orig, rewards, 0.0), seg, n_seg) / jnp.maximum(count, 1)
-  n_queries = jnp.max(jnp.where(is_constructed, -1, group_ids)) + 1  # originals: ids 0..Q-1
-  src = jnp.clip(group_ids - n_queries, 0, n_seg - 1)
+  src = jnp.clip(group_ids - n_queries(group_ids, is_constructed), 0, n_seg - 1)
   ref = jnp.where(rows & (count[src] > 0), rewards - orig_mean[src], 0.0)
   return jnp.where(is_constructed, ref, adv)
 

@@ -166,7 +166,7 @@ def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[st
     rewards, batch.group_ids, constructed, rows, cfg.ref_scope, cfg.adv_eps,
     baseline=cfg.ref_baseline,
   )  # fmt: skip
-  groups = adv_lib.dae_groups(batch.group_ids, constructed, cfg.ref_scope)
+  groups = adv_lib.dae_groups(batch.group_ids, constructed, cfg.ref_scope, cfg.ref_baseline)
   zero_var = adv_lib.zero_variance_rows(rewards, groups, rows)
   if cfg.ref_baseline == "orig":  # constructions: no signal exactly when r equals the baseline
     zero_var = jnp.where(constructed, rows & (advantages == 0.0), zero_var)
