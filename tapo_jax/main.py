@@ -130,7 +130,7 @@ def validate(cfg, num_devices: int) -> None:
 
 FINITE = (
   "optim.lr", "optim.b1", "optim.b2", "optim.weight_decay", "optim.grad_clip",
-  "loss.eps_low", "loss.eps_high", "loss.adv_eps", "loss.kl_beta", "loss.overlong_penalty",
+  "loss.eps_low", "loss.eps_high", "loss.adv_eps", "loss.overlong_penalty",
   "tapo.lam", "tapo.ots_min", "tapo.ots_max", "rollout.temperature", "rollout.top_p",
   "eval.temperature", "eval.top_p", "reward.timeout_s",
 )  # fmt: skip
@@ -175,7 +175,7 @@ def validate_values(cfg) -> None:
   _in(cfg, "optim.lr", 0, 1)
   _in(cfg, "optim.b1", 0, 1, high_open=True)
   _in(cfg, "optim.b2", 0, 1, high_open=True)
-  for key in ("optim.weight_decay", "optim.grad_clip", "loss.kl_beta", "loss.overlong_penalty"):
+  for key in ("optim.weight_decay", "optim.grad_clip", "loss.overlong_penalty"):
     _in(cfg, key, 0, math.inf)
   _in(cfg, "loss.eps_low", 0, 1)
   _in(cfg, "loss.eps_high", 0, math.inf)

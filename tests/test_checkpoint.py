@@ -177,7 +177,7 @@ def test_resume_moves_the_iterator(tmp_path, trained):
   ck.close()
   fresh = BatchIterator(list(range(10)), 3, seed=1)
   ck = checkpoint.Checkpointer(tmp_path, 1, 2)
-  _, start = ck.resume(state, ssh, fresh)
+  _, start, _ = ck.resume(state, ssh, fresh)
   ck.close()
   assert start == 1 and fresh.next() == it.next()
 

@@ -17,7 +17,7 @@ from tapo_jax import config as base
 from tapo_jax import export
 from tapo_jax.models import CheckpointError
 from tapo_jax.toy import arith
-from tapo_jax.train import checkpoint, setup
+from tapo_jax.train import checkpoint
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import workdir as workdir_lib
 
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   cfg = base.base_config()
   cfg.model.toy = "arith"
-  mesh, model, _ = setup.load_policy(cfg)
+  mesh, model, _ = state_lib.load_policy(cfg)
   graphdef, state, _ = state_lib.create(model, mesh, state_lib.make_optimizer(cfg.optim, 10))
   workdir_lib.record_config(str(workdir), cfg)
   ck = checkpoint.Checkpointer(str(workdir), 1, 5)

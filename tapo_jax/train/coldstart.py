@@ -49,7 +49,7 @@ from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import teachers
-from tapo_jax.train.loop import grade
+from tapo_jax.train.rollouts import grade
 from tapo_jax.train.teachers import TeacherError  # noqa: F401 (main catches it from here)
 
 COUNTERS = (
@@ -198,7 +198,7 @@ def judge(tokenizer, pool, eos, outputs, negatives, golds, min_anchor):
     fracs.append(n / max(len(negative), 1))
     todo.append(i)  # graded as RL grades a construction: y⁻'s tokens, then the rest re-tokenized
     ids.append(list(negative[:n]) + list(tokenizer.encode(rest, add_special_tokens=False)))
-  rewards = grade(pool, tokenizer, ids, [golds[i] for i in todo], eos) if ids else []
+  rewards = grade(pool.grade, tokenizer, ids, [golds[i] for i in todo], eos) if ids else []
   kept = [None] * len(outputs)
   for i, r in zip(todo, rewards, strict=True):
     if r > 0.5:
@@ -289,7 +289,9 @@ def run(cfg, workdir: str) -> dict:
         gen = sampling.generate(
           engine, params, prompts, roll, n=k, max_new_tokens=cfg.rollout.max_new_tokens, seed=seed
         )
-        rewards = grade(pool, tokenizer, gen.completions, [g for g in golds for _ in range(k)], eos)
+        rewards = grade(
+          pool.grade, tokenizer, gen.completions, [g for g in golds for _ in range(k)], eos
+        )
         responses = [body(ids, eos) for ids in gen.completions]
         texts = eval_lib.decode_responses(tokenizer, responses, eos)
 

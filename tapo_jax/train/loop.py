@@ -54,8 +54,9 @@ def grade_constructions(grade, tokenizer, cons, golds, eos) -> np.ndarray:
   if built.size:
     source = np.asarray(cons.group_ids)[built] - q
     responses = batch_lib.response_ids(batch_lib.take_rows(cons, built), eos)
-    texts = eval_lib.decode_responses(tokenizer, responses, eos)  # as the originals are
-    rewards[built] = grade(texts, [golds[j] for j in source])
+    rewards[built] = rollouts_lib.grade(
+      grade, tokenizer, responses, [golds[j] for j in source], eos
+    )
   return rewards
 
 

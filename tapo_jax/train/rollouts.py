@@ -31,6 +31,13 @@ from tapo_jax.data import Problem
 from tapo_jax.data.prompts import format_prompts
 
 
+def grade(grade_fn, tokenizer, responses, golds, eos) -> np.ndarray:
+  """Rewards [N] f32 of responses (token lists) against their golds: the one decoding and grading
+  path of every row (originals, constructions, cold-start data)."""
+  texts = eval_lib.decode_responses(tokenizer, responses, eos)
+  return np.asarray(grade_fn(texts, list(golds)), np.float32)
+
+
 def _b64(x) -> str:
   return base64.b64encode(np.asarray(x, np.float32).tobytes()).decode()
 
@@ -94,8 +101,8 @@ class Sampler:
       seed=seed,
     )  # fmt: skip
     t1 = time.time()
-    texts = eval_lib.decode_responses(self.tokenizer, gen.completions, self.eos)
-    rewards = np.asarray(self.grade(texts, [p.answer for p in problems for _ in range(k)]))
+    golds = [p.answer for p in problems for _ in range(k)]
+    rewards = grade(self.grade, self.tokenizer, gen.completions, golds, self.eos)
     times["time/rollout"] += t1 - t0
     times["time/reward"] += time.time() - t1
     times["perf/rollout_tokens"] += sum(map(len, gen.completions))
