@@ -1,5 +1,8 @@
 r"""Memory planner: the HBM a config needs per device, from abstract shapes (nothing is allocated).
 
+Longer than most modules on purpose: every phase's formula is stated below and implemented in
+this one file, so the legend, the arithmetic and the report cannot drift apart.
+
 python -m tapo_jax.main --config=configs/qwen7b.py --config.mode=plan --config.plan.device=v5p-32
 python -m tapo_jax.main --config=configs/qwen7b.py --config.mode=plan --config.plan.device=v5e \
   --config.plan.chips=64 --config.plan.shape=qwen2.5-7b     # model.path not on this machine

@@ -4,6 +4,9 @@ Numbers are exact (0.25 == 1/4, 0.333 != 1/3, 6.28 != 2\pi); there is no toleran
 rescaling without a percent sign, and no last-number fallback. A high-precision numeric value is
 only used to reject quickly; equality is always decided symbolically.
 
+Longer than most modules on purpose: the equivalence rules (second readings, named left-hand
+sides, relations, sets, matrices) decide rewards together and are read best side by side.
+
 Second readings. A percent mark (`28\%`, `28 pct`, `28 percent`, `28 percentage`, on the gold or
 the answer) reads the value both as 0.28 and as 28; without one, 28 and 0.28 differ. A degree mark
 reads 30^\circ as 30 and as pi/6. A lone number in a base reads 101_2 as 5 and as its digit

@@ -5,6 +5,10 @@ inputs: model text never reaches eval, exec, sympify or any sympy string parser.
 factorials, roots, number lengths and nesting depth are bounded before sympy touches them, so no
 input can make sympy run long or allocate much here (the worker pool adds a hard timeout anyway).
 
+One module, longer than most here, on purpose: it is one grammar (precedence climbing from
+relations down to atoms), and its bounds only stay auditable when every production is read in
+one place.
+
 Values returned by `parse`:
   sympy.Expr         a scalar (numbers exact: 0.25 is Rational(1, 4))
   Rel                a relation chain, e.g. x = 5, 1 < x <= 3, 2 + 3 = 5
