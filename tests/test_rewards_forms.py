@@ -433,6 +433,14 @@ def test_percent_word_spellings(hundredths, delta, data):
   assert not is_equivalent(gold, data.draw(st.sampled_from([f"{wrong} pct", f"{wrong} percent"])))
 
 
+def test_percent_marks_on_both_sides_fix_the_scale():
+  # 0.01% is 1/10000 and 1 pct is 1/100; only a mark on one side reads both ways
+  assert not is_equivalent(r"0.01\%", "1.00 pct")
+  assert not is_equivalent("1 percent", r"0.01\%")
+  assert is_equivalent(r"0.01\%", "0.01 pct")
+  assert is_equivalent(r"25\%", "0.25") and is_equivalent("0.25", r"25\%")
+  assert is_equivalent("25", "25 percent") and is_equivalent(r"25\%", "25")
+
 @settings(max_examples=40, deadline=None)
 @given(
   st.sampled_from([r"\pi", r"\sqrt{2}", r"\frac{1}{7}", r"e", r"\sqrt[3]{10}", r"\ln 2"]),

@@ -8,7 +8,8 @@ Longer than most modules on purpose: the equivalence rules (second readings, nam
 sides, relations, sets, matrices) decide rewards together and are read best side by side.
 
 Second readings. A percent mark (`28\%`, `28 pct`, `28 percent`, `28 percentage`, on the gold or
-the answer) reads the value both as 0.28 and as 28; without one, 28 and 0.28 differ. A degree mark
+the answer) reads the value both as 0.28 and as 28; without one, 28 and 0.28 differ; with one on
+both sides the scale is fixed (0.01\% is not 1 pct). A degree mark
 reads 30^\circ as 30 and as pi/6. A lone number in a base reads 101_2 as 5 and as its digit
 string 101 (golds that omit the base). An approximation chain `a \approx b` counts as the value a
 only when the literal b is a rounded or cut to its last digit (2\pi \approx 6.28: yes;
@@ -453,16 +454,28 @@ def _scaled(v, factor):
 
 
 def _readings(p: Parsed) -> list:
-  """The values an answer may denote: 25\\% is 1/4 or 25; 30^\\circ is 30 or pi/6; 101_2 is 5
-  or 101."""
-  values = [p.value]
+  """The values an answer may denote, each with its kind: 25\\% is 1/4 or 25; 30^\\circ is 30
+  or pi/6; 101_2 is 5 or 101."""
+  values = [("value", p.value)]
   if p.percent:
-    values.append(_scaled(p.value, 100))
+    values.append(("percent", _scaled(p.value, 100)))
   if p.degree:
-    values.append(_scaled(p.value, sympy.pi / 180))
+    values.append(("degree", _scaled(p.value, sympy.pi / 180)))
   if p.digits is not None:
-    values.append(p.digits)
-  return [v for v in values if v is not None]
+    values.append(("digits", p.digits))
+  return [(kind, v) for kind, v in values if v is not None]
+
+
+def _reading_pairs(g: Parsed, a: Parsed):
+  """The (gold, answer) value pairs to compare. A percent mark on both sides fixes the scale:
+  0.01\\% and 1 pct are 1/10000 and 1/100, so the second readings are not crossed with the
+  first (a mark on one side only still reads both ways)."""
+  both = g.percent and a.percent
+  for gk, gv in _readings(g):
+    for ak, av in _readings(a):
+      if both and ("percent" in (gk, ak)) and gk != ak:
+        continue
+      yield gv, av
 
 
 def _squash(s: str) -> str:
@@ -511,7 +524,7 @@ def is_equivalent(gold: str, answer: str | None) -> bool:
     a = parse(answer, thousands=not isinstance(g.value, Seq))
     gold_symbols = _free_symbols(g.value)
     return any(
-      _equal(gv, av, gold_symbols) for gv in _readings(g) for av in _readings(a) if gv is not None
+      _equal(gv, av, gold_symbols) for gv, av in _reading_pairs(g, a)
     )
   except Exception:  # the reward never raises: whatever cannot be verified is wrong
     return False
