@@ -124,9 +124,9 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
   procs[0].wait(timeout=120)
   assert procs[0].returncode != 0 and time.time() - t0 < 90
   # whichever notices first: the coordination service's heartbeat, or a collective whose peer
-  # connection closed
+  # connection closed or was reset
   log = pathlib.Path(f"{killed}.p0.log").read_text()
-  assert "unhealthy" in log or "closed by peer" in log, log[-3000:]
+  assert "unhealthy" in log or "by peer" in log, log[-3000:]  # closed / reset by peer
   # both restart and resume from the last complete checkpoint
   codes, logs = _finish(_start(tmp_path, killed, 2), killed)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
