@@ -1,7 +1,7 @@
 r"""The whole RL step of a config, stage by stage: one-step-off overlap vs the synchronous loop.
 
-python -m tapo_jax.bench rl                                       # configs/tiny.py, 10 steps
-python -m tapo_jax.bench rl --config=configs/tiny.py --steps=10 --async=0,1 --devices=8 \
+python -m tapo_jax.bench rl                                       # configs/smoke.py, 10 steps
+python -m tapo_jax.bench rl --config=configs/smoke.py --steps=10 --async=0,1 --devices=8 \
   --set rollout.sampler_devices=4 --set optim.micro_batch=8
 
 Each variant is the real CLI (`python -m tapo_jax.main`) in its own process on a fresh workdir, so
@@ -33,7 +33,7 @@ STAGES = (
 
 def _flags(argv):
   p = argparse.ArgumentParser(prog="python -m tapo_jax.bench rl")
-  p.add_argument("--config", default="configs/tiny.py")
+  p.add_argument("--config", default="configs/smoke.py")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--async", dest="asyncs", default="0", help="comma-separated async_steps values")
   p.add_argument("--devices", type=int, default=0, help="fake CPU devices (0: the platform's)")
