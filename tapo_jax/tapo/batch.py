@@ -130,8 +130,10 @@ def concat_rollouts(a: Rollouts, b: Rollouts) -> Rollouts:
 
 
 def take_rows(batch, rows):
-  """The rows `rows` (an index array) of every leaf."""
-  return jax.tree.map(lambda x: x[rows], batch)
+  """The rows `rows` (an index array) of every leaf, gathered on the host as numpy arrays: the
+  row count varies from step to step, and a device gather would compile once per count."""
+  rows = np.asarray(rows)
+  return jax.tree.map(lambda x: np.asarray(x)[rows], batch)
 
 
 def pad_rows(batch: Rollouts, multiple: int) -> Rollouts:
