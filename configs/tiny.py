@@ -1,6 +1,9 @@
-r"""TAPO on the built-in cold-started toy model, on CPU in a few minutes (the default smoke test).
+r"""TAPO on the built-in cold-started `chain` toy, on CPU in about 5 minutes (the default run):
+held-out avg@4 and greedy accuracy before and after 20 steps, curves in WORKDIR/curves.png.
 
 python -m tapo_jax.main --config=configs/tiny.py
+python -m tapo_jax.main --config=configs/tiny.py --config.tapo.construction=policy \
+  --config.tapo.ref_baseline=group    # the paper's construction, by the policy (docs/toy.md)
 """
 
 from tapo_jax import config as base
@@ -18,13 +21,15 @@ def get_config():
   c.rollout.max_new_tokens = 96
   c.rollout.slots = 64
   c.rollout.prefill_buckets = (64,)
-  c.tapo.construction = "policy"
-  c.tapo.synthesis_template = teacher.SYNTHESIS_TEMPLATE
+  # divergence: the shipped checkpoint writes the policy construction's format but does not yet
+  # copy y⁻ (docs/toy.md), so its constructions rarely reach the gold answer.
+  c.tapo.construction = "divergence"
+  c.tapo.ref_baseline = "orig"  # divergence constructions all end in y⁺'s answer
+  c.tapo.synthesis_template = teacher.SYNTHESIS_TEMPLATE  # the toy's short template (policy)
   c.tapo.synthesis_max_new_tokens = 320
-  c.tapo.ref_baseline = "group"  # the paper's DAE for policy constructions
   c.tapo.max_len = 384
   c.loss.vocab_chunk = 128
-  c.optim.lr = 1e-4
+  c.optim.lr = 3e-5
   c.optim.warmup_steps = 2
   c.optim.micro_batch = 32
   c.train.steps = 20

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tapo_jax import toy
 from tapo_jax.models import CheckpointError, load_config, save_pretrained
 from tapo_jax.models.qwen import Qwen
-from tapo_jax import toy
 from tapo_jax.train import checkpoint
 from tapo_jax.train import workdir as workdir_lib
 

@@ -17,8 +17,9 @@ reconstruction (no anchored prefix), λ = 0.5.
 Per variant, over seeds (mean ± std): held-out avg@k, greedy and pass@k after training (and
 before, the same for every variant), DSR / ERR, the share of DCS-eligible queries, the parse rate
 and accuracy of constructions (per attempted construction), the anchored fraction, and the
-compute per step (median time per step, trained tokens per second of update). Written to OUT/summary.json
-(every run's numbers), OUT/study.md (the table) and OUT/study.png (held-out accuracy vs step).
+compute per step (median time per step, trained tokens per second of update). Written to
+OUT/summary.json (every run's numbers), OUT/study.md (the table) and OUT/study.png (held-out
+accuracy vs step).
 """
 
 from __future__ import annotations

@@ -266,7 +266,8 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert _steps_logged(straight) == [0, 1, 2, 2, 3]  # each eval summary is its own line
   assert (straight / "eval" / "step_2" / "arith.jsonl").exists()
-  evals = [m for m in map(json.loads, (straight / "metrics.jsonl").open()) if "eval/arith/avg@2" in m]
+  rows = map(json.loads, (straight / "metrics.jsonl").open())
+  evals = [m for m in rows if "eval/arith/avg@2" in m]
   assert [m["step"] for m in evals] == [0, 2]
   assert all(0.0 <= m["eval/arith/greedy"] <= 1.0 for m in evals)
   change = (

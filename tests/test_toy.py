@@ -161,7 +161,7 @@ def test_solutions_are_right_and_well_formed(seed, split):
     assert chain.parse_step(line) == step and step.a == acc
     assert step.c == chain.apply(step.a, step.op, step.b)
     assert 0 <= step.c <= spec.max_value
-    lo, hi = (2, spec.max_factor) if step.op == "*" else (10, spec.max_operand)
+    lo, hi = (2, spec.max_factor) if step.op == "*" else (spec.min_operand, spec.max_operand)
     assert lo <= step.b <= hi
     acc = step.c
 

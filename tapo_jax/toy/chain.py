@@ -1,24 +1,25 @@
-"""The `chain` toy domain: 3-6 mixed + - * steps on 2-3 digit numbers, one operation per line.
+"""The `chain` toy domain: 3-6 mixed + - * steps on numbers below 100, one operation per line.
 
 A problem is an expression evaluated left to right, written with the fewest parentheses that make
 standard precedence agree with that order:
 
-  Compute (47+385-129)*3+56.        gold 965
-  47+385=432
-  432-129=303
-  303*3=909
-  909+56=965
-  \\boxed{965}
+  Compute (21-16+26)*3-12.        gold 81
+  21-16=5
+  5+26=31
+  31*3=93
+  93-12=81
+  \\boxed{81}
 
-Operands: the start a0 and every +/- operand are 10..999; a * operand is 2..9. Every intermediate
-result stays in 0..9999 (a - is drawn only when it keeps the value >= 0, a + or * only when it
-keeps it <= 9999), so a line is at most 13 characters and a solution at most 96.
+With the default SPEC the start a0 is 10..99, a +/- operand 1..99 and a * operand 2..9 (only of a
+value 10..49); every intermediate result stays in 0..99 (an op is drawn only when it keeps the
+value in range). Other Specs (wider numbers: build.WIDE) are the same generator.
 
-Why this domain. A character-level model writes each result digit by digit, most significant
-first, so a carry it does not foresee, a digit it samples wrongly or a previous result it copies
-wrongly is a step error that then propagates to a wrong answer: the errors TAPO's constructions
-are about, on lines the `divergence` construction can cut at. The per-step error rate compounds
-over 3-6 steps, which spreads the per-problem pass rates over the range DCS selects.
+Why this domain. A byte-level model writes each result digit by digit, so a digit it samples
+wrongly, a carry or borrow it loses or a previous result it copies wrongly is a step error that
+then propagates to a wrong answer: the errors TAPO's constructions are about, on lines the
+`divergence` construction can cut at. A tiny model learns these facts by memorizing them, which
+the 0..99 range keeps within reach (docs/toy.md); the per-step error rate compounds over 3-6
+steps, which spreads the per-problem pass rates over the range DCS selects.
 
 Splits are disjoint by construction: a problem belongs to the held-out split iff the CRC32 of its
 text is 0 mod 8 (`split_of`), whatever seed generated it; `make_split` draws until it has n

@@ -7,10 +7,9 @@ import json
 import os
 import sys
 
-from tapo_jax import distributed
+from tapo_jax import distributed, toy
 from tapo_jax import eval as eval_lib
 from tapo_jax.data import DataError, Problem, filter_by_pass_rate, load_problems
-from tapo_jax import toy
 
 
 def training_problems(cfg) -> list[Problem]:

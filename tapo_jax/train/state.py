@@ -11,9 +11,8 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
-from tapo_jax import sharding
+from tapo_jax import sharding, toy
 from tapo_jax.models import load_pretrained
-from tapo_jax import toy
 
 
 @flax.struct.dataclass
