@@ -1,33 +1,43 @@
-r"""TAPO on the built-in toy arithmetic model, on CPU in a few minutes (the default smoke test).
+r"""TAPO on the built-in cold-started `chain` toy, on CPU in about 5 minutes (the default run):
+held-out avg@4 and greedy accuracy before and after 20 steps, curves in WORKDIR/curves.png.
 
 python -m tapo_jax.main --config=configs/tiny.py
+python -m tapo_jax.main --config=configs/tiny.py --config.tapo.construction=policy \
+  --config.tapo.ref_baseline=group    # the paper's construction, by the policy (docs/toy.md)
 """
 
 from tapo_jax import config as base
+from tapo_jax.toy import teacher
 
 
 def get_config():
   c = base.base_config()
   c.workdir = "runs/tiny"
-  c.model.toy = "arith"  # the tiny checkpoint shipped in tapo_jax/toy/arith
+  c.model.toy = "chain"  # the cold-started checkpoint shipped in tapo_jax/toy/chain
   c.data.prompt_template = "{problem}"
   c.data.max_prompt_tokens = 64
   c.rollout.n = 8
-  c.rollout.batch_queries = 4
-  c.rollout.max_new_tokens = 48
-  c.rollout.slots = 32
-  c.rollout.prefill_buckets = (32, 64)
-  # The toy model solves ~77% at T=1 (a third of its queries have 2-6 of 8 right): DCS keeps
-  # pass rates 25-75% here instead of the paper's 25-50%.
-  c.tapo.n_pos, c.tapo.n_neg = 2, 2
-  c.tapo.construction = "divergence"  # no cold start needed (ref_baseline orig, the default)
-  c.tapo.max_len = 160
-  c.loss.vocab_chunk = 64
-  c.optim.lr = 2e-5
+  c.rollout.batch_queries = 8
+  c.rollout.max_new_tokens = 96
+  c.rollout.slots = 64
+  c.rollout.prefill_buckets = (64,)
+  # divergence: the shipped checkpoint writes the policy construction's format but does not yet
+  # copy y⁻ (docs/toy.md), so its constructions rarely reach the gold answer.
+  c.tapo.construction = "divergence"
+  c.tapo.ref_baseline = "orig"  # divergence constructions all end in y⁺'s answer
+  c.tapo.synthesis_template = teacher.SYNTHESIS_TEMPLATE  # the toy's short template (policy)
+  c.tapo.synthesis_max_new_tokens = 320
+  c.tapo.max_len = 384
+  c.loss.vocab_chunk = 128
+  c.optim.lr = 3e-5
   c.optim.warmup_steps = 2
-  c.optim.micro_batch = 16
+  c.optim.micro_batch = 32
   c.train.steps = 20
   c.train.checkpoint_every = 10
+  c.train.eval_at_start = True
+  c.train.eval_every = 20
   c.eval.k = 4
-  c.eval.max_new_tokens = 48
+  c.eval.temperature = 1.0
+  c.eval.greedy = True
+  c.eval.max_new_tokens = 96
   return c

@@ -14,6 +14,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "model.dtype": ("float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
   "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
+  "model.toy": ("", "arith", "chain"),
   "tapo.construction": ("policy", "divergence"),
   "tapo.ref_scope": ("batch", "query"),
   "tapo.ref_baseline": ("group", "orig", "joint"),
@@ -169,6 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.log_every = 1
   c.train.eval_every = 0  # 0 = no periodic eval during RL
+  c.train.eval_at_start = False  # also evaluate before the first step (logged as step 0)
   c.train.dump_rollouts_every = 0  # write every N-th step's rollouts to WORKDIR/rollouts/ (0 = off)
 
   c.sft = ml_collections.ConfigDict()
@@ -207,6 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.top_p = 0.95
   c.eval.max_new_tokens = 1024
   c.eval.pass_ks = (1, 4)  # pass@k values reported (k <= eval.k)
+  c.eval.greedy = False  # also one greedy (temperature 0) response per problem: <set>/greedy
   c.eval.reflection_markers = ("wait", "let me re", "re-examine", "mistake", "actually,")
 
   # mode=plan: per-device memory of this config on a device, from abstract shapes (tapo_jax.plan)

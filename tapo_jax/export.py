@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tapo_jax import toy
 from tapo_jax.models import CheckpointError, load_config, save_pretrained
 from tapo_jax.models.qwen import Qwen
-from tapo_jax.toy import arith
 from tapo_jax.train import checkpoint
 from tapo_jax.train import workdir as workdir_lib
 
@@ -76,8 +76,8 @@ def model_dir(cfg: dict) -> str:
   model = cfg.get("model", {})
   if model.get("path"):
     return model["path"]
-  if model.get("toy") == "arith":
-    return str(arith.CHECKPOINT_DIR)
+  if model.get("toy") in toy.DOMAINS:
+    return str(toy.checkpoint_dir(model["toy"]))
   raise CheckpointError("the recorded config names no model (model.path and model.toy are empty)")
 
 

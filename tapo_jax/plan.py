@@ -170,10 +170,10 @@ def model_config(cfg) -> tuple[QwenConfig, str]:
       return load_config(cfg.model.path), cfg.model.path
     except CheckpointError as e:
       raise PlanError(str(e)) from None
-  if cfg.model.toy == "arith":
-    from tapo_jax.toy import arith
+  if cfg.model.toy:
+    from tapo_jax import toy
 
-    return load_config(arith.CHECKPOINT_DIR), "toy arith checkpoint"
+    return load_config(toy.checkpoint_dir(cfg.model.toy)), f"toy {cfg.model.toy} checkpoint"
   raise PlanError(
     f"config.model.path is empty: set it or --config.plan.shape to one of {sorted(SHAPES)}"
   )

@@ -74,11 +74,11 @@ def validate(cfg, num_devices: int) -> None:
       raise ConfigError(f"config.model.path={cfg.model.path!r}: no such directory")
     if not os.path.exists(os.path.join(cfg.model.path, "config.json")):
       raise ConfigError(f"config.model.path={cfg.model.path!r}: no config.json in it")
-  elif cfg.model.toy != "arith":
+  elif not cfg.model.toy:
     raise ConfigError("config.model.path is empty: set it to a local Hugging Face model directory")
   if cfg.mode in ("rl", "coldstart") and cfg.data.train_path:
     _check_file("data.train_path", cfg.data.train_path)
-  if cfg.mode in ("rl", "coldstart") and not cfg.data.train_path and cfg.model.toy != "arith":
+  if cfg.mode in ("rl", "coldstart") and not cfg.data.train_path and not cfg.model.toy:
     raise ConfigError("config.data.train_path is empty: set it to a jsonl/json/parquet file")
   window = tuple(cfg.data.pass_rate_window)
   if window and not (len(window) == 2 and 0.0 <= window[0] <= window[1] <= 1.0):
@@ -87,7 +87,7 @@ def validate(cfg, num_devices: int) -> None:
     validate_coldstart(cfg)
   if cfg.mode == "sft":
     _check_file("sft.path", cfg.sft.path)
-  if cfg.mode == "eval" or cfg.train.eval_every:
+  if cfg.mode == "eval" or cfg.train.eval_every or cfg.train.eval_at_start:
     for path in [p.strip() for p in cfg.eval.paths.split(",") if p.strip()]:
       if not _exists(path):
         raise ConfigError(f"config.eval.paths: {path!r}: no such file")

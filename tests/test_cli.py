@@ -42,7 +42,7 @@ def _env(tmp_root):
 
 def _cmd(workdir, *extra):
   return [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
     *FAST, *extra,
   ]  # fmt: skip
 
@@ -247,9 +247,10 @@ def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
 def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   env = _env(tmp_path)
   straight, chain = tmp_path / "straight", tmp_path / "chain"
-  # An uninterrupted 3-step run (also warms the compilation cache for the rest), with a periodic
-  # eval at step 2, which must not perturb training; dynamic sampling draws extra queries from
-  # the data iterator, which resume must replay exactly.
+  # An uninterrupted 3-step run (also warms the compilation cache for the rest), with an eval
+  # before the first step and a periodic one at step 2 (greedy too), which must not perturb
+  # training; dynamic sampling draws extra queries from the data iterator, which resume must
+  # replay exactly.
   dynamic = "--config.rollout.dynamic=True"
   out = _run(
     env,
@@ -257,12 +258,23 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
     dynamic,
     "--config.train.steps=3",
     "--config.train.eval_every=2",
+    "--config.train.eval_at_start=True",
+    "--config.eval.greedy=True",
     "--config.eval.k=2",
     "--config.eval.pass_ks=1,2",
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert _steps_logged(straight) == [1, 2, 2, 3]  # step 2's eval summary is its own line
+  assert _steps_logged(straight) == [0, 1, 2, 2, 3]  # each eval summary is its own line
   assert (straight / "eval" / "step_2" / "arith.jsonl").exists()
+  rows = map(json.loads, (straight / "metrics.jsonl").open())
+  evals = [m for m in rows if "eval/arith/avg@2" in m]
+  assert [m["step"] for m in evals] == [0, 2]
+  assert all(0.0 <= m["eval/arith/greedy"] <= 1.0 for m in evals)
+  change = (
+    f"held-out arith greedy: {evals[0]['eval/arith/greedy']:.3f} (step 0) -> "
+    f"{evals[1]['eval/arith/greedy']:.3f} (step 2)"
+  )
+  assert change in out.stderr
   assert any(pathlib.Path(straight, "tb").iterdir())  # a TensorBoard event file
 
   def start():
@@ -307,7 +319,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   out = _run(env, straight, dynamic, "--config.train.steps=4")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr and "at step 3" in out.stderr
-  assert _steps_logged(straight) == [1, 2, 2, 3, 4]
+  assert _steps_logged(straight) == [0, 1, 2, 2, 3, 4]
 
 
 def test_eval_mode_reads_every_layout(tmp_path):

@@ -24,7 +24,7 @@ TEMPLATE = "{query}|{incorrect}|{correct}|"  # '|' is not in the toy vocabulary:
 
 
 def _config(train, **coldstart_keys):
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "smoke.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
@@ -300,7 +300,7 @@ def _cli(workdir, *flags):
   env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   cmd = [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
     *flags,
   ]  # fmt: skip
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -182,7 +182,7 @@ def test_main_joins_jax_distributed_with_the_explicit_coordinator():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  base = [sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py"]
+  base = [sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py"]
   base += ["--config.distributed=True", "--config.rollout.n=1"]
   explicit = [f"--config.distributed_coordinator=127.0.0.1:{port}"]
   explicit += ["--config.distributed_num_processes=1", "--config.distributed_process_id=0"]

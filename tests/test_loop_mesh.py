@@ -35,7 +35,7 @@ def _run(tmp_path, name, devices, construction, *mesh):
   )
   workdir = tmp_path / name
   cmd = [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
     f"--config.data.train_path={_problems(tmp_path / 'train.jsonl', 8, 1)}",
     f"--config.eval.paths={_problems(tmp_path / 'held.jsonl', 4, 2)}",
     "--config.data.pass_rate_window=(0.0, 1.0)", "--config.train.eval_every=2",

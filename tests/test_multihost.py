@@ -56,7 +56,7 @@ def _start(tmp_path, workdir, processes, *extra, per_process=None):
   port, procs = _port(), []
   for i in range(processes):
     cmd = [
-      sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+      sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
       *FAST, *extra, *(per_process[i] if per_process else []),
     ]  # fmt: skip
     if processes > 1:

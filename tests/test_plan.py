@@ -191,7 +191,7 @@ def test_cli_qwen7b_on_v5e_64_does_not_fit_and_says_what_to_change():
 
 
 def test_cli_tiny_fits():
-  out = _main("--config=configs/tiny.py", "--config.plan.device=v5e-8")
+  out = _main("--config=configs/smoke.py", "--config.plan.device=v5e-8")
   assert out.returncode == 0, out.stderr
   assert "toy arith checkpoint: " in out.stdout and out.stdout.rstrip().endswith(": fits")
 

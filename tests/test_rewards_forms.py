@@ -441,6 +441,7 @@ def test_percent_marks_on_both_sides_fix_the_scale():
   assert is_equivalent(r"25\%", "0.25") and is_equivalent("0.25", r"25\%")
   assert is_equivalent("25", "25 percent") and is_equivalent(r"25\%", "25")
 
+
 @settings(max_examples=40, deadline=None)
 @given(
   st.sampled_from([r"\pi", r"\sqrt{2}", r"\frac{1}{7}", r"e", r"\sqrt[3]{10}", r"\ln 2"]),

@@ -124,7 +124,7 @@ def _start(tmp_path, workdir):
     JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
-  cmd = [sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}"]
+  cmd = [sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}"]
   log = open(f"{workdir}.log", "a")  # noqa: SIM115
   return subprocess.Popen(cmd + ASYNC, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -523,9 +523,7 @@ def is_equivalent(gold: str, answer: str | None) -> bool:
   try:
     a = parse(answer, thousands=not isinstance(g.value, Seq))
     gold_symbols = _free_symbols(g.value)
-    return any(
-      _equal(gv, av, gold_symbols) for gv, av in _reading_pairs(g, a)
-    )
+    return any(_equal(gv, av, gold_symbols) for gv, av in _reading_pairs(g, a))
   except Exception:  # the reward never raises: whatever cannot be verified is wrong
     return False
 

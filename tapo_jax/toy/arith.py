@@ -13,16 +13,15 @@ import dataclasses
 import pathlib
 import random
 
+from tapo_jax.toy import tokenizer as toy_tokenizer
+
 CHECKPOINT_DIR = pathlib.Path(__file__).parent / "arith"
 
-SPECIALS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
+# Token ids: the specials, then these characters in this order (the shipped checkpoint's layout).
 CHARS = (
   "0123456789+-*/=()[].,;:!?'\" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\{}<>^_$"
 )
-CHAT_TEMPLATE = (
-  "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-  "{% if add_generation_prompt %}<|im_start|>{% endif %}"
-)
+SPECIALS, CHAT_TEMPLATE = toy_tokenizer.SPECIALS, toy_tokenizer.CHAT_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,20 +32,9 @@ class ArithProblem:
 
 
 def make_tokenizer():
-  """A character-level fast tokenizer (saved and loaded like any HF tokenizer)."""
-  import transformers
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-  vocab = {t: i for i, t in enumerate(SPECIALS + tuple(CHARS))}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
-  tok.decoder = decoders.Fuse()
-  tok.add_special_tokens(list(SPECIALS))
-  fast = transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<unk>"
-  )
-  fast.chat_template = CHAT_TEMPLATE
-  return fast
+  """The character-level tokenizer of this domain: one token per character of CHARS, keyed by
+  byte-level symbols so that it survives `AutoTokenizer` (see tapo_jax.toy.tokenizer)."""
+  return toy_tokenizer.make_tokenizer(CHARS)
 
 
 def make_problem(rng: random.Random, min_terms: int = 2, max_terms: int = 4) -> ArithProblem:

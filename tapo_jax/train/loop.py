@@ -137,7 +137,25 @@ def run(cfg, workdir: str) -> None:
   writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
   logging.info("setup took %.1fs", time.time() - t_setup)
 
+  def evaluate(at: int) -> dict[str, float]:
+    """The held-out sets at step `at` (eval.k samples, and one greedy sample with eval.greedy),
+    written to the metrics as eval/<set>/<metric>."""
+    summary = eval_lib.evaluate_sets(
+      engines.eval,
+      engines.eval.load_params(state.params),
+      tokenizer,
+      problems_lib.eval_sets(cfg),
+      out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
+      grade_fn=grade_fn,
+      **eval_lib.eval_kwargs(cfg),
+    )
+    writer.write(at, summary, prefix="eval/")
+    return summary
+
+  evals = {}  # step -> eval summary, this process's run only
   try:
+    if cfg.train.eval_at_start and start == 0 and cfg.train.steps:
+      evals[0] = evaluate(0)
     for step in range(start, cfg.train.steps):
       t0 = time.time()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
@@ -231,17 +249,7 @@ def run(cfg, workdir: str) -> None:
       if out["skipped"]:
         logging.warning("step %d: non-finite or exploding update, skipped", step + 1)
       if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-        eval_dir = os.path.join(workdir, "eval", f"step_{step + 1}")
-        summary = eval_lib.evaluate_sets(
-          engines.eval,
-          engines.eval.load_params(state.params),
-          tokenizer,
-          problems_lib.eval_sets(cfg),
-          out_dir=eval_dir if distributed.is_main() else None,
-          grade_fn=grade_fn,
-          **eval_lib.eval_kwargs(cfg),
-        )
-        writer.write(step + 1, summary, prefix="eval/")
+        evals[step + 1] = evaluate(step + 1)
       if ckpt.due(step + 1, force=stop.requested):
         ckpt.save(step + 1, state, _extra(it, producer), force=True)
       if stop.requested:
@@ -256,6 +264,8 @@ def run(cfg, workdir: str) -> None:
     export.export_model(policy, tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
     if distributed.is_main():
       plot.plot_run(workdir)
+      if len(evals) > 1:
+        print(eval_lib.describe_change(evals), file=sys.stderr)
   finally:
     compiles.close()
     producer.close()

@@ -7,33 +7,23 @@ import json
 import os
 import sys
 
-from tapo_jax import distributed
+from tapo_jax import distributed, toy
 from tapo_jax import eval as eval_lib
 from tapo_jax.data import DataError, Problem, filter_by_pass_rate, load_problems
-from tapo_jax.toy import arith
-
-TOY_PROBLEMS = 4096
-TOY_EVAL_PROBLEMS = 64
 
 
 def training_problems(cfg) -> list[Problem]:
   """The configured training file, or generated toy problems for the toy model."""
   if cfg.data.train_path:
     return load_problems(cfg.data.train_path, cfg.data.layout)
-  toy = arith.make_problems(TOY_PROBLEMS, seed=cfg.seed + 12345)
-  return [Problem(id=f"arith-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)]
+  return toy.train_problems(cfg.model.toy, cfg.seed)
 
 
 def eval_sets(cfg) -> dict[str, list[Problem]]:
   """{name: problems} from config eval.paths, or the toy model's held-out set."""
   if cfg.eval.paths:
     return eval_lib.load_eval_sets(cfg.eval.paths)
-  toy = arith.make_problems(TOY_EVAL_PROBLEMS, seed=cfg.seed + 999)
-  return {
-    "arith": [
-      Problem(id=f"arith-eval-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)
-    ]
-  }
+  return {cfg.model.toy: toy.eval_problems(cfg.model.toy, cfg.seed)}
 
 
 def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir) -> list[Problem]:

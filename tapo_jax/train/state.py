@@ -11,9 +11,8 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
-from tapo_jax import sharding
+from tapo_jax import sharding, toy
 from tapo_jax.models import load_pretrained
-from tapo_jax.toy import arith
 
 
 @flax.struct.dataclass
@@ -28,7 +27,7 @@ class TrainState:
 
 def model_dir(cfg) -> str:
   """The local HF directory of the policy: config.model.path, else the shipped toy checkpoint."""
-  return cfg.model.path or str(arith.CHECKPOINT_DIR)
+  return cfg.model.path or str(toy.checkpoint_dir(cfg.model.toy))
 
 
 def meshes(cfg) -> tuple[Mesh, Mesh]:

@@ -1,0 +1,242 @@
+r"""GRPO vs TAPO on the toy domain: every variant from the same cold-started model, same steps and
+samples, several seeds; a table, a plot and the raw per-run summaries.
+
+python -m tapo_jax.study [--out=runs/study] [--config=configs/tiny.py] [--seeds=0,1,2]
+                         [--variants=grpo,tapo-policy,...] [--set key=value ...]
+
+Each (variant, seed) is one real CLI run, `python -m tapo_jax.main --config=CONFIG
+--workdir=OUT/VARIANT/seed_S --config.seed=S` plus the variant's overrides and every --set, so a
+run is reproduced by that one command; a run whose workdir already holds its final eval is not
+run again (the study resumes after an interruption). The config must evaluate at the start and at
+the end (train.eval_at_start, train.eval_every); configs/tiny.py does.
+
+Variants (VARIANTS): grpo; tapo-policy (the paper's construction); tapo-divergence (rule-based,
+no generation); and ablations of tapo-policy: no OTS, joint normalization instead of DAE, full
+reconstruction (no anchored prefix), λ = 0.5.
+
+Per variant, over seeds (mean ± std): held-out avg@k, greedy and pass@k after training (and
+before, the same for every variant), DSR / ERR, the share of DCS-eligible queries, the parse rate
+and accuracy of constructions (per attempted construction), the anchored fraction, and the
+compute per step (median time per step, trained tokens per second of update). Written to
+OUT/summary.json (every run's numbers), OUT/study.md (the table) and OUT/study.png (held-out
+accuracy vs step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from tapo_jax import plot
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+  "grpo": ("algorithm=grpo",),
+  "tapo-policy": ("algorithm=tapo", "tapo.construction=policy"),
+  "tapo-divergence": ("algorithm=tapo", "tapo.construction=divergence"),
+  "policy-no-ots": ("algorithm=tapo", "tapo.construction=policy", "tapo.ots=False"),
+  "policy-joint": ("algorithm=tapo", "tapo.construction=policy", "tapo.ref_baseline=joint"),
+  "policy-full-reconstruction": ("algorithm=tapo", "tapo.construction=policy", "tapo.anchor=False"),
+  "policy-lambda-0.5": ("algorithm=tapo", "tapo.construction=policy", "tapo.lam=0.5"),
+}
+
+# (column, how to read it from a run's summary)
+COLUMNS = (
+  "avg@k before",
+  "avg@k after",
+  "greedy before",
+  "greedy after",
+  "pass@k after",
+  "dsr after",
+  "err after",
+  "eligible rate",
+  "parse rate",
+  "construction acc",
+  "anchored fraction",
+  "s / step",
+  "train tok / s",
+)
+
+
+def command(config: str, workdir: str, seed: int, overrides) -> list[str]:
+  """The CLI run of one (variant, seed)."""
+  return [
+    sys.executable, "-m", "tapo_jax.main", f"--config={config}", f"--workdir={workdir}",
+    f"--config.seed={seed}", *(f"--config.{o}" for o in overrides),
+  ]  # fmt: skip
+
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None and math.isfinite(v)]
+  return sum(values) / len(values) if values else None
+
+
+def _eval_key(row: dict, metric: str) -> str | None:
+  """The eval/<set>/<metric> key of an eval row (metric "avg@" matches avg@k)."""
+  for key in row:
+    if key.startswith("eval/") and key.rsplit("/", 1)[1].startswith(metric):
+      return key
+  return None
+
+
+def run_summary(workdir: str) -> dict | None:
+  """The numbers of one finished run (None when its final eval is missing)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  rows = plot.read_metrics(path)
+  evals = [r for r in rows if _eval_key(r, "avg@")]
+  steps = [r for r in rows if "time/step" in r]
+  if len(evals) < 2 or not steps or evals[-1]["step"] < steps[-1]["step"]:
+    return None
+  first, last = evals[0], evals[-1]
+
+  def ev(row, metric):
+    key = _eval_key(row, metric)
+    return None if key is None else float(row[key])
+
+  def per_step(key):
+    return [float(r[key]) for r in steps if key in r]
+
+  attempted = sum(per_step("tapo/constructions_attempted"))
+  out = {
+    "steps": int(steps[-1]["step"]),
+    "avg@k before": ev(first, "avg@"),
+    "avg@k after": ev(last, "avg@"),
+    "greedy before": ev(first, "greedy"),
+    "greedy after": ev(last, "greedy"),
+    "pass@k after": ev(last, "pass@"),
+    "dsr after": ev(last, "dsr"),
+    "err after": ev(last, "err"),
+    "eligible rate": _mean(per_step("tapo/eligible_rate")),
+    "parse rate": sum(per_step("tapo/constructions_parsed")) / attempted if attempted else None,
+    "construction acc": sum(per_step("tapo/constructions_correct")) / attempted
+    if attempted
+    else None,
+    "anchored fraction": _mean(per_step("tapo/anchored_fraction")),
+    "s / step": statistics.median(per_step("time/step")),
+    "train tok / s": _mean(per_step("perf/train_tokens_per_s")),
+    "curve": [(int(r["step"]), ev(r, "avg@")) for r in evals],
+  }
+  return out
+
+
+def _fmt(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f"{mean:.3g}"
+  return f"{mean:.3g} ± {statistics.stdev(values):.2g}"
+
+
+def table(results: dict[str, dict[int, dict]]) -> str:
+  """A markdown table: one row per variant, mean ± std (sample std) over its seeds."""
+  lines = [
+    "| variant | seeds | " + " | ".join(COLUMNS) + " |",
+    "|---|---|" + "---|" * len(COLUMNS),
+  ]
+  for name, runs in results.items():
+    cells = [_fmt([r.get(c) for r in runs.values()]) for c in COLUMNS]
+    lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, dict[int, dict]], out: str) -> str:
+  """Held-out avg@k vs step, mean over seeds, one line per variant (band: min..max)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  for name, runs in results.items():
+    by_step: dict[int, list[float]] = {}
+    for r in runs.values():
+      for step, v in r["curve"]:
+        if v is not None:
+          by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} ({len(runs)} seeds)")
+    lo = [min(by_step[s]) for s in steps]
+    hi = [max(by_step[s]) for s in steps]
+    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
+  ax.set_xlabel("RL step")
+  ax.set_ylabel("held-out avg@k (T = eval.temperature)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  tmp = f"{out}.tmp.png"
+  fig.savefig(tmp, dpi=100)
+  os.replace(tmp, out)
+  return out
+
+
+def _flags(argv):
+  p = argparse.ArgumentParser(prog="python -m tapo_jax.study", description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="runs/study")
+  p.add_argument("--config", default="configs/tiny.py")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  a = p.parse_args(argv)
+  a.seeds = [int(s) for s in a.seeds.split(",") if s]
+  a.variants = [v for v in a.variants.split(",") if v]
+  unknown = [v for v in a.variants if v not in VARIANTS]
+  if unknown:
+    p.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+  if not a.seeds:
+    p.error("--seeds: at least one seed")
+  for s in a.set:
+    if "=" not in s:
+      p.error(f"--set {s!r}: expected KEY=VALUE")
+  return a
+
+
+def main(argv: list[str] | None = None) -> int:
+  a = _flags(sys.argv[1:] if argv is None else argv)
+  os.makedirs(a.out, exist_ok=True)
+  results: dict[str, dict[int, dict]] = {}
+  todo = [(v, s) for v in a.variants for s in a.seeds]
+  for i, (variant, seed) in enumerate(todo):
+    workdir = os.path.join(a.out, variant, f"seed_{seed}")
+    summary = run_summary(workdir)
+    if summary is None:
+      cmd = command(a.config, workdir, seed, [*VARIANTS[variant], *a.set])
+      print(f"study {i + 1}/{len(todo)}: {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+      t0 = time.time()
+      os.makedirs(os.path.dirname(workdir), exist_ok=True)
+      with open(f"{workdir}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+      if proc.returncode != 0:
+        print(f"error: {variant} seed {seed} exited {proc.returncode}; see {workdir}.log")
+        return 1
+      summary = run_summary(workdir)
+      if summary is None:
+        print(f"error: {workdir}: no eval before and after training (config {a.config})")
+        return 1
+      print(
+        f"  {time.time() - t0:.0f} s: avg@k {summary['avg@k before']:.3f} -> "
+        f"{summary['avg@k after']:.3f}",
+        flush=True,
+      )
+    results.setdefault(variant, {})[seed] = summary
+  with open(os.path.join(a.out, "summary.json"), "w") as f:
+    json.dump({"config": a.config, "set": a.set, "runs": results}, f, indent=1)
+  text = table(results)
+  with open(os.path.join(a.out, "study.md"), "w") as f:
+    f.write(text + "\n")
+  plot_curves(results, os.path.join(a.out, "study.png"))
+  print(text)
+  print(f"wrote {a.out}/summary.json, study.md, study.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,151 @@
+r"""What a toy checkpoint gives TAPO before any RL: accuracy at T=1, DCS-eligible queries, and
+the kinds of step errors it makes.
+
+python -m tapo_jax.toy.measure [--model=tapo_jax/toy/chain] [--n=128] [--k=8] [--seeds=0,1,2]
+
+1. Rollouts: k samples per held-out `chain` problem at temperature 1 (the prompt is the problem
+   through the chat template, as configs with data.prompt_template="{problem}" render it), graded
+   by the project's verifier against the gold answer; plus one greedy sample per problem.
+   avg@k = mean correct share, pass@k = share of problems with >= 1 correct sample.
+2. DCS: a problem is eligible iff >= n_pos samples are right and >= n_neg wrong (paper: 2 and 4).
+3. The first wrong line of each wrong sample against the gold solution, by kind (result digit,
+   carry-like result slip, other result, previous result miscopied, operand, answer line,
+   malformed line, unfinished): the errors the model itself makes.
+
+The constructions the model writes for synthesis prompts built from its own mixed groups are
+measured by the project's own pipeline: `mode=coldstart` with the toy as policy and teacher
+(parse / anchored / correct rates, docs/toy.md), and the RL loop's construction metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from tapo_jax.rewards import grade
+from tapo_jax.toy import chain, teacher
+
+ROLLOUT_MAX_NEW_TOKENS = 112  # a solution is <= 96 tokens + EOS
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """k graded samples per problem, prompt-major."""
+
+  prompts: list[list[int]]  # P prompt token ids
+  completions: list[list[int]]  # P*k response ids (EOS included when emitted)
+  texts: list[str]  # P*k decoded responses
+  correct: np.ndarray  # [P, k] bool
+  k: int
+
+
+def load(model_dir: str):
+  """(model, tokenizer, eos ids) of a local HF directory."""
+  import transformers
+
+  from tapo_jax.eval.evaluate import default_eos_ids
+  from tapo_jax.models import load_pretrained
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  return load_pretrained(model_dir), tokenizer, default_eos_ids(tokenizer)
+
+
+def _strip(ids: Sequence[int], eos: set[int]) -> list[int]:
+  ids = list(ids)
+  while ids and ids[-1] in eos:
+    ids.pop()
+  return ids
+
+
+def sample_groups(model, tokenizer, eos, problems, *, k, temperature=1.0, seed=0) -> Groups:
+  """k samples per problem at `temperature`, graded against the gold answers."""
+  from tapo_jax.data.prompts import format_prompt
+  from tapo_jax.sampling import Sampling, sample_from
+
+  prompts = [format_prompt(p.problem, "{problem}", tokenizer, True) for p in problems]
+  sampling = Sampling(temperature, 1.0, 0, tuple(eos))
+  out = sample_from(model, prompts, sampling, n=k, max_new_tokens=ROLLOUT_MAX_NEW_TOKENS, seed=seed)
+  texts = [tokenizer.decode(_strip(c, set(eos)), skip_special_tokens=True) for c in out.completions]
+  golds = [p.answer for p in problems for _ in range(k)]
+  correct = np.array([grade(t, g) > 0.5 for t, g in zip(texts, golds)]).reshape(len(problems), k)
+  return Groups(prompts, [list(c) for c in out.completions], texts, correct, k)
+
+
+def accuracy_stats(groups: Groups, n_pos: int = 2, n_neg: int = 4) -> dict[str, float]:
+  """avg@k, pass@k and the DCS-eligible share of the problems."""
+  c = groups.correct
+  right = c.sum(1)
+  return {
+    "avg@k": float(c.mean()),
+    "pass@k": float((right > 0).mean()),
+    "eligible": float(((right >= n_pos) & (c.shape[1] - right >= n_neg)).mean()),
+    "mixed": float(((right > 0) & (right < c.shape[1])).mean()),
+  }
+
+
+def error_kind(response: str, gold_solution: str) -> str:
+  """The kind of the first line where `response` departs from the gold solution."""
+  i = teacher.first_difference(response, gold_solution)
+  if i is None:
+    return "none"
+  lines, gold = response.split("\n"), gold_solution.split("\n")
+  if i >= len(lines):
+    return "unfinished"
+  n, g = chain.parse_step(lines[i]), chain.parse_step(gold[i])
+  if n is None or g is None:
+    return "answer" if g is None and lines[i].startswith("\\boxed") else "malformed"
+  if n.a != g.a:
+    return "prev"
+  if (n.op, n.b) != (g.op, g.b):
+    return "operand"
+  wrong, right = str(n.c), str(g.c)
+  if len(wrong) == len(right) and sum(x != y for x, y in zip(wrong, right)) == 1:
+    diff = abs(n.c - g.c)
+    return "carry" if diff >= 10 and str(diff).rstrip("0") == "1" else "digit"
+  return "result"
+
+
+def measure(model_dir: str, n: int = 128, k: int = 8, seed: int = 0) -> dict:
+  """Accuracy, DCS eligibility and first-error kinds on `n` held-out problems."""
+  model, tokenizer, eos = load(model_dir)
+  problems = chain.make_split("heldout", n, seed=seed)
+  groups = sample_groups(model, tokenizer, eos, problems, k=k, seed=seed)
+  greedy = sample_groups(model, tokenizer, eos, problems, k=1, temperature=0.0, seed=seed)
+  out = accuracy_stats(groups)
+  out["greedy"] = float(greedy.correct.mean())
+  kinds = collections.Counter(
+    error_kind(t, problems[i // k].solution)
+    for i, t in enumerate(groups.texts)
+    if not groups.correct.reshape(-1)[i]
+  )
+  out["error_kinds"] = dict(kinds.most_common())
+  return out
+
+
+_MODEL = flags.DEFINE_string("model", str(chain.CHECKPOINT_DIR), "Toy checkpoint directory.")
+_N = flags.DEFINE_integer("n", 128, "Held-out problems.")
+_K = flags.DEFINE_integer("k", 8, "Samples per problem.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (each also draws its own problems).")
+
+
+def main(argv) -> None:
+  del argv
+  runs = []
+  for s in map(int, _SEEDS.value):
+    r = measure(_MODEL.value, _N.value, _K.value, s)
+    print(json.dumps({"seed": s, **r}), flush=True)
+    runs.append(r)
+  if len(runs) > 1:
+    keys = ["avg@k", "pass@k", "greedy", "eligible"]
+    vals = {key: [r[key] for r in runs] for key in keys}
+    summary = {key: (float(np.mean(v)), float(np.std(v))) for key, v in vals.items()}
+    print(json.dumps({"mean_std": summary}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,62 @@
+"""The shipped cold-started `chain` checkpoint: its calibration, and a few real RL steps from it."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tapo_jax.toy import chain, measure
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_shipped_chain_model_is_in_the_calibrated_range():
+  # 64 held-out problems x 8 samples at T=1 (fixed seed): the range TAPO needs (docs/toy.md)
+  model, tokenizer, eos = measure.load(str(chain.CHECKPOINT_DIR))
+  problems = chain.make_split("heldout", 64, seed=0)
+  groups = measure.sample_groups(model, tokenizer, eos, problems, k=8, seed=0)
+  stats = measure.accuracy_stats(groups)
+  assert 0.25 <= stats["avg@k"] <= 0.55, stats
+  assert stats["eligible"] >= 0.25, stats  # >= 2 right and >= 4 wrong of 8 (the paper's DCS)
+  kinds = {
+    measure.error_kind(t, problems[i // 8].solution)
+    for i, t in enumerate(groups.texts)
+    if not groups.correct.reshape(-1)[i]
+  }
+  assert kinds & {"digit", "carry", "result"}, kinds  # step errors, not format failures
+
+
+def test_a_few_tiny_steps_train_on_constructions_that_reach_the_gold(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)
+  cmd = [
+    sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+    "--config.train.steps=2", "--config.train.eval_at_start=False", "--config.train.eval_every=0",
+    "--config.tapo.construction=divergence", "--config.tapo.ref_baseline=orig",
+  ]  # fmt: skip
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert sum(r["tapo/eligible_rate"] for r in rows) > 0
+  assert sum(r["tapo/constructions_correct"] for r in rows) > 0
+  assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
+  assert any(r["loss/ref"] != 0 for r in rows)
+  assert (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("name", ["arith", "chain"])
+def test_every_toy_domain_has_its_checkpoint_and_problems(name):
+  from tapo_jax import toy
+
+  assert (toy.checkpoint_dir(name) / "config.json").exists()
+  train = toy.train_problems(name, seed=0, n=16)
+  held = toy.eval_problems(name, seed=0, n=16)
+  assert len(train) == len(held) == 16 and all(p.answer for p in train + held)
+  if name == "chain":  # disjoint splits, the same held-out set whatever the run's seed
+    assert not {p.problem for p in train} & {p.problem for p in held}
+    assert held == toy.eval_problems(name, seed=5, n=16)
