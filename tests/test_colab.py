@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab_smoke.ipynb"
 SMALL = {
   "rl": "--config.train.steps=2 --config.rollout.batch_queries=2 --config.rollout.n=4 "
-  "--config.rollout.max_new_tokens=40 --config.optim.micro_batch=4",
+  "--config.rollout.max_new_tokens=40 --config.optim.micro_batch=4 "
+  "--config.train.eval_at_start=False",
   "eval": "--config.eval.k=1 --config.eval.pass_ks=1 --config.eval.max_new_tokens=24",
 }
 PRELUDE = textwrap.dedent(
