@@ -8,7 +8,7 @@ chain: + - * chains over 0..99 (tapo_jax.toy.chain), cold-started by the SFT pha
   CHAIN_PHASES: worked solutions (short rows, so most of the compute goes to arithmetic), then a
   mix of worked solutions and synthesis examples (tapo_jax.toy.teacher: synthesis prompt with a
   wrong and a right solution -> <analysis>...</analysis><reconstruction>...</reconstruction>),
-  rendered with the chat template exactly as the RL loop renders its synthesis prompts. ~40 min
+  rendered with the chat template exactly as the RL loop renders its synthesis prompts. ~55 min
   on 2 CPU cores; --init=DIR --first=N resumes from a saved phase's output.
 Both are undertrained on purpose: the model should solve some problems and fail others, so that RL
 has groups with both correct and incorrect samples.
@@ -70,14 +70,16 @@ class Phase:
   spec: chain.Spec
   data_seed: int  # problems and y⁻ errors
   order_seed: int  # order of the length blocks
+  seed: int = 0  # the SFT run's config.seed
 
 
 # The shipped checkpoint's schedule, as it was run (docs/toy.md): arithmetic on WIDE, arithmetic
-# on chain.SPEC, then the cold start (half worked solutions, half synthesis examples).
+# on chain.SPEC, then the cold start: half, then 80% synthesis examples (the rest worked solutions).
 CHAIN_PHASES = (
   Phase(1000, 64, 3e-3, 50, 0.0, WIDE, data_seed=0, order_seed=0),
   Phase(500, 64, 2e-3, 20, 0.0, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 1e-3, 20, 0.5, chain.SPEC, data_seed=100, order_seed=1),
+  Phase(500, 32, 2e-3, 20, 0.8, chain.SPEC, data_seed=101, order_seed=2, seed=1),
 )
 
 
@@ -160,7 +162,7 @@ def build_chain(
   out_dir: str, phases=CHAIN_PHASES, seed: int = 0, init: str | None = None, first: int = 0
 ) -> None:
   """Random init (seed `seed`) -> `phases[first:]` -> `out_dir`; with `init`, the phases start
-  from that HF directory instead (a saved earlier phase's output)."""
+  from that HF directory instead (a saved earlier phase's output). ~55 min on 2 CPU cores."""
   from tapo_jax.toy import teacher
   from tapo_jax.toy import tokenizer as tokenizer_lib
 
@@ -180,7 +182,7 @@ def build_chain(
       _write_jsonl(data, rows)
       hf = _sft(
         hf, data, os.path.join(tmp, f"phase{i + 1}"), steps=ph.steps, batch=ph.batch,
-        max_len=max(lengths), lr=ph.lr, warmup=ph.warmup, seed=seed,
+        max_len=max(lengths), lr=ph.lr, warmup=ph.warmup, seed=ph.seed,
       )  # fmt: skip
       print(f"phase {i + 1}/{len(phases)} done ({ph.steps} steps)", file=sys.stderr)
     _publish(hf, out_dir)
