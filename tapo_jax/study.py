@@ -35,14 +35,15 @@ import time
 
 from tapo_jax import plot
 
+POLICY = ("algorithm=tapo", "tapo.construction=policy", "tapo.ref_baseline=group")
 VARIANTS: dict[str, tuple[str, ...]] = {
   "grpo": ("algorithm=grpo",),
-  "tapo-policy": ("algorithm=tapo", "tapo.construction=policy"),
-  "tapo-divergence": ("algorithm=tapo", "tapo.construction=divergence"),
-  "policy-no-ots": ("algorithm=tapo", "tapo.construction=policy", "tapo.ots=False"),
-  "policy-joint": ("algorithm=tapo", "tapo.construction=policy", "tapo.ref_baseline=joint"),
-  "policy-full-reconstruction": ("algorithm=tapo", "tapo.construction=policy", "tapo.anchor=False"),
-  "policy-lambda-0.5": ("algorithm=tapo", "tapo.construction=policy", "tapo.lam=0.5"),
+  "tapo-policy": POLICY,
+  "tapo-divergence": ("algorithm=tapo", "tapo.construction=divergence", "tapo.ref_baseline=orig"),
+  "policy-no-ots": (*POLICY, "tapo.ots=False"),
+  "policy-joint": (*POLICY[:2], "tapo.ref_baseline=joint"),
+  "policy-full-reconstruction": (*POLICY, "tapo.anchor=False"),
+  "policy-lambda-0.5": (*POLICY, "tapo.lam=0.5"),
 }
 
 # (column, how to read it from a run's summary)
