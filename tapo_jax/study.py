@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
   a = _flags(sys.argv[1:] if argv is None else argv)
   os.makedirs(a.out, exist_ok=True)
   results: dict[str, dict[int, dict]] = {}
-  todo = [(v, s) for v in a.variants for s in a.seeds]
+  todo = [(v, s) for s in a.seeds for v in a.variants]  # variants side by side in time
   for i, (variant, seed) in enumerate(todo):
     workdir = os.path.join(a.out, variant, f"seed_{seed}")
     summary = run_summary(workdir)
