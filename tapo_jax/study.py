@@ -98,8 +98,8 @@ def run_summary(workdir: str) -> dict | None:
   first, last = evals[0], evals[-1]
 
   def ev(row, metric):
-    key = _eval_key(row, metric)
-    return None if key is None else float(row[key])
+    key = _eval_key(row, metric)  # None values: undefined (ERR with no reflections)
+    return None if key is None or row[key] is None else float(row[key])
 
   def per_step(key):
     return [float(r[key]) for r in steps if key in r]

@@ -41,6 +41,14 @@ def test_run_summary_reads_before_after_and_construction_rates(tmp_path):
   assert s["curve"] == [(0, 0.25), (3, 0.5)]
 
 
+def test_undefined_metrics_are_none(tmp_path):
+  _write_run(tmp_path / "run", 0.25, 0.5)
+  path = tmp_path / "run" / "metrics.jsonl"
+  path.write_text(path.read_text().replace('"eval/chain/err": 0.2', '"eval/chain/err": null'))
+  s = study.run_summary(str(tmp_path / "run"))
+  assert s["err after"] is None and s["dsr after"] == 0.1
+
+
 def test_unfinished_run_has_no_summary(tmp_path):
   _write_run(tmp_path / "run", 0.25, 0.5)
   path = tmp_path / "run" / "metrics.jsonl"
