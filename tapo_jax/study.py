@@ -78,11 +78,11 @@ def _mean(values) -> float | None:
 
 
 def _eval_key(row: dict, metric: str) -> str | None:
-  """The eval/<set>/<metric> key of an eval row (metric "avg@" matches avg@k)."""
-  for key in row:
-    if key.startswith("eval/") and key.rsplit("/", 1)[1].startswith(metric):
-      return key
-  return None
+  """The eval/<set>/<metric> key of an eval row; "avg@" / "pass@" match the largest k."""
+  keys = [k for k in row if k.startswith("eval/") and k.rsplit("/", 1)[1].startswith(metric)]
+  if not keys:
+    return None
+  return max(keys, key=lambda k: int(k.rsplit("@", 1)[1]) if metric.endswith("@") else 0)
 
 
 def run_summary(workdir: str) -> dict | None:

@@ -11,7 +11,8 @@ from tapo_jax.eval.evaluate import describe_change
 def _write_run(workdir, before, after, *, eligible=0.5, parsed=3, attempted=4, correct=2):
   workdir.mkdir(parents=True)
   rows = [
-    {"step": 0, "eval/chain/avg@4": before, "eval/chain/greedy": before, "eval/chain/pass@4": 0.5},
+    {"step": 0, "eval/chain/avg@4": before, "eval/chain/greedy": before, "eval/chain/pass@1": 0.1,
+     "eval/chain/pass@4": 0.5},
     *(
       {
         "step": s,
@@ -25,7 +26,8 @@ def _write_run(workdir, before, after, *, eligible=0.5, parsed=3, attempted=4, c
       }
       for s in (1, 2, 3)
     ),
-    {"step": 3, "eval/chain/avg@4": after, "eval/chain/greedy": after, "eval/chain/pass@4": 0.75,
+    {"step": 3, "eval/chain/avg@4": after, "eval/chain/greedy": after, "eval/chain/pass@1": 0.1,
+     "eval/chain/pass@4": 0.75,
      "eval/chain/dsr": 0.1, "eval/chain/err": 0.2},
   ]  # fmt: skip
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
