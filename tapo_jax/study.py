@@ -216,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
       with open(f"{workdir}.log", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
       if proc.returncode != 0:
-        print(f"error: {variant} seed {seed} exited {proc.returncode}; see {workdir}.log")
+        print(
+          f"error: {variant} seed {seed} exited {proc.returncode}; see {workdir}.log",
+          file=sys.stderr,
+        )
         return 1
       summary = run_summary(workdir)
       if summary is None:
-        print(f"error: {workdir}: no eval before and after training (config {a.config})")
+        print(f"error: {workdir}: no eval before and after training ({a.config})", file=sys.stderr)
         return 1
       print(
         f"  {time.time() - t0:.0f} s: avg@k {summary['avg@k before']:.3f} -> "
