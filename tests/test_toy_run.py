@@ -36,13 +36,15 @@ def test_a_few_tiny_steps_train_on_constructions_that_reach_the_gold(tmp_path):
   cmd = [
     sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
     "--config.train.steps=2", "--config.train.eval_at_start=False", "--config.train.eval_every=0",
-    "--config.tapo.construction=divergence", "--config.tapo.ref_baseline=orig",
+    "--config.tapo.construction=policy", "--config.tapo.ref_baseline=group",
   ]  # fmt: skip
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert [r["step"] for r in rows] == [1, 2]
+  # the paper's construction: the policy's own rewrites, parsed, anchored and graded
   assert sum(r["tapo/eligible_rate"] for r in rows) > 0
+  assert sum(r["tapo/constructions_parsed"] for r in rows) > 0
   assert sum(r["tapo/constructions_correct"] for r in rows) > 0
   assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
   assert any(r["loss/ref"] != 0 for r in rows)
