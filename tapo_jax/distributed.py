@@ -15,7 +15,9 @@ exports; Orbax saves and restores collectively; the data iterator is the same on
 
 Failing together: a process that raises reports the error through the coordination service's
 key-value store before exiting; every process watches that key (and the coordinator itself) and
-exits at once with that error instead of hanging in a collective until a timeout.
+exits at once with that error instead of hanging in a collective until a timeout. The first report
+wins: a process whose collective breaks because the failed one exited reports second and shows
+the first process's error, not its own broken connection.
 """
 
 from __future__ import annotations
@@ -74,14 +76,21 @@ def _watch(poll_s: float = 0.5) -> None:
     os._exit(1)
 
 
-def report_failure(message: str) -> None:
-  """Tells every other process to stop with `message` (no-op in a single-process run)."""
+def report_failure(message: str) -> str | None:
+  """Tells every other process to stop with `message` (no-op in a single-process run). The first
+  report wins: returns the message of a process that reported before this one (its error is the
+  cause; this one's, a collective cut off by that process's exit, is only the echo), else None."""
   if jax.process_count() <= 1:
-    return
+    return None
+  client = _client()
   try:
-    _client().key_value_set(FAILED_KEY, f"process {jax.process_index()}: {message}")
-  except Exception:  # noqa: BLE001 - the coordinator may be the one that failed
-    pass
+    client.key_value_set(FAILED_KEY, f"process {jax.process_index()}: {message}")
+    return None
+  except Exception:  # noqa: BLE001 - already set by another process, or the coordinator is gone
+    try:
+      return client.key_value_try_get(FAILED_KEY)
+    except Exception:  # noqa: BLE001
+      return None
 
 
 def is_main() -> bool:

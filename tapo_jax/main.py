@@ -68,8 +68,15 @@ def _dispatch_reporting(cfg, workdir: str) -> None:
     if cfg.distributed:
       from tapo_jax import distributed
 
-      distributed.report_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      first = distributed.report_failure(f"{type(e).__name__}: {_first_line(e)}")
+      if first is not None:  # another process failed first; this error is its echo
+        print(f"error: {first}", file=sys.stderr, flush=True)
+        os._exit(1)
     raise
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).splitlines()[0] if str(e) else ""
 
 
 def _dispatch(cfg, workdir: str) -> None:

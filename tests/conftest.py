@@ -18,3 +18,16 @@ def qwen_tokenizer():
   from qwen_tokenizer import qwen2_tokenizer
 
   return qwen2_tokenizer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_compilation_cache_per_worker(tmp_path_factory):
+  """Every `python -m tapo_jax.main` (or notebook) a test starts inherits, through os.environ, one
+  persistent compilation cache per test worker: the many CLI runs of the smoke config compile each
+  program once per worker instead of once per test. This process's JAX read its configuration at
+  import (during collection) and keeps its in-memory caches only."""
+  os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )

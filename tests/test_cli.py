@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small enough for CI; every subprocess shares one persistent compilation cache.
+# Small enough for CI; every subprocess shares one persistent compilation cache (tests/conftest.py).
 FAST = [
   "--config.rollout.batch_queries=2",
   "--config.rollout.n=4",
@@ -27,14 +27,11 @@ FAST = [
 ]
 
 
-def _env(tmp_root):
+def _env():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
   env.update(
     JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(tmp_root / "jax_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     TF_CPP_MIN_LOG_LEVEL="3",
   )
   return env
@@ -117,7 +114,7 @@ BAD = [
 @pytest.mark.parametrize("flags,message", BAD, ids=[m[:60] for _, m in BAD])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, flags, message):
   workdir = tmp_path / "wd"
-  out = _run(_env(tmp_path), workdir, *flags, timeout=120)
+  out = _run(_env(), workdir, *flags, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert message in last, out.stderr[-2000:]
@@ -126,29 +123,23 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, flags, message):
   assert not workdir.exists()
 
 
-@pytest.fixture(scope="module")
-def shared_env(tmp_path_factory):
-  """One compilation cache for the user-error runs below."""
-  return _env(tmp_path_factory.mktemp("cli_errors"))
-
-
-def test_bad_data_is_one_line_and_leaves_no_workdir(tmp_path, shared_env):
+def test_bad_data_is_one_line_and_leaves_no_workdir(tmp_path):
   data = tmp_path / "train.jsonl"
   data.write_text('{"problem": "1+1", "answer": 2}\n{"problem": "0/0", "answer": NaN}\n')
   workdir = tmp_path / "wd"
-  out = _run(shared_env, workdir, f"--config.data.train_path={data}", timeout=300)
+  out = _run(_env(), workdir, f"--config.data.train_path={data}", timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {data}: line 2: field 'answer'") and "NaN" in last
   assert "Traceback" not in out.stderr and not workdir.exists()
 
 
-def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path, shared_env):
+def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
   from tapo_jax.train import workdir as workdir_lib
 
   workdir = tmp_path / "wd"
   with workdir_lib.hold(str(workdir)):
-    out = _run(shared_env, workdir, timeout=120)
+    out = _run(_env(), workdir, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last == (
@@ -158,10 +149,10 @@ def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path, shared
   assert sorted(os.listdir(workdir)) == [".lock"]  # nothing else written
 
 
-def test_unwritable_workdir_is_one_line_exit_1(tmp_path, shared_env):
+def test_unwritable_workdir_is_one_line_exit_1(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  out = _run(shared_env, blocker / "wd", timeout=120)  # a path under a regular file
+  out = _run(_env(), blocker / "wd", timeout=120)  # a path under a regular file
   assert out.returncode == 1, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
   assert lines[-1] == f"error: {blocker / 'wd'}: Not a directory"
@@ -191,9 +182,9 @@ def full_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_full_disk_is_one_line_exit_1(full_disk, shared_env):
+def test_full_disk_is_one_line_exit_1(full_disk):
   workdir = full_disk / "wd"
-  out = _run(shared_env, workdir, timeout=120)
+  out = _run(_env(), workdir, timeout=120)
   assert out.returncode == 1, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "No space left on device; free some space" in last
@@ -215,11 +206,11 @@ def test_full_disk_during_an_orbax_save_is_named(full_disk):
   assert checkpoint.steps(str(full_disk / "wd")) == []  # no finished step: only Orbax's tmp dir
 
 
-def test_ctrl_c_checkpoints_the_current_step_and_exits_0(tmp_path, shared_env):
+def test_ctrl_c_checkpoints_the_current_step_and_exits_0(tmp_path):
   workdir = tmp_path / "wd"
   proc = subprocess.Popen(
     _cmd(workdir, "--config.train.steps=40", "--config.train.checkpoint_every=100"),
-    cwd=ROOT, env=shared_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
   deadline = time.time() + 600
   while not (workdir / "metrics.jsonl").exists() or not _steps_logged(workdir):
@@ -245,7 +236,7 @@ def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
 
 
 def test_run_resume_and_kill9_are_bit_identical(tmp_path):
-  env = _env(tmp_path)
+  env = _env()
   straight, chain = tmp_path / "straight", tmp_path / "chain"
   # An uninterrupted 3-step run (also warms the compilation cache for the rest), with an eval
   # before the first step and a periodic one at step 2 (greedy too), which must not perturb
@@ -357,7 +348,7 @@ def test_eval_mode_reads_every_layout(tmp_path):
     paths.append(str(path))
   workdir = tmp_path / "wd"
   out = _run(
-    _env(tmp_path), workdir, "--config.mode=eval", f"--config.eval.paths={','.join(paths)}",
+    _env(), workdir, "--config.mode=eval", f"--config.eval.paths={','.join(paths)}",
     "--config.eval.k=2", "--config.eval.pass_ks=1,2",
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
@@ -386,7 +377,7 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   workdir = tmp_path / "wd"
   out = _run(
-    _env(tmp_path), workdir, "--config.mode=sft", f"--config.sft.path={data}",
+    _env(), workdir, "--config.mode=sft", f"--config.sft.path={data}",
     "--config.sft.steps=2", "--config.sft.batch_size=4", "--config.optim.micro_batch=2",
     "--config.sft.max_len=64",
   )  # fmt: skip
@@ -412,7 +403,7 @@ def test_difficulty_filter_measures_once_and_keeps_the_window(tmp_path):
     {"id": f"p{i}", "problem": p.problem, "answer": p.answer} for i, p in enumerate(easy + hard)
   ]
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  env, workdir = _env(tmp_path), tmp_path / "wd"
+  env, workdir = _env(), tmp_path / "wd"
   flags = [f"--config.data.train_path={data}", "--config.data.pass_rate_window=(0.1, 1.0)"]
   out = _run(env, workdir, *flags, "--config.train.steps=1")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -437,7 +428,7 @@ def test_policy_construction_on_a_step_without_eligible_queries(tmp_path):
       f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
   workdir = tmp_path / "wd"
   out = _run(
-    _env(tmp_path), workdir, "--config.tapo.construction=policy",
+    _env(), workdir, "--config.tapo.construction=policy",
     "--config.tapo.ref_baseline=group", f"--config.data.train_path={train}",
     "--config.train.steps=1", "--config.tapo.n_pos=4", "--config.tapo.n_neg=4",
   )  # fmt: skip

@@ -30,8 +30,6 @@ def _run(tmp_path, name, devices, construction, *mesh):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env.update(
     JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   workdir = tmp_path / name
   cmd = [

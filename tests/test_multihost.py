@@ -40,13 +40,11 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def _env(tmp_path, devices):
+def _env(devices):
   env = dict(os.environ)
   env.update(
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   return env
 
@@ -66,7 +64,7 @@ def _start(tmp_path, workdir, processes, *extra, per_process=None):
         "--config.distributed_heartbeat_s=10",
       ]  # fmt: skip
     log = open(pathlib.Path(f"{workdir}.p{i}.log"), "w")  # noqa: SIM115
-    env = _env(tmp_path, 8 // processes)
+    env = _env(8 // processes)
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs
 
@@ -170,3 +168,37 @@ def test_an_error_in_one_process_stops_all_with_that_error(tmp_path):
   codes, logs = _finish(procs, workdir, timeout=300)
   assert codes[0] != 0 and codes[1] != 0 and time.time() - t0 < 280
   assert "error: process 1: DataError" in logs[0], logs[0][-3000:]
+
+
+_REPORT_TWICE = """
+import sys
+import jax
+from jax.experimental import multihost_utils
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+address, index = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=index)
+from tapo_jax import distributed
+if jax.process_index() == 1:
+  print("returned", distributed.report_failure("DataError: the cause"))
+multihost_utils.sync_global_devices("reported")
+if jax.process_index() == 0:
+  print("returned", distributed.report_failure("JaxRuntimeError: connection closed by peer"))
+multihost_utils.sync_global_devices("done")
+"""
+
+
+def test_the_first_reported_failure_is_the_one_every_process_shows(tmp_path):
+  # a process whose collective broke because the failing one exited reports second: it is told
+  # the first process's error and shows that instead of its broken connection
+  port = _port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _REPORT_TWICE, f"127.0.0.1:{port}", str(i)], cwd=ROOT,
+      env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    for i in range(2)
+  ]  # fmt: skip
+  out = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], out
+  assert "returned None" in out[1], out[1]
+  assert "returned process 1: DataError: the cause" in out[0], out[0]

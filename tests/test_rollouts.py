@@ -116,13 +116,11 @@ ASYNC = [
 ]
 
 
-def _start(tmp_path, workdir):
+def _start(workdir):
   env = dict(os.environ)
   env.update(
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
     JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   cmd = [sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}"]
   log = open(f"{workdir}.log", "a")  # noqa: SIM115
@@ -147,7 +145,7 @@ def _flat(tree):
 @pytest.mark.slow
 def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  proc = _start(tmp_path, straight)
+  proc = _start(straight)
   assert proc.wait(timeout=900) == 0, pathlib.Path(f"{straight}.log").read_text()[-3000:]
   log = pathlib.Path(f"{straight}.log").read_text()
   assert "engine rollout:" in log and "mesh data=1 fsdp=4 tensor=1" in log
@@ -186,14 +184,14 @@ def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_p
   assert max(m["rollout_is/orig_ratio_max"] for m in metrics[1:]) > 1.001
 
   # kill -9 once checkpoint 2 is on disk, restart: the same final params as the straight run
-  proc = _start(tmp_path, killed)
+  proc = _start(killed)
   deadline = time.time() + 900
   while not (killed / "checkpoints" / "2").exists():
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.1)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  proc = _start(tmp_path, killed)
+  proc = _start(killed)
   assert proc.wait(timeout=900) == 0, pathlib.Path(f"{killed}.log").read_text()[-3000:]
   a, b = _flat(_params(straight, 4)), _flat(_params(killed, 4))
   assert a.keys() == b.keys()
