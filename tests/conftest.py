@@ -31,15 +31,3 @@ def one_compilation_cache_per_worker(tmp_path_factory):
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
-
-
-def pytest_collection_modifyitems(items):
-  """The slow tests first, longest first (`slow(seconds)`: a rough cost on 2 cores): under
-  `pytest -n 2` the workers start on the long multi-process runs and fill the gaps with the many
-  short tests, instead of one worker finishing a 6-minute run alone at the end."""
-
-  def cost(item):
-    mark = item.get_closest_marker("slow")
-    return -(mark.args[0] if mark and mark.args else 60 if mark else 0)
-
-  items.sort(key=cost)  # stable: the collection order otherwise

@@ -206,7 +206,7 @@ def test_full_disk_during_an_orbax_save_is_named(full_disk):
   assert checkpoint.steps(str(full_disk / "wd")) == []  # no finished step: only Orbax's tmp dir
 
 
-@pytest.mark.slow(45)
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_the_current_step_and_exits_0(tmp_path):
   workdir = tmp_path / "wd"
   proc = subprocess.Popen(
@@ -236,7 +236,7 @@ def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
   return True
 
 
-@pytest.mark.slow(220)
+@pytest.mark.slow
 def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   env = _env()
   straight, chain = tmp_path / "straight", tmp_path / "chain"
@@ -366,7 +366,7 @@ def test_eval_mode_reads_every_layout(tmp_path):
   assert len({summary[f"{n.split('.')[0]}/avg@2"] for n in rows}) == 1
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow
 def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   import torch
   import transformers
@@ -396,7 +396,7 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
     assert torch.isfinite(hf(ids).logits).all()
 
 
-@pytest.mark.slow(90)
+@pytest.mark.slow
 def test_difficulty_filter_measures_once_and_keeps_the_window(tmp_path):
   from tapo_jax.toy import arith
 
@@ -421,7 +421,7 @@ def test_difficulty_filter_measures_once_and_keeps_the_window(tmp_path):
   assert "measuring pass rates" not in out.stderr and f"kept {kept} of 6" in out.stderr
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow
 def test_policy_construction_on_a_step_without_eligible_queries(tmp_path):
   """A step where DCS finds no query (here: never, n_pos + n_neg > K) prompts the policy with
   nothing and trains on the originals alone."""

@@ -79,7 +79,7 @@ def test_translate_handles_shell_magics_and_python():
   assert SMALL["rl"] in translate("!python -m tapo_jax.main --config=configs/tiny.py")
 
 
-@pytest.mark.slow(115)
+@pytest.mark.slow
 def test_notebook_code_cells_run_against_the_checkout(tmp_path):
   cells = code_cells(NOTEBOOK)
   assert sum(is_setup(c) for c in cells) == 1  # only the install cell is skipped

@@ -55,7 +55,7 @@ def _run(tmp_path, name, devices, construction, *mesh):
 
 
 @pytest.mark.parametrize("construction", ["divergence", "policy"])
-@pytest.mark.slow(130)
+@pytest.mark.slow
 def test_rl_loop_on_eight_devices_matches_one_device(tmp_path, construction):
   m1, r1, e1 = _run(tmp_path, "one", 1, construction)
   m8, r8, e8 = _run(tmp_path, "eight", 8, construction, "--config.mesh.fsdp=4",

@@ -25,7 +25,7 @@ FAST = [
   "--config.tapo.n_pos=1",
   "--config.tapo.n_neg=1",
   "--config.tapo.m_max=2",
-  "--config.optim.micro_batch=4",
+  "--config.optim.micro_batch=16",  # one micro-batch: each is a round of gloo collectives
   "--config.train.checkpoint_every=1",
   "--config.train.steps=3",
   "--config.eval.k=2",
@@ -97,7 +97,6 @@ def _params(workdir, step):
   }
 
 
-@pytest.mark.slow(380)
 def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp_path):
   one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
   codes, logs = _finish(_start(tmp_path, one, 1), one)
@@ -136,7 +135,6 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
     np.testing.assert_array_equal(final[key], want[key], err_msg=key)
 
 
-@pytest.mark.slow(75)
 def test_two_process_eval_gives_the_one_process_summary(tmp_path):
   held = tmp_path / "held.jsonl"
   from tapo_jax.toy import arith
@@ -157,7 +155,6 @@ def test_two_process_eval_gives_the_one_process_summary(tmp_path):
   assert len(_metrics(two)) == 1
 
 
-@pytest.mark.slow(25)
 def test_an_error_in_one_process_stops_all_with_that_error(tmp_path):
   good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
   good.write_text(json.dumps({"problem": "Compute 1+2.", "answer": "3"}) + "\n")
@@ -190,7 +187,6 @@ multihost_utils.sync_global_devices("done")
 """
 
 
-@pytest.mark.slow(10)
 def test_the_first_reported_failure_is_the_one_every_process_shows(tmp_path):
   # a process whose collective broke because the failing one exited reports second: it is told
   # the first process's error and shows that instead of its broken connection

@@ -142,7 +142,7 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
-@pytest.mark.slow(125)
+@pytest.mark.slow
 def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   proc = _start(straight)

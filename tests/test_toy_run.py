@@ -30,7 +30,7 @@ def test_shipped_chain_model_is_in_the_calibrated_range():
   assert kinds & {"digit", "carry", "result"}, kinds  # step errors, not format failures
 
 
-@pytest.mark.slow(85)
+@pytest.mark.slow
 def test_a_few_tiny_steps_train_on_constructions_that_reach_the_gold(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)
