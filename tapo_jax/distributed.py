@@ -72,8 +72,14 @@ def _watch(poll_s: float = 0.5) -> None:
       if misses < 6:
         continue
       message = f"lost the coordinator (process 0): {str(e).splitlines()[0]}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(1)
+    exit_with(message)
+
+
+def exit_with(message: str) -> None:
+  """Prints `error: message` and ends this process at once with status 1, without the
+  interpreter's shutdown (atexit handlers, jax.distributed's included)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(1)
 
 
 def report_failure(message: str) -> str | None:

@@ -50,7 +50,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+    _fail(_first_line(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # config_flags raises these for an override of a key the locked config does not have.
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
@@ -70,8 +70,7 @@ def _dispatch_reporting(cfg, workdir: str) -> None:
 
       first = distributed.report_failure(f"{type(e).__name__}: {_first_line(e)}")
       if first is not None:  # another process failed first; this error is its echo
-        print(f"error: {first}", file=sys.stderr, flush=True)
-        os._exit(1)
+        distributed.exit_with(first)
     raise
 
 

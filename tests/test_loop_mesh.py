@@ -28,9 +28,7 @@ def _run(tmp_path, name, devices, construction, *mesh):
   env.pop("XLA_FLAGS", None)
   if devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env.update(
-    JAX_PLATFORMS="cpu",
-  )
+  env["JAX_PLATFORMS"] = "cpu"
   workdir = tmp_path / name
   cmd = [
     sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",

@@ -49,7 +49,7 @@ def _env(devices):
   return env
 
 
-def _start(tmp_path, workdir, processes, *extra, per_process=None):
+def _start(workdir, processes, *extra, per_process=None):
   """Starts `processes` processes of main (8 devices in all); returns the Popen objects."""
   port, procs = _port(), []
   for i in range(processes):
@@ -99,9 +99,9 @@ def _params(workdir, step):
 
 def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp_path):
   one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
-  codes, logs = _finish(_start(tmp_path, one, 1), one)
+  codes, logs = _finish(_start(one, 1), one)
   assert codes == [0], logs[0][-3000:]
-  codes, logs = _finish(_start(tmp_path, two, 2), two)
+  codes, logs = _finish(_start(two, 2), two)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   m1, m2 = _metrics(one), _metrics(two)
   assert [m["step"] for m in m2] == [1, 2, 3]  # written once, by process 0
@@ -112,7 +112,7 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
     assert "mesh data=1 fsdp=8 tensor=1" in log
 
   # kill -9 one process once checkpoint 2 exists: the other stops by itself, with the error
-  procs = _start(tmp_path, killed, 2)
+  procs = _start(killed, 2)
   deadline = time.time() + 900
   while not (killed / "checkpoints" / "2").exists():
     assert all(p.poll() is None for p in procs) and time.time() < deadline
@@ -126,7 +126,7 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
   log = pathlib.Path(f"{killed}.p0.log").read_text()
   assert "unhealthy" in log or "by peer" in log, log[-3000:]  # closed / reset by peer
   # both restart and resume from the last complete checkpoint
-  codes, logs = _finish(_start(tmp_path, killed, 2), killed)
+  codes, logs = _finish(_start(killed, 2), killed)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert "at step 2" in logs[0] or "at step 3" in logs[0]
   final, want = _params(killed, 3), _params(two, 3)
@@ -144,9 +144,9 @@ def test_two_process_eval_gives_the_one_process_summary(tmp_path):
       f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
   flags = ["--config.mode=eval", f"--config.eval.paths={held}"]
   one, two = tmp_path / "one", tmp_path / "two"
-  codes, logs = _finish(_start(tmp_path, one, 1, *flags), one)
+  codes, logs = _finish(_start(one, 1, *flags), one)
   assert codes == [0], logs[0][-3000:]
-  codes, logs = _finish(_start(tmp_path, two, 2, *flags), two)
+  codes, logs = _finish(_start(two, 2, *flags), two)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   s1 = json.loads((one / "eval_summary.json").read_text())
   s2 = json.loads((two / "eval_summary.json").read_text())
@@ -161,7 +161,7 @@ def test_an_error_in_one_process_stops_all_with_that_error(tmp_path):
   bad.write_text('{"problem": "Compute 1+2.", "answer": \n')  # not JSON: a DataError
   workdir = tmp_path / "wd"
   procs = _start(
-    tmp_path, workdir, 2,
+    workdir, 2,
     per_process=[[f"--config.data.train_path={good}"], [f"--config.data.train_path={bad}"]],
   )  # fmt: skip
   t0 = time.time()
