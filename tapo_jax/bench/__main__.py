@@ -1,4 +1,5 @@
-"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory,rl,aot}: us vs a peer, in one run."""
+"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory,rl,aot}: us vs a peer, in one run
+(aot: TPU compiles without a TPU)."""
 
 import importlib
 import sys
