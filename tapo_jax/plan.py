@@ -334,36 +334,95 @@ def _geometry(mc: QwenConfig, mesh, e: int, impl: str) -> Geometry:
   )
 
 
-def rollout_terms(g: Geometry, slots: int, bucket: int, new_tokens: int, windows) -> list[Term]:
-  """The engine's decode state, one prefill of the largest bucket and one decode step."""
-  c, e, layers = g.cfg, g.e, g.cfg.num_hidden_layers
-  s = bucket + new_tokens
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Where the engines' weights and decode state live, per device (`sampler_layout`)."""
+
+  mesh: jax.sharding.AbstractMesh  # the mesh the engines shard their weights and KV cache over
+  weights: int  # bytes of one device's weights as the engines read them
+  itemsize: int  # their dtype's bytes
+  own_copy: bool  # the engines hold their own copy (else they read the trainer's params)
+  layer: int  # one layer's weights gathered over fsdp in the compute dtype (0: no fsdp)
+  gathered: int  # every layer's and the lm_head's, as a decode step gathers them (0: no fsdp)
+
+
+def sampler_layout(cfg, mesh, model, params: int, layers: int, e: int) -> Sampler:
+  """The engines' layout: the trainer's (mesh, params and their dtype), read in place, or copied
+  once per step when a one-step-off sampler runs while the update donates the params
+  (rollout.async_steps > 0)."""
+  p = jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize
+  tensor_only = jax.sharding.AbstractMesh((1, 1, mesh.shape["tensor"]), sharding.MESH_AXES)
+  _, layer = param_bytes(model.layers[0], tensor_only, e)
+  c = model.cfg
+  head = c.hidden_size * c.vocab_size // _split(c.vocab_size, "vocab", tensor_only) * e
+  if mesh.shape["fsdp"] == 1:
+    layer = head = 0
+  return Sampler(mesh, params, p, bool(cfg.rollout.async_steps), layer, layers * layer + head)
+
+
+def engine_terms(g: Geometry, sampler: Sampler, slots: int, bucket: int, new_tokens: int, windows):
+  """(decode terms, prefill terms) of one engine: the weights and decode state it holds, one
+  decode step's temporaries, one prefill of the largest bucket."""
+  c, e, layers, mesh = g.cfg, g.e, g.cfg.num_hidden_layers, sampler.mesh
+  k_, h, s = c.num_key_value_heads, c.head_dim, bucket + new_tokens
   # the engine places its state with sharding.named_sharding (fit_spec: each mesh axis that divides)
-  cache = (
-    2 * layers * e * shard_elems((slots, c.num_key_value_heads, s, c.head_dim), CACHE_AXES, g.mesh)
-  )
-  rows = shard_elems((slots, s), ("batch", "cache_seq"), g.mesh) // s
-  p_rows = max(1, min(16, 16384 // bucket))  # QwenEngine.max_prefill_rows with its defaults
-  p_rows = 1 << (p_rows.bit_length() - 1)
-  pb = g.rows(p_rows)
-  prefill_kv = shard_elems((p_rows, c.num_key_value_heads, bucket, c.head_dim), CACHE_AXES, g.mesh)
-  prefill = 2 * layers * e * prefill_kv + pb * bucket * c.hidden_size * e
-  prefill += g.forward_layer(
-    pb, bucket, "blockwise" if g.impl in attention.MEMORY_EFFICIENT else ""
-  )
-  window = max([w for w in windows if 16 <= w < s] + [0])
+  cache = 2 * layers * e * shard_elems((slots, k_, s, h), CACHE_AXES, mesh)
+  rows = shard_elems((slots, s), ("batch", "cache_seq"), mesh) // s
+  k_dev = k_ // _split(k_, "kv_heads", mesh)
+  window = max([w for w in windows if 16 <= w < s] + [0])  # QwenEngine.windows below S
   fewer = f"fewer rollout.slots (now {slots}) or more chips"
-  return [
+  held = [
     Term(f"KV cache ({slots} slots x {s}, {e * 8}-bit)", cache, fewer),
     Term("decode rows (tokens, logprobs)", 8 * rows * s, fewer),
-    Term(f"decode window copy (<= {window} of {s} slots)", cache * window // s, fewer),
+  ]
+  if sampler.own_copy:
+    held.insert(0, Term("sampler weights (own copy)", sampler.weights, "rollout.async_steps=0"))
+  converted = sampler.weights * e // sampler.itemsize if sampler.itemsize != e else 0
+  temps = [
+    Term(f"weights in the compute dtype ({e * 8}-bit)", converted, "model.param_dtype=bfloat16"),
     Term(
-      f"prefill of {p_rows} x {bucket} tokens",
-      prefill,
+      "weights gathered over fsdp, all layers",
+      sampler.gathered,
+      "a decode layout without fsdp (config.mesh.fsdp=1)",
+    ),
+  ]
+  # The TPU compiler runs the decode loop on the window in its own layout: 1-1.5 copies of a
+  # window below S (sliced out, converted, put back) and, with >= 2 kv-heads on a device (the
+  # loop puts them second-minor), a whole copy of the cache at window S.
+  loop_copy = max(3 * cache * window // (2 * s), cache if k_dev >= 2 else 0)
+  decode = (
+    held
+    + temps
+    + [
+      Term(f"decode window in the loop's layout (window {window or s} of {s})", loop_copy, fewer),
+      Term("decode step logits", rows * c.vocab_size // g.tv * 4, fewer),
+    ]
+  )
+  p_rows = max(1, min(16, 16384 // bucket))  # QwenEngine.max_prefill_rows with its defaults
+  p_rows = 1 << (p_rows.bit_length() - 1)
+  pb = shard_elems((p_rows, bucket), ("batch", "seq"), mesh) // bucket
+  prefix = 2 * layers * e * shard_elems((p_rows, k_, bucket, h), CACHE_AXES, mesh)
+  d, f, n = c.hidden_size, g.f, g.n
+  # one layer's activations as the TPU compiler fuses them (calibrated on bench aot)
+  acts = pb * bucket * (2 * f + 2 * d + n * h + 2 * g.k * h) * e
+  if g.impl in attention.MEMORY_EFFICIENT:  # prefill over the cache: blockwise
+    blk = min(attention.BLOCK, bucket)
+    acts += pb * n * blk * blk * 4
+  else:
+    acts += attention_bytes("", pb, n, g.k, bucket, h, e)[1]
+  prefill = held + [
+    Term(
+      f"prefill of {p_rows} x {bucket} tokens (its KV, one layer)",
+      prefix + acts,
       "model.attention_impl=blockwise or splash, or smaller rollout.prefill_buckets",
     ),
-    Term("decode step logits", rows * c.vocab_size // g.tv * 4, fewer),
+    Term(
+      "2 layers' weights gathered over fsdp",
+      2 * sampler.layer,
+      "a decode layout without fsdp (config.mesh.fsdp=1)",
+    ),
   ]
+  return [t for t in decode if t.bytes], [t for t in prefill if t.bytes]
 
 
 def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[Term], list[str]]:
@@ -443,19 +502,22 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
     phases["update"] = state + [gathered, head, batch] + terms
     return _report(sl, sizes, source, num_params, phases, cfg, notes)
 
+  sampler = sampler_layout(cfg, mesh, model, params, layers, g.e)
   buckets = sorted(cfg.rollout.prefill_buckets)
-  rollout = rollout_terms(g, cfg.rollout.slots, buckets[-1], cfg.rollout.max_new_tokens, buckets)
-  phases["rollout"] = state + rollout + [gathered]
+  engines = [("rollout", buckets[-1], cfg.rollout.max_new_tokens, buckets)]
   if cfg.algorithm == "tapo" and cfg.tapo.construction == "policy":
     from tapo_jax import config as config_lib
     from tapo_jax.tapo import synthesis
 
     longest = 512 + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
     synth_buckets = synthesis.prompt_buckets(longest)
-    bucket, new = synth_buckets[-1], config_lib.synthesis_max_new_tokens(cfg)
-    synth = rollout_terms(g, cfg.rollout.slots, bucket, new, synth_buckets)
-    phases["synthesis"] = state + synth + [gathered]
-    notes.append(f"synthesis prompts assumed <= {longest} tokens (bucket {bucket})")
+    new = config_lib.synthesis_max_new_tokens(cfg)
+    engines.append(("synthesis", synth_buckets[-1], new, synth_buckets))
+    notes.append(f"synthesis prompts assumed <= {longest} tokens (bucket {synth_buckets[-1]})")
+  for name, bucket, new, windows in engines:
+    decode, prefill = engine_terms(g, sampler, cfg.rollout.slots, bucket, new, windows)
+    phases[f"{name} prefill"] = state + prefill
+    phases[f"{name} decode"] = state + decode
 
   t = cfg.tapo.max_len
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0

@@ -34,11 +34,11 @@ weight all-gather inside the decode loop runs once per generated token.
 
 Memory, per chip, from `compiled.memory_analysis()` (the TPU compiler's buffer assignment, with
 its tiled-layout padding): args, out, alias (outputs that reuse donated inputs), temp. A program's
-phase total = resident + args + out - alias + temp, where resident is what else lives on the chip
-meanwhile, from exact shapes and shardings: the train state beside a sampler (less the params when
-the engine reads the trainer's arrays), the decode state beside a prefill, the rest of the step's
-batch beside π_old and an update. The planner's total of the same phase (`tapo_jax.plan`) is
-printed next to it.
+phase total = live + out - alias + temp, where live is every array on the chip when it starts,
+its arguments among them, from exact shapes and shardings: the train state, an engine's own
+weights, the decode state (it lives through a generate call's prefills), the step's batch beside
+π_old and all its minibatches beside an update. The planner's total of the same phase
+(`tapo_jax.plan`: <engine> prefill, <engine> decode, logprobs, update) is printed next to it.
 
 Decode step lower bound, per chip: HBM = (the engine's weights + the KV window of every slot) /
 HBM bandwidth; ICI = bytes received in one decode step / ICI bandwidth (public per-chip figures,
@@ -479,13 +479,13 @@ def weight_sync(s: Setup, engine):
 
 @dataclasses.dataclass
 class Program:
-  """One compiled program and what the phase holds besides its arguments."""
+  """One compiled program and what the chip holds when it runs."""
 
   name: str
   phase: str | None  # the planner's phase (None: the planner has none for it)
   compiled: Any  # jax.stages.Compiled, or the exception its trace or compile raised
   seconds: float  # compile time
-  resident: int  # bytes per chip alive meanwhile that are not its arguments
+  live: int  # bytes per chip on the chip when it starts, its arguments among them
   loop: bool = False  # a decode: its collectives are counted per loop iteration
   engine: str = ""
   window: int = 0
@@ -511,7 +511,7 @@ class Program:
   @property
   def total(self) -> int:
     m = self.memory
-    return self.resident + m["args"] + m["out"] - m["alias"] + m["temp"]
+    return self.live + m["out"] - m["alias"] + m["temp"]
 
   @functools.cached_property
   def collectives(self) -> dict[str, Collective]:
@@ -554,11 +554,12 @@ def engine_programs(s: Setup, windows: str = "peak", only=None) -> dict[str, Pro
   for purpose, engine in s.engines.unique().items():
     if only is not None and purpose not in only:
       continue
-    phase = purpose if purpose in ("rollout", "synthesis") else None
+    planned = purpose in ("rollout", "synthesis")
     params = engine_params(s, engine)
-    beside = state_bytes - (device_bytes(s.params) if shares_trainer_params(s, engine) else 0)
+    weights = 0 if shares_trainer_params(s, engine) else device_bytes(params)
     dstate = jax.eval_shape(engine._zero_state, jnp.zeros((2,), jnp.uint32))
     dstate = _abstract(dstate, engine.state_shardings)
+    live = state_bytes + weights + device_bytes(dstate)
     bucket = engine.buckets[-1]
     rows = engine.max_prefill_rows(bucket)
     rep = sharding.replicated(s.mesh)
@@ -567,14 +568,17 @@ def engine_programs(s: Setup, windows: str = "peak", only=None) -> dict[str, Pro
     with jax.set_mesh(s.mesh):
       compiled, secs = _timed_compile(engine._prefill_jit.lower, params, tokens, lengths)
     name = f"{purpose} prefill {rows}x{bucket}"
-    out[name] = Program(name, phase, compiled, secs, beside + device_bytes(dstate), engine=purpose)
+    phase = f"{purpose} prefill" if planned else None
+    live_prefill = live + device_bytes((tokens, lengths))
+    out[name] = Program(name, phase, compiled, secs, live_prefill, engine=purpose)
     for w in decode_windows(engine, windows):
       with jax.set_mesh(s.mesh):
         compiled, secs = _timed_compile(
           engine._generate_jit.lower, params, dstate, sampling=_sampling(s), steps=steps, window=w
         )
       name = f"{purpose} decode window {w}"
-      out[name] = Program(name, phase, compiled, secs, beside, loop=True, engine=purpose, window=w)
+      phase = f"{purpose} decode" if planned else None
+      out[name] = Program(name, phase, compiled, secs, live, loop=True, engine=purpose, window=w)
   return out
 
 
@@ -615,16 +619,15 @@ def trainer_programs(s: Setup) -> dict[str, Program]:
   cfg = s.cfg
   loss_cfg = loss_lib.LossConfig.from_config(cfg)
   batch, minibatch = train_batch(s)
-  state_bytes, batch_bytes = device_bytes(s.state), device_bytes(batch)
+  state_bytes = device_bytes(s.state)
   old = step_lib.make_old_logprobs(
     s.graphdef, cfg.loss.vocab_chunk, cfg.optim.micro_batch, loss_cfg.temperature
   )
   # the loop calls pi_old outside the mesh context (so does this): no constrain() applies
   compiled, secs = _timed_compile(old.lower, s.params, batch.tokens, batch.positions)
-  beside = state_bytes - device_bytes(s.params) + batch_bytes
-  beside -= device_bytes((batch.tokens, batch.positions))
   r, t = batch.tokens.shape
-  out = {f"pi_old {r}x{t}": Program(f"pi_old {r}x{t}", "logprobs", compiled, secs, beside)}
+  name = f"pi_old {r}x{t}"
+  out = {name: Program(name, "logprobs", compiled, secs, state_bytes + device_bytes(batch))}
   with jax.set_mesh(s.mesh):
     step = step_lib.make_train_step(
       s.graphdef,
@@ -636,8 +639,8 @@ def trainer_programs(s: Setup) -> dict[str, Program]:
     compiled, secs = _timed_compile(step.lower, s.state, minibatch)
   m, mb = minibatch.tokens.shape[:2]
   name = f"update {m}x{mb}x{t}"
-  beside = (cfg.optim.minibatches - 1) * device_bytes(minibatch)  # the step's other minibatches
-  out[name] = Program(name, "update", compiled, secs, beside)
+  live = state_bytes + cfg.optim.minibatches * device_bytes(minibatch)  # the step's minibatches
+  out[name] = Program(name, "update", compiled, secs, live)
   return out
 
 
@@ -649,9 +652,8 @@ def sync_programs(s: Setup) -> dict[str, Program]:
       continue
     fn = weight_sync(s, engine)
     compiled, secs = _timed_compile(fn.lower, s.params)
-    beside = device_bytes(s.state) - device_bytes(s.params)
     name = f"weight sync -> {purpose}"
-    out[name] = Program(name, None, compiled, secs, beside, engine=purpose)
+    out[name] = Program(name, None, compiled, secs, device_bytes(s.state), engine=purpose)
   return out
 
 
@@ -767,10 +769,10 @@ def render(s: Setup, progs: Mapping[str, Program], report=None) -> str:
   unit, size = ("GiB", GiB) if max([p.total for p in ok] + [0]) >= GiB else ("MiB", 2**20)
   lines += [
     "",
-    f"memory per chip, {unit} (compiled: the TPU compiler's buffer assignment; phase = resident "
-    "+ args + out - alias + temp; planner: its total of that phase)",
-    f"  {'program':<34s} {'args':>7s} {'out':>7s} {'alias':>7s} {'temp':>7s} {'resident':>8s} "
-    f"{'phase':>7s}  {'planner':<10s} {'':>7s} {'ratio':>5s}",
+    f"memory per chip, {unit} (compiled: the TPU compiler's buffer assignment; phase = live + "
+    "out - alias + temp; planner: its total of that phase)",
+    f"  {'program':<34s} {'args':>7s} {'out':>7s} {'alias':>7s} {'temp':>7s} {'live':>8s} "
+    f"{'phase':>7s}  {'planner':<18s} {'':>7s} {'ratio':>5s}",
   ]
   for name, p in progs.items():
     if p.error:
@@ -780,10 +782,10 @@ def render(s: Setup, progs: Mapping[str, Program], report=None) -> str:
     planned = ""
     if report is not None and p.phase in report.phases:
       est = report.total(p.phase)
-      planned = f"{p.phase:<10s} {est / size:7.2f} {est / p.total:5.2f}"
+      planned = f"{p.phase:<18s} {est / size:7.2f} {est / p.total:5.2f}"
     lines.append(
       f"  {name:<34s} {m['args']:7.2f} {m['out']:7.2f} {m['alias']:7.2f} {m['temp']:7.2f} "
-      f"{p.resident / size:8.2f} {p.total / size:7.2f}  {planned}"
+      f"{p.live / size:8.2f} {p.total / size:7.2f}  {planned}"
     )
   hbm_bw, ici_bw = BANDWIDTH[s.device]
   lines += [
