@@ -37,7 +37,6 @@ import time
 import jax
 import numpy as np
 import tqdm
-from flax import nnx
 
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
@@ -264,8 +263,8 @@ def run(cfg, workdir: str) -> dict:
   if start < stop and not (reached("constructions") and reached("solutions")):
     mesh, model, tokenizer = state_lib.load_policy(cfg)
     eos = eval_lib.default_eos_ids(tokenizer)
-    params = nnx.state(model, nnx.Param)
     engine = engines_lib.rollout_engine(cfg, model, mesh)
+    params = engine.load_params(model)  # the decode copy, made once
     roll = engines_lib.rollout_sampling(cfg, eos)
     teacher = teachers.make_teacher(cfg, template, mesh, model, tokenizer)
     pool = rewards_lib.VerifierPool(

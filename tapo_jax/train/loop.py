@@ -8,11 +8,12 @@
 Rollouts come from `train.rollouts`: sampled at the start of the step, with dynamic sampling
 when configured, or one step ahead in a background thread (rollout.async_steps = 1).
 
-Every sampler is an engine built once, in setup, on the training mesh, and handed the current
-params at each call; there is one verifier pool per run. Each step's randomness is folded from
-(seed, step) and the data iterator's state is saved with the checkpoint, so a run killed at any
-point and resumed from its workdir ends bit-identical (on the same hardware) to one that was
-never interrupted.
+Every sampler is an engine built once, in setup, over the samplers' devices in the decode layout
+(tapo_jax/sampling/engine.py), and handed the step's decode copy of the params (one on-device
+reshard per step, `Engines.sync`); there is one verifier pool per run. Each step's randomness
+is folded from (seed, step) and the data iterator's state is saved with the checkpoint, so a run
+killed at any point and resumed from its workdir ends bit-identical (on the same hardware) to one
+that was never interrupted.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run(cfg, workdir: str) -> None:
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
   if cfg.data.pass_rate_window:
-    params = engines.rollout.load_params(model)
+    params = engines.sync(nnx.state(model, nnx.Param))
     problems = problems_lib.filter_by_difficulty(
       cfg, engines.rollout, params, tokenizer, pool, problems, workdir
     )
@@ -113,7 +114,6 @@ def run(cfg, workdir: str) -> None:
   pending = rollouts_lib.StepRollouts.from_json(pending) if pending else None
   producer = rollouts_lib.Producer(sampler, cfg.rollout.async_steps, pending)
   copy = bool(cfg.rollout.async_steps)  # the trainer donates its params while the sampler reads
-  to_sampler = lambda params: engines.rollout.load_params(params, copy=copy)  # noqa: E731
   tables = construct.token_tables(tokenizer, vocab_size, eos)
   diag, joiner = divergence.diagnosis_tokens(tokenizer, cfg.tapo.diagnosis_template)
   dcs_args = dict(n_pos=cfg.tapo.n_pos, n_neg=cfg.tapo.n_neg, m_max=cfg.tapo.m_max)
@@ -142,7 +142,7 @@ def run(cfg, workdir: str) -> None:
     written to the metrics as eval/<set>/<metric>."""
     summary = eval_lib.evaluate_sets(
       engines.eval,
-      engines.eval.load_params(state.params),
+      engines.sync(state.params),
       tokenizer,
       problems_lib.eval_sets(cfg),
       out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
@@ -162,8 +162,9 @@ def run(cfg, workdir: str) -> None:
 
       # 1-2. Rollouts: K samples per query from the policy, graded by the verifier pool (now,
       #      or, one-step-off, during the previous step with its params; the next step's start
-      #      here with the params this step starts from).
-      on_sampler = to_sampler(state.params)
+      #      here with the params this step starts from). The samplers' decode copy of the
+      #      params is made once per step, on device, and serves every engine of the step.
+      on_sampler = engines.sync(state.params, copy=copy)
       r, staleness = producer.take(on_sampler, it, step)
       if step + 1 < cfg.train.steps:
         producer.start_next(on_sampler, it, step)

@@ -20,7 +20,6 @@ import urllib.request
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from tapo_jax import config as config_lib
 from tapo_jax import eval as eval_lib
@@ -52,7 +51,7 @@ class LocalTeacher:
     self.chat = cfg.data.use_chat_template
     literal = synthesis.encode_template(self.tokenizer, template, self.chat).literal_tokens
     self.engine = engines_lib.synthesis_engine(cfg, model, mesh, literal)
-    self.params = nnx.state(model, nnx.Param)
+    self.params = self.engine.load_params(model)  # the decode copy, made once
     self.eos = eval_lib.default_eos_ids(self.tokenizer)
     cs = cfg.coldstart
     self.sampling = sampling.Sampling(cs.teacher_temperature, cs.teacher_top_p, 0, tuple(self.eos))
