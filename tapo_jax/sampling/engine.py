@@ -129,6 +129,7 @@ class QwenEngine(engine_api.Engine):
     self.cache_dtype = cache_dtype or model.dtype
     self.tokenizer_path = tokenizer_path
     self.traces: collections.Counter = collections.Counter()  # jitted function -> traces
+    self.syncs = 0  # decode copies made by load_params (reshards, not no-ops)
     rules = sharding.DECODE_RULES
     self.param_shardings = sharding.param_shardings(params, self._mesh, rules)
     self._param_tree = jax.tree.structure(params)
@@ -330,11 +331,12 @@ class QwenEngine(engine_api.Engine):
     if len(leaves) != self._param_tree.num_leaves:
       raise ValueError(f"params have {len(leaves)} arrays, the model {self._param_tree.num_leaves}")
     placed = all(
-      isinstance(x, jax.Array) and x.sharding == s and x.dtype == d
+      isinstance(x, jax.Array) and x.dtype == d and x.sharding.is_equivalent_to(s, x.ndim)
       for x, s, d in zip(leaves, self._targets, self._dtypes)
     )
     if placed and not copy:
       return jax.tree.unflatten(self._param_tree, leaves)
+    self.syncs += 1
     source = _device_order(leaves[0])
     if source == list(self._mesh.devices.flat) and all(_device_order(x) == source for x in leaves):
       with jax.set_mesh(self._mesh):

@@ -29,6 +29,11 @@ class Engines:
     buffer even where nothing changes, for a sampler that runs while the trainer donates)."""
     return self.rollout.load_params(params, copy=copy)
 
+  @property
+  def syncs(self) -> int:
+    """Decode copies made so far (every engine of a run shares the rollout engine's)."""
+    return sum(e.syncs for e in self.unique().values())
+
   def unique(self) -> dict[str, QwenEngine]:
     """{purpose: engine} of the engines built (an engine serving two purposes is listed once)."""
     out: dict[str, QwenEngine] = {}

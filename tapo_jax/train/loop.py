@@ -137,12 +137,12 @@ def run(cfg, workdir: str) -> None:
   writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
   logging.info("setup took %.1fs", time.time() - t_setup)
 
-  def evaluate(at: int) -> dict[str, float]:
-    """The held-out sets at step `at` (eval.k samples, and one greedy sample with eval.greedy),
-    written to the metrics as eval/<set>/<metric>."""
+  def evaluate(at: int, params) -> dict[str, float]:
+    """The held-out sets at step `at` (eval.k samples, and one greedy sample with eval.greedy)
+    with the samplers' copy `params`, written to the metrics as eval/<set>/<metric>."""
     summary = eval_lib.evaluate_sets(
       engines.eval,
-      engines.sync(state.params),
+      params,
       tokenizer,
       problems_lib.eval_sets(cfg),
       out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
@@ -153,9 +153,12 @@ def run(cfg, workdir: str) -> None:
     return summary
 
   evals = {}  # step -> eval summary, this process's run only
+  synced = None  # the samplers' copy of state.params when an eval already made it
+  syncs = engines.syncs
   try:
     if cfg.train.eval_at_start and start == 0 and cfg.train.steps:
-      evals[0] = evaluate(0)
+      synced = engines.sync(state.params, copy=copy)
+      evals[0] = evaluate(0, synced)
     for step in range(start, cfg.train.steps):
       t0 = time.time()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
@@ -164,7 +167,8 @@ def run(cfg, workdir: str) -> None:
       #      or, one-step-off, during the previous step with its params; the next step's start
       #      here with the params this step starts from). The samplers' decode copy of the
       #      params is made once per step, on device, and serves every engine of the step.
-      on_sampler = engines.sync(state.params, copy=copy)
+      on_sampler = synced if synced is not None else engines.sync(state.params, copy=copy)
+      synced = None
       r, staleness = producer.take(on_sampler, it, step)
       if step + 1 < cfg.train.steps:
         producer.start_next(on_sampler, it, step)
@@ -233,6 +237,7 @@ def run(cfg, workdir: str) -> None:
       out.update(
         {
           "rollout/staleness": float(staleness),
+          "perf/weight_syncs": float(engines.syncs - syncs),  # 1: the step's decode copy
           "time/rollout_wait": t_reward - t0,  # all of rollout + reward unless one-step-off
           "time/construct": t_construct - t_reward,
           "time/advantage": t_advantage - t_construct,
@@ -245,12 +250,14 @@ def run(cfg, workdir: str) -> None:
           / max(t_update - t_advantage, 1e-9),
         }
       )
+      syncs = engines.syncs
       writer.write(step + 1, out)
       writer.advance({"acc": out["reward/accuracy"], "loss": out["loss"]})
       if out["skipped"]:
         logging.warning("step %d: non-finite or exploding update, skipped", step + 1)
       if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-        evals[step + 1] = evaluate(step + 1)
+        synced = engines.sync(state.params, copy=copy)  # also the next step's rollouts' copy
+        evals[step + 1] = evaluate(step + 1, synced)
       if ckpt.due(step + 1, force=stop.requested):
         ckpt.save(step + 1, state, _extra(it, producer), force=True)
       if stop.requested:
