@@ -34,7 +34,9 @@ from tapo_jax import config as config_lib
 from tapo_jax import distributed, export, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
+from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import check_prompt_lengths
+from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
@@ -55,9 +57,7 @@ def grade_constructions(grade, tokenizer, cons, golds, eos) -> np.ndarray:
   if built.size:
     source = np.asarray(cons.group_ids)[built] - q
     responses = batch_lib.response_ids(batch_lib.take_rows(cons, built), eos)
-    rewards[built] = rollouts_lib.grade(
-      grade, tokenizer, responses, [golds[j] for j in source], eos
-    )
+    rewards[built] = stage.grade(grade, tokenizer, responses, [golds[j] for j in source], eos)
   return rewards
 
 
@@ -72,7 +72,7 @@ def run(cfg, workdir: str) -> None:
   sampler_mesh = state_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
   os.makedirs(workdir, exist_ok=True)
   k, q = cfg.rollout.n, cfg.rollout.batch_queries
-  eos = eval_lib.default_eos_ids(tokenizer)
+  eos = text_lib.default_eos_ids(tokenizer)
   tapo = cfg.algorithm == "tapo"
   policy_construction = tapo and cfg.tapo.construction == "policy"
   template = None
@@ -358,7 +358,7 @@ def _dump_rollouts(workdir, step, problems, tokenizer, batch, eos) -> None:
     return
   valid = np.flatnonzero(np.asarray(batch.valid))
   rows = batch_lib.take_rows(batch, valid)
-  texts = eval_lib.decode_responses(tokenizer, batch_lib.response_ids(rows, eos), eos)
+  texts = text_lib.decode_responses(tokenizer, batch_lib.response_ids(rows, eos), eos)
   group, constructed, reward, truncated = jax.device_get(
     (rows.group_ids, rows.is_constructed, rows.rewards, rows.truncated)
   )

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from tapo_jax import config as config_lib
-from tapo_jax import eval as eval_lib
 from tapo_jax import sampling
+from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import format_prompt
 from tapo_jax.models import load_pretrained
 from tapo_jax.tapo import synthesis
@@ -52,7 +52,7 @@ class LocalTeacher:
     literal = synthesis.encode_template(self.tokenizer, template, self.chat).literal_tokens
     self.engine = engines_lib.synthesis_engine(cfg, model, mesh, literal)
     self.params = self.engine.load_params(model)  # the decode copy, made once
-    self.eos = eval_lib.default_eos_ids(self.tokenizer)
+    self.eos = text_lib.default_eos_ids(self.tokenizer)
     cs = cfg.coldstart
     self.sampling = sampling.Sampling(cs.teacher_temperature, cs.teacher_top_p, 0, tuple(self.eos))
     self.max_new_tokens = config_lib.synthesis_max_new_tokens(cfg)
@@ -68,7 +68,7 @@ class LocalTeacher:
         self.engine, self.params, [ids[i] for i in fits], self.sampling,
         n=1, max_new_tokens=self.max_new_tokens, seed=seed,
       )  # fmt: skip
-      texts = eval_lib.decode_responses(self.tokenizer, gen.completions, self.eos)
+      texts = text_lib.decode_responses(self.tokenizer, gen.completions, self.eos)
       for i, text in zip(fits, texts, strict=True):
         out[i] = text
     return out
