@@ -126,12 +126,16 @@ def validate_decode_layout(cfg, num_devices: int) -> None:
       raise ConfigError(
         f"config.rollout.decode_tensor={t}: does not divide the model's {kv} kv heads ({path})"
       )
-  if cfg.distributed and cfg.rollout.sampler_devices and cfg.rollout.async_steps:
+  if cfg.distributed and cfg.rollout.async_steps:
+    # Disjoint sampler devices: JAX has no device-to-device copy between the device sets of
+    # several processes. Shared devices: the sampler's programs would be launched from a second
+    # thread, in an order against the trainer's that differs between processes (collectives of
+    # different programs would meet: a hang).
     raise ConfigError(
-      f"config.rollout.sampler_devices={cfg.rollout.sampler_devices} with "
-      f"rollout.async_steps={cfg.rollout.async_steps} and distributed=True: JAX cannot copy the "
-      "weights between disjoint device sets of several processes; use rollout.sampler_devices=0 "
-      "(one-step-off on the shared devices) or one process"
+      f"config.rollout.async_steps={cfg.rollout.async_steps} with distributed=True "
+      f"(rollout.sampler_devices={cfg.rollout.sampler_devices}): one-step-off rollouts run in "
+      "one process only (a multi-process run cannot copy weights between disjoint device sets "
+      "nor launch the sampler's programs from a second thread); use rollout.async_steps=0"
     )
 
 

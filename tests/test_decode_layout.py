@@ -154,11 +154,13 @@ def test_a_decode_tensor_that_does_not_fit_is_refused():
     validate_decode_layout(cfg, 8)
 
 
-def test_disjoint_sampler_devices_with_several_processes_are_refused_up_front():
+@pytest.mark.parametrize("sampler_devices", [4, 0])
+def test_one_step_off_with_several_processes_is_refused_up_front(sampler_devices):
   cfg = config_lib.base_config()
   cfg.model.toy = "arith"
-  cfg.distributed, cfg.rollout.async_steps, cfg.rollout.sampler_devices = True, 1, 4
-  with pytest.raises(ConfigError, match=r"^config.rollout.sampler_devices=4 with .*distributed"):
+  cfg.distributed, cfg.rollout.async_steps = True, 1
+  cfg.rollout.sampler_devices = sampler_devices
+  with pytest.raises(ConfigError, match=r"^config.rollout.async_steps=1 with distributed=True"):
     validate_decode_layout(cfg, 8)
-  cfg.rollout.sampler_devices = 0  # one-step-off on the shared devices: allowed
+  cfg.distributed = False  # one process: both layouts are allowed
   validate_decode_layout(cfg, 8)
