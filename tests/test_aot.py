@@ -3,10 +3,13 @@ small model (skipped where libtpu is not installed)."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from tapo_jax import config as base
+from tapo_jax import plan as plan_lib
 from tapo_jax.bench import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,23 +155,33 @@ def small_config(path, **mesh):
   return cfg
 
 
+def _engine_programs(tmp_path_factory, **overrides):
+  cfg = small_config(tmp_path_factory.mktemp("small"))
+  for key, value in overrides.items():
+    cfg.rollout[key] = value
+  s = aot.setup(cfg, "v5p:2x2x2")
+  with aot.tpu_kernels():
+    return s, {**aot.sync_programs(s), **aot.engine_programs(s)}
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-  """The small config's programs on a v5p:2x2x2 (8 chips), trainer mesh fsdp=8."""
-  cfg = small_config(tmp_path_factory.mktemp("small"))
-  s = aot.setup(cfg, "v5p:2x2x2")
-  return s, aot.programs(s)
+  """The small config's weight sync and engines on a v5p:2x2x2 (8 chips), trainer mesh fsdp=8;
+  the engines decode as data 4 x tensor 2 (one kv head per chip)."""
+  return _engine_programs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def two_heads_run(tmp_path_factory):
+  """The same with rollout.decode_tensor=1: both kv heads on every chip."""
+  return _engine_programs(tmp_path_factory, decode_tensor=1)
 
 
 @needs_libtpu
-@pytest.mark.xfail(
-  strict=True,
-  reason="issue #20: the engines decode in the trainer's FSDP layout until the sampler's decode "
-  "layout lands (then this passes and the mark goes)",
-)
 def test_decode_loops_hold_no_weight_all_gather(fsdp_run):
   """Every engine the RL loop builds decodes without gathering weights inside its loop: the
-  all-gathers of one decode step move < 1% of the engine's weight bytes."""
+  all-gathers of one decode step move < 1% of the engine's weight bytes (the trainer's FSDP
+  layout gathered 31 per step, as many bytes as the weights)."""
   s, progs = fsdp_run
   decodes = [p for p in progs.values() if p.loop]
   assert {p.engine for p in decodes} == set(s.engines.unique()) == {"rollout", "synthesis", "eval"}
@@ -176,3 +189,46 @@ def test_decode_loops_hold_no_weight_all_gather(fsdp_run):
     weights = aot.device_bytes(aot.engine_params(s, s.engines.unique()[p.engine]))
     gathered = p.collectives.get("all-gather", aot.Collective("all-gather", 0, 0, 0)).bytes
     assert gathered < 0.01 * weights, (p.name, aot.human(gathered), aot.human(weights))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("run", ["fsdp_run", "two_heads_run"])
+def test_planner_within_15_percent_of_the_compiled_sampler_phases(run, request):
+  """tapo_jax.plan's weight sync, prefill and decode phases (the decode copy of the weights, the
+  KV cache, the window copies, a prefill) against the TPU compiler's buffers plus the arrays that
+  live beside each program; a phase compiles to several programs (windows): the largest."""
+  s, progs = request.getfixturevalue(run)
+  report = plan_lib.plan(s.cfg, device="v5p", chips=8)
+  compiled = {}
+  for p in progs.values():
+    assert not p.error, (p.name, p.error)
+    compiled[p.phase] = max(compiled.get(p.phase, 0), p.total)
+  phases = {"weight sync", "rollout prefill", "rollout decode", "synthesis prefill",
+            "synthesis decode"}  # fmt: skip
+  assert phases <= set(compiled) and phases <= set(report.phases)
+  ratios = {phase: report.total(phase) / compiled[phase] for phase in phases}
+  assert all(0.85 <= r <= 1.15 for r in ratios.values()), ratios
+
+
+@needs_libtpu
+def test_cli_prints_collectives_memory_and_the_decode_step_bound():
+  env = dict(os.environ, PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "tapo_jax.bench", "aot", "--config=configs/smoke.py",
+         "--topology=v5p:2x2x2"]  # fmt: skip
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  assert "topology v5p:2x2x2: 8 chips" in text and "decode layout data=4 x tensor=2" in text
+  for program in ("weight sync", "rollout prefill 16x64", "rollout decode window 112 /step",
+                  "pi_old 48x160", "update 3x16x160"):  # fmt: skip
+    assert f"\n  {program}" in text, program
+  assert "error" not in text
+  bounds = text[text.index("decode step lower bound") :].splitlines()[2:]
+  assert [line.split()[:2] for line in bounds] == [["rollout", "32"], ["rollout", "64"],
+                                                    ["rollout", "112"]]  # fmt: skip
+
+
+def test_without_libtpu_the_cli_says_what_to_install(monkeypatch, capsys):
+  monkeypatch.setattr(aot, "libtpu_missing", lambda: "libtpu is not installed: pip install x")
+  assert aot.main(["--config=configs/smoke.py"]) == 2
+  assert capsys.readouterr().err == "error: libtpu is not installed: pip install x\n"

@@ -11,14 +11,16 @@ programs are lowered against abstract inputs on a mesh of them (nothing is alloc
 never exist) and compiled by the TPU compiler; JAX's own platform stays CPU.
 
 Programs, built as the RL loop builds them (`train.engines.build_engines`, `train.step`):
-  weight sync       the trainer's params -> an engine's params (its layout and dtype)
+  weight sync       `Engines.sync`: the trainer's params -> the decode copy every engine shares
+                    (its layout, rollout.weight_dtype); none when the engines read the params
   <engine> prefill  one prefill call of the engine's largest bucket (`max_prefill_rows` prompts)
   <engine> decode   the engine's generate at window S (the cache length: where long rollouts spend
-                    their steps) and at the largest window below S (its window copy: the phase's
-                    peak memory); one per engine the loop builds (rollout, synthesis, eval)
+                    their steps) and at the largest window below S (its window copy); one per
+                    engine the loop builds (rollout, synthesis, eval); --windows=all: every window
   pi_old            the π_old pass over the step's R rows (the loop calls it outside the mesh)
   update            one jitted update: a minibatch of M micro-batches, scanned
-The synthesis engine is sized for a 512-token template, as the planner sizes it.
+The synthesis engine is sized for a 512-token template, as the planner sizes it. Pallas kernels
+(splash attention) are traced as on a TPU (`tpu_kernels`).
 
 Collectives, per chip (the partitioned HLO's shapes are one chip's):
   count     instructions of the kind; an async -start/-done pair counts once (the -start)
@@ -35,10 +37,11 @@ weight all-gather inside the decode loop runs once per generated token.
 Memory, per chip, from `compiled.memory_analysis()` (the TPU compiler's buffer assignment, with
 its tiled-layout padding): args, out, alias (outputs that reuse donated inputs), temp. A program's
 phase total = live + out - alias + temp, where live is every array on the chip when it starts,
-its arguments among them, from exact shapes and shardings: the train state, an engine's own
-weights, the decode state (it lives through a generate call's prefills), the step's batch beside
-π_old and all its minibatches beside an update. The planner's total of the same phase
-(`tapo_jax.plan`: <engine> prefill, <engine> decode, logprobs, update) is printed next to it.
+its arguments among them, from exact shapes and shardings: the train state; the decode copy of
+the weights (the loop keeps it through the step); the decode state (it lives through a generate
+call's prefills); the step's batch beside π_old and all its minibatches beside an update. The
+planner's total of the same phase (`tapo_jax.plan`: weight sync, <engine> prefill, <engine>
+decode, logprobs, update) is printed next to it.
 
 Decode step lower bound, per chip: HBM = (the engine's weights + the KV window of every slot) /
 HBM bandwidth; ICI = bytes received in one decode step / ICI bandwidth (public per-chip figures,
@@ -453,28 +456,26 @@ def setup(cfg, topology: str) -> Setup:
 
 
 def engine_params(s: Setup, engine):
-  """The params an engine's jitted calls take: its layout, its weight dtype (the trainer's dtype
-  where the engine has none of its own)."""
-  dtype = getattr(engine, "weight_dtype", None)
-  cast = lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh)  # noqa: E731
-  return jax.tree.map(cast, s.params, engine.param_shardings)
+  """The params an engine's jitted calls take: its decode copy (the engine's layout and weight
+  dtype, `QwenEngine.load_params`)."""
+  leaves = [
+    jax.ShapeDtypeStruct(x.shape, engine._weight_dtype(x.dtype), sharding=t)
+    for x, t in zip(jax.tree.leaves(s.params), jax.tree.leaves(engine.param_shardings))
+  ]
+  return jax.tree.unflatten(jax.tree.structure(engine.param_shardings), leaves)
 
 
-def shares_trainer_params(s: Setup, engine) -> bool:
-  """Whether the engine reads the trainer's own arrays (no copy): same layout and dtype, and the
-  loop does not copy them for a sampler that runs during the update (rollout.async_steps)."""
-  same = jax.tree.leaves(engine_params(s, engine)) == jax.tree.leaves(s.params)
-  return same and not s.cfg.rollout.async_steps
-
-
-def weight_sync(s: Setup, engine):
-  """The jitted trainer params -> engine params (the loop's `load_params` when it copies)."""
-  target = engine_params(s, engine)
-  shardings = jax.tree.map(lambda x: x.sharding, target)
-  dtypes = jax.tree.map(lambda x: x.dtype, target)
-  return jax.jit(
-    lambda p: jax.tree.map(lambda x, d: x.astype(d), p, dtypes), out_shardings=shardings
+def sampler_weight_bytes(s: Setup) -> int:
+  """Bytes per chip of the engines' weights beyond the trainer's params: the decode copy, which
+  every engine shares and the loop keeps through the step (0 when the engine reads the trainer's
+  arrays as they are: same layout and dtype, and no one-step-off copy)."""
+  engine = s.engines.rollout
+  target = jax.tree.leaves(engine_params(s, engine))
+  same = all(
+    x.dtype == t.dtype and x.sharding.is_equivalent_to(t.sharding, len(x.shape))
+    for x, t in zip(jax.tree.leaves(s.params), target)
   )
+  return 0 if same and not s.cfg.rollout.async_steps else device_bytes(target)
 
 
 @dataclasses.dataclass
@@ -549,30 +550,29 @@ def engine_programs(s: Setup, windows: str = "peak", only=None) -> dict[str, Pro
   from tapo_jax.sampling import driver
 
   steps = inspect.signature(driver.generate).parameters["steps_per_sync"].default
-  state_bytes = device_bytes(s.state)
+  state_bytes, weights = device_bytes(s.state), sampler_weight_bytes(s)
   out = {}
   for purpose, engine in s.engines.unique().items():
     if only is not None and purpose not in only:
       continue
     planned = purpose in ("rollout", "synthesis")
     params = engine_params(s, engine)
-    weights = 0 if shares_trainer_params(s, engine) else device_bytes(params)
     dstate = jax.eval_shape(engine._zero_state, jnp.zeros((2,), jnp.uint32))
     dstate = _abstract(dstate, engine.state_shardings)
     live = state_bytes + weights + device_bytes(dstate)
     bucket = engine.buckets[-1]
     rows = engine.max_prefill_rows(bucket)
-    rep = sharding.replicated(s.mesh)
+    rep = sharding.replicated(engine.mesh)
     tokens = jax.ShapeDtypeStruct((rows, bucket), jnp.int32, sharding=rep)
     lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rep)
-    with jax.set_mesh(s.mesh):
+    with jax.set_mesh(engine.mesh):
       compiled, secs = _timed_compile(engine._prefill_jit.lower, params, tokens, lengths)
     name = f"{purpose} prefill {rows}x{bucket}"
     phase = f"{purpose} prefill" if planned else None
     live_prefill = live + device_bytes((tokens, lengths))
     out[name] = Program(name, phase, compiled, secs, live_prefill, engine=purpose)
     for w in decode_windows(engine, windows):
-      with jax.set_mesh(s.mesh):
+      with jax.set_mesh(engine.mesh):
         compiled, secs = _timed_compile(
           engine._generate_jit.lower, params, dstate, sampling=_sampling(s), steps=steps, window=w
         )
@@ -619,7 +619,7 @@ def trainer_programs(s: Setup) -> dict[str, Program]:
   cfg = s.cfg
   loss_cfg = loss_lib.LossConfig.from_config(cfg)
   batch, minibatch = train_batch(s)
-  state_bytes = device_bytes(s.state)
+  state_bytes = device_bytes(s.state) + sampler_weight_bytes(s)  # the loop keeps its decode copy
   old = step_lib.make_old_logprobs(
     s.graphdef, cfg.loss.vocab_chunk, cfg.optim.micro_batch, loss_cfg.temperature
   )
@@ -645,16 +645,16 @@ def trainer_programs(s: Setup) -> dict[str, Program]:
 
 
 def sync_programs(s: Setup) -> dict[str, Program]:
-  """The weight sync of every engine that holds its own copy of the weights."""
-  out = {}
-  for purpose, engine in s.engines.unique().items():
-    if shares_trainer_params(s, engine):
-      continue
-    fn = weight_sync(s, engine)
-    compiled, secs = _timed_compile(fn.lower, s.params)
-    name = f"weight sync -> {purpose}"
-    out[name] = Program(name, None, compiled, secs, device_bytes(s.state), engine=purpose)
-  return out
+  """The weight sync (`Engines.sync`: the trainer's params -> the decode copy every engine
+  shares), when the engines hold a copy."""
+  if not sampler_weight_bytes(s):
+    return {}
+  engine = s.engines.rollout
+  copy = bool(s.cfg.rollout.async_steps)
+  with jax.set_mesh(engine.mesh):
+    compiled, secs = _timed_compile(engine._sync_jit.lower, jax.tree.leaves(s.params), copy=copy)
+  name = "weight sync"
+  return {name: Program(name, "weight sync", compiled, secs, device_bytes(s.state))}
 
 
 @contextlib.contextmanager
@@ -741,11 +741,14 @@ def step_bounds(s: Setup, progs: Mapping[str, Program]) -> list[StepBound]:
 def render(s: Setup, progs: Mapping[str, Program], report=None) -> str:
   """The three tables: collectives, memory next to the planner's phases, decode step bounds."""
   mesh = " ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
-  n = len(s.mesh.devices.flat)
+  n, dm = len(s.mesh.devices.flat), s.engines.rollout.mesh.shape
   lines = [
     f"topology {s.topology}: {n} chips ({s.mesh.devices.flat[0].device_kind}), mesh {mesh}",
     f"model    {s.source}, params {s.cfg.model.param_dtype}, compute {s.cfg.model.dtype}, "
     f"attention {s.cfg.model.attention_impl or 'xla'}",
+    f"engines  {', '.join(s.engines.unique())}: decode layout data={dm['data']} x "
+    f"tensor={dm['tensor']}, weights {s.cfg.rollout.weight_dtype}, decode copy "
+    f"{human(sampler_weight_bytes(s))} per chip",
     "",
     "collectives per chip (decode: one step, inside its while loop; the rest: the whole program)",
     f"  {'program':<34s} {'kind':<20s} {'count':>6s} {'bytes':>10s} {'received':>10s}",
