@@ -213,6 +213,7 @@ def test_planner_within_15_percent_of_the_compiled_sampler_phases(run, request):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_cli_prints_collectives_memory_and_the_decode_step_bound():
   env = dict(os.environ, PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "tapo_jax.bench", "aot", "--config=configs/smoke.py",
