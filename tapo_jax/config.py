@@ -10,7 +10,7 @@ import ml_collections
 
 ENUMS: dict[str, tuple[str, ...]] = {
   "mode": ("rl", "sft", "eval", "plan", "coldstart"),
-  "algorithm": ("grpo", "tapo"),
+  "algorithm": ("grpo", "tapo", "opsd"),
   "model.dtype": ("float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
   "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
@@ -21,6 +21,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "reward.extract": ("boxed", "answer_line"),
   "loss.rollout_is": ("off", "token-tis", "seq-mask"),
   "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+  "opsd.solution_source": ("group", "reference"),
 }
 
 
@@ -40,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan) |
   # coldstart (build the cold-start SFT set: tapo_jax.train.coldstart)
   c.mode = "rl"
-  c.algorithm = "tapo"  # grpo | tapo
+  c.algorithm = "tapo"  # grpo | tapo | opsd (on-policy self-distillation: tapo_jax/opsd)
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
   c.workdir = ""  # checkpoints, metrics.jsonl, TensorBoard events; --workdir overrides
   c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU slices)
@@ -151,6 +152,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.mask_truncated = False  # zero the loss of responses that hit max_new_tokens
   c.loss.overlong_penalty = 0.0  # soft penalty factor for long responses (0 = off)
   c.loss.overlong_buffer = 256  # tokens before max_new_tokens where the penalty ramps up
+
+  # algorithm=opsd (tapo_jax/opsd; choices and sources: docs/recipe.md "OPSD"): the policy, shown
+  # a privileged solution in its prompt and given no gradient, teaches itself without it, token by
+  # token over the full vocabulary on its own rollouts.
+  c.opsd = ml_collections.ConfigDict()
+  # group: a correct rollout of the row's group other than itself, else the problem's reference
+  # solution (a `solution` field), else the row is not distilled | reference: the reference only
+  # (the OPSD paper's teacher)
+  c.opsd.solution_source = "group"
+  # β of D = β KL(p_T || M) + (1-β) KL(p_S || M), M = β p_T + (1-β) p_S: 0 = forward KL(p_T || p_S),
+  # 1 = reverse KL(p_S || p_T); 0.5 = JSD (the OPSD scripts' --beta 0.5)
+  c.opsd.beta = 0.5
+  c.opsd.grpo_coef = 0.0  # weight of an added GRPO loss on the same rollouts (OPSD: none, 0)
+  # the teacher's user message, fields {problem} {solution}, then wrapped in data.prompt_template;
+  # "" = the built-in one (tapo_jax/opsd/teacher.py)
+  c.opsd.teacher_template = ""
+  c.opsd.max_solution_tokens = 0  # solution tokens the teacher sees (cut); 0 = rollout.max_new_tokens
+  # teacher row length (template + problem + solution + response); 0 = what those need, measured
+  # with the tokenizer at start-up
+  c.opsd.max_len = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6

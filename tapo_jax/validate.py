@@ -42,7 +42,7 @@ def validate(cfg, num_devices: int) -> None:
     sharding.mesh_shape(dict(cfg.mesh), num_devices)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
-  if cfg.mode in ("rl", "coldstart") and cfg.rollout.n < 2:
+  if cfg.mode in ("rl", "coldstart") and cfg.rollout.n < 2 and not _opsd_without_groups(cfg):
     raise ConfigError(f"config.rollout.n={cfg.rollout.n}: GRPO/TAPO need K >= 2 samples per query")
   if cfg.algorithm == "tapo" and cfg.tapo.construction == "divergence":
     if cfg.tapo.ref_baseline == "group":
@@ -85,6 +85,8 @@ def validate(cfg, num_devices: int) -> None:
     raise ConfigError(f"config.data.pass_rate_window={window}: expected (low, high) in [0, 1]")
   if cfg.mode == "coldstart":
     validate_coldstart(cfg)
+  if cfg.mode == "rl" and cfg.algorithm == "opsd":
+    validate_opsd(cfg)
   if cfg.mode == "sft":
     _check_file("sft.path", cfg.sft.path)
   if cfg.mode == "eval" or cfg.train.eval_every or cfg.train.eval_at_start:
@@ -107,6 +109,7 @@ FINITE = (
   "optim.lr", "optim.b1", "optim.b2", "optim.weight_decay", "optim.grad_clip",
   "loss.eps_low", "loss.eps_high", "loss.adv_eps", "loss.overlong_penalty",
   "tapo.lam", "tapo.ots_min", "tapo.ots_max", "rollout.temperature", "rollout.top_p",
+  "opsd.beta", "opsd.grpo_coef",
   "eval.temperature", "eval.top_p", "reward.timeout_s",
 )  # fmt: skip
 AT_LEAST_1 = (
@@ -202,6 +205,38 @@ def _check_template(template: str) -> None:
       f"config.data.prompt_template={template!r}: unknown field {{{bad[0]}}}; the only field is "
       "{problem} (write literal braces as {{ and }})"
     )
+
+
+def _opsd_without_groups(cfg) -> bool:
+  """OPSD from reference solutions alone, without a GRPO term, needs no group (K = 1 is the
+  paper's setting)."""
+  o = cfg.opsd
+  return cfg.algorithm == "opsd" and o.solution_source == "reference" and not o.grpo_coef
+
+
+def validate_opsd(cfg) -> None:
+  """The opsd.* keys (tapo_jax/opsd); the template overhead is checked with the tokenizer at
+  start-up (opsd.Distiller)."""
+  from tapo_jax.opsd import teacher
+
+  o = cfg.opsd
+  _in(cfg, "opsd.beta", 0, 1, why=": 0 forward KL, 1 reverse KL, 0.5 JSD")
+  _in(cfg, "opsd.grpo_coef", 0, math.inf)
+  for key in ("max_solution_tokens", "max_len"):
+    v = o[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ConfigError(f"config.opsd.{key}={v!r}: must be an integer >= 0 (0 = the default)")
+  need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+  if o.max_len and o.max_len < need:
+    raise ConfigError(
+      f"config.opsd.max_len={o.max_len}: a teacher row holds the problem and the response, so it "
+      f"must be >= data.max_prompt_tokens + rollout.max_new_tokens = {need} (0 sizes it)"
+    )
+  if o.teacher_template:
+    try:
+      teacher.template_fields(o.teacher_template)
+    except ValueError as e:
+      raise ConfigError(f"config.opsd.teacher_template={o.teacher_template!r}: {e}") from None
 
 
 def validate_coldstart(cfg) -> None:

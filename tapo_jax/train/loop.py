@@ -5,6 +5,10 @@
   constructions (same pool, same decoding) -> DAE + masks (prepare_batch) -> π_old ->
   minibatch updates -> metrics -> periodic eval (eval engine) -> checkpoint.
 
+algorithm=opsd replaces construct/advantages/loss with on-policy self-distillation: each rollout
+gets a teacher row (the policy shown a privileged solution) and the update minimizes a per-token
+divergence to it (`tapo_jax.opsd.Distiller`, called in stages 4-5).
+
 Rollouts come from `train.rollouts`: sampled at the start of the step, with dynamic sampling
 when configured, or one step ahead in a background thread (rollout.async_steps = 1).
 
@@ -34,6 +38,7 @@ from tapo_jax import distributed, export, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.data.prompts import check_prompt_lengths
+from tapo_jax.opsd import Distiller
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
@@ -96,6 +101,10 @@ def run(cfg, workdir: str) -> None:
     problems = problems_lib.filter_by_difficulty(
       cfg, engines.rollout, params, tokenizer, pool, problems, workdir
     )
+  distiller = None  # algorithm=opsd: on-policy self-distillation (tapo_jax/opsd)
+  if cfg.algorithm == "opsd":
+    distiller = Distiller(cfg, tokenizer, eos, problems)
+    print(distiller.describe(), file=sys.stderr)
   it = BatchIterator(problems, q, seed=cfg.seed, shuffle=cfg.data.shuffle)
 
   updates_per_step = cfg.optim.ppo_epochs * cfg.optim.minibatches
@@ -124,7 +133,7 @@ def run(cfg, workdir: str) -> None:
     train_step = step_lib.make_train_step(
       graphdef,
       optimizer,
-      functools.partial(loss_lib.tapo_loss, cfg=loss_cfg),
+      distiller.loss_fn() if distiller else functools.partial(loss_lib.tapo_loss, cfg=loss_cfg),
       ssh,
       max_update_ratio=cfg.optim.max_update_ratio,
     )
@@ -204,9 +213,14 @@ def run(cfg, workdir: str) -> None:
         batch_lib.pad_rows(batch, row_multiple), loss_cfg
       )
       train = sharding.to_host(train)
-      rows = sharding.put_global(train, sharding.batch_shardings(train, mesh))
-      old = old_logprobs(state.params, rows.tokens, rows.positions)
-      train = train.replace(old_logprobs=sharding.to_host(old))
+      if distiller:  # OPSD: each rollout's teacher row and distilled tokens
+        train, prep_metrics = distiller.add_teacher(
+          train, prep_metrics, originals, batch_problems, step
+        )
+      if distiller is None or distiller.needs_old_logprobs:
+        rows = sharding.put_global(train, sharding.batch_shardings(train, mesh))
+        old = old_logprobs(state.params, rows.tokens, rows.positions)
+        train = train.replace(old_logprobs=sharding.to_host(old))
       t_advantage = time.time()
 
       # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch.
@@ -239,7 +253,9 @@ def run(cfg, workdir: str) -> None:
           "time/step": time.time() - t0,
           "perf/rollout_tokens_per_s": r.stats["perf/rollout_tokens"]
           / max(r.stats["time/rollout"], 1e-9),
-          "perf/train_tokens_per_s": float(np.asarray(train.loss_mask).sum())
+          "perf/train_tokens_per_s": float(
+            np.asarray(train.distill_mask if distiller else train.loss_mask).sum()
+          )
           * cfg.optim.ppo_epochs
           / max(t_update - t_advantage, 1e-9),
         }

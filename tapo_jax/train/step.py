@@ -56,6 +56,8 @@ def minibatches(batch, key: jax.Array, n: int, micro_batch: int, mesh) -> list:
   for i in range(n):
     part = take(np.sort(order[i::n]))
     part = part.replace(loss_scale=part.loss_scale * n)
+    if hasattr(part, "distill_scale"):  # algorithm=opsd: its divergence term (tapo_jax/opsd)
+      part = part.replace(distill_scale=part.distill_scale * n)
     part = split_micro_batches(part, micro_batch)
     out.append(sharding.put_global(part, sharding.batch_shardings(part, mesh, row_axis=1)))
   return out
