@@ -168,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the teacher's user message, fields {problem} {solution}, then wrapped in data.prompt_template;
   # "" = the built-in one (tapo_jax/opsd/teacher.py)
   c.opsd.teacher_template = ""
-  c.opsd.max_solution_tokens = 0  # solution tokens the teacher sees (cut); 0 = rollout.max_new_tokens
+  c.opsd.max_solution_tokens = 0  # solution tokens shown (cut); 0 = rollout.max_new_tokens
   # teacher row length (template + problem + solution + response); 0 = what those need, measured
   # with the tokenizer at start-up
   c.opsd.max_len = 0
