@@ -11,8 +11,9 @@ run again (the study resumes after an interruption). The config must evaluate at
 the end (train.eval_at_start, train.eval_every); configs/tiny.py does.
 
 Variants (VARIANTS): grpo; tapo-policy (the paper's construction); tapo-divergence (rule-based,
-no generation); and ablations of tapo-policy: no OTS, joint normalization instead of DAE, full
-reconstruction (no anchored prefix), λ = 0.5.
+no generation); ablations of tapo-policy: no OTS, joint normalization instead of DAE, full
+reconstruction (no anchored prefix), λ = 0.5; and opsd (on-policy self-distillation, the paper's
+other baseline).
 
 Per variant, over seeds (mean ± std): held-out avg@k, greedy and pass@k after training (and
 before, the same for every variant), DSR / ERR, the share of DCS-eligible queries, the parse rate
@@ -44,6 +45,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
   "policy-joint": (*POLICY[:2], "tapo.ref_baseline=joint"),
   "policy-full-reconstruction": (*POLICY, "tapo.anchor=False"),
   "policy-lambda-0.5": (*POLICY, "tapo.lam=0.5"),
+  # the paper's other baseline: on-policy self-distillation (tapo_jax/opsd), same rollouts as GRPO
+  "opsd": ("algorithm=opsd",),
 }
 
 # (column, how to read it from a run's summary)
