@@ -4,6 +4,8 @@ held-out avg@4 and greedy accuracy before and after 20 steps, curves in WORKDIR/
 python -m tapo_jax.main --config=configs/tiny.py
 python -m tapo_jax.main --config=configs/tiny.py --config.tapo.construction=policy \
   --config.tapo.ref_baseline=group    # the paper's construction, by the policy (docs/toy.md)
+python -m tapo_jax.main --config=configs/tiny.py --config.algorithm=grpo   # the GRPO arm
+python -m tapo_jax.main --config=configs/tiny.py --config.algorithm=opsd   # the OPSD arm
 """
 
 from tapo_jax import config as base
@@ -28,6 +30,10 @@ def get_config():
   c.tapo.synthesis_template = teacher.SYNTHESIS_TEMPLATE  # the toy's short template (policy)
   c.tapo.synthesis_max_new_tokens = 320
   c.tapo.max_len = 384
+  # algorithm=opsd: the toy model never saw English; of the templates tried it predicts the gold
+  # solution best after this one (-0.39 nats/token vs the built-in's -1.21; the student without
+  # any solution: -0.03; docs/study.md)
+  c.opsd.teacher_template = "{solution}\n{problem}"
   c.loss.vocab_chunk = 128
   c.optim.lr = 3e-5
   c.optim.warmup_steps = 2

@@ -8,6 +8,8 @@ One panel per group of metrics that the run logged (a panel with no data is left
   loss              loss, loss/orig, loss/ref (RL) or nll (SFT)
   TAPO constructions  tapo/constructions_attempted, _parsed, _correct (per step)
   TAPO statistics   tapo/eligible_rate, tapo/anchored_fraction, tapo/adv_ref_mean
+  OPSD divergence   opsd/divergence, opsd/agreement, opsd/logprob_gap (algorithm=opsd)
+  OPSD rows         opsd/rows_from_group, _from_reference, _without_solution (per step)
 
 Runs longer than 30 steps show each series faintly with its moving average (window ~ steps/20)
 on top. The figure is drawn with matplotlib's Agg canvas (no display, no pyplot global state) and
@@ -34,6 +36,11 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"tapo/constructions_attempted", r"tapo/constructions_parsed", r"tapo/constructions_correct"),
   ),
   ("TAPO statistics", (r"tapo/eligible_rate", r"tapo/anchored_fraction", r"tapo/adv_ref_mean")),
+  ("OPSD divergence", (r"opsd/divergence", r"opsd/agreement", r"opsd/logprob_gap")),
+  (
+    "OPSD rows per step",
+    (r"opsd/rows_from_group", r"opsd/rows_from_reference", r"opsd/rows_without_solution"),
+  ),
 )
 SMOOTH_ABOVE = 30  # points; longer series get a moving average drawn over them
 

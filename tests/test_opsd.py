@@ -6,8 +6,10 @@ the student's own prompt, privileged-solution choice and teacher prompts, the co
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -418,22 +420,47 @@ def test_study_has_the_opsd_arm():
 # ------------------------------------------------------------------ the CLI on 8 fake devices
 
 
-def _run(workdir, steps, data):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  cmd = [
+def _cmd(workdir, data):
+  return [
     sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
     "--config.algorithm=opsd", f"--config.data.train_path={data}", "--config.opsd.grpo_coef=0.5",
     "--config.opsd.teacher_template={problem}|{solution}", "--config.mesh.fsdp=4",
     "--config.mesh.tensor=2", "--config.rollout.batch_queries=2", "--config.rollout.n=4",
     "--config.rollout.slots=8", "--config.rollout.max_new_tokens=40",
-    "--config.optim.micro_batch=4", "--config.optim.minibatches=2",
-    f"--config.train.steps={steps}", "--config.train.checkpoint_every=1",
+    "--config.optim.micro_batch=4", "--config.optim.minibatches=2", "--config.train.steps=2",
+    "--config.train.checkpoint_every=1",
   ]  # fmt: skip
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _run(workdir, data):
+  out = subprocess.run(
+    _cmd(workdir, data), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return out
+
+
+def _preempted_after_one_step(workdir, data):
+  """The same run, sent SIGTERM as soon as its loop started: it checkpoints step 1 and exits."""
+  proc = subprocess.Popen(
+    _cmd(workdir, data), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  deadline = time.time() + 900
+  while not (workdir / "metrics.jsonl").exists():  # written after the preemption guard is set
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() < deadline, "the run did not start in time"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0 and "checkpointed step 1" in err, err[-3000:]
 
 
 def _params(workdir, step):
@@ -453,11 +480,11 @@ def test_two_steps_on_eight_devices_and_exact_resume(tmp_path):
       row = {"id": f"t{i}", "problem": p.problem, "answer": p.answer}
       f.write(json.dumps(row | ({"solution": p.solution} if i % 2 else {})) + "\n")
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  out = _run(straight, 2, data)
+  out = _run(straight, data)
   assert "opsd: teacher rows of" in out.stderr
-  _run(resumed, 1, data)
-  out = _run(resumed, 2, data)
-  assert "resumed from" in out.stderr
+  _preempted_after_one_step(resumed, data)
+  out = _run(resumed, data)
+  assert "resumed from" in out.stderr and "at step 1" in out.stderr
   for a, b in zip(_params(straight, 2), _params(resumed, 2), strict=True):
     np.testing.assert_array_equal(a, b)
   rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
