@@ -17,8 +17,9 @@ other baseline).
 
 Per variant, over seeds (mean ± std): held-out avg@k, greedy and pass@k after training (and
 before, the same for every variant), DSR / ERR, the share of DCS-eligible queries, the parse rate
-and accuracy of constructions (per attempted construction), the anchored fraction, and the
-compute per step (median time per step, trained tokens per second of update). Written to
+and accuracy of constructions (per attempted construction), the anchored fraction,
+OPSD's divergence per token and teacher-student top-1 agreement (step means), and the compute
+per step (median time per step, trained tokens per second of update). Written to
 OUT/summary.json (every run's numbers), OUT/study.md (the table) and OUT/study.png (held-out
 accuracy vs step).
 """
@@ -62,6 +63,8 @@ COLUMNS = (
   "parse rate",
   "construction acc",
   "anchored fraction",
+  "opsd divergence",
+  "opsd agreement",
   "s / step",
   "train tok / s",
 )
@@ -123,6 +126,8 @@ def run_summary(workdir: str) -> dict | None:
     if attempted
     else None,
     "anchored fraction": _mean(per_step("tapo/anchored_fraction")),
+    "opsd divergence": _mean(per_step("opsd/divergence")),  # per distilled token, step mean
+    "opsd agreement": _mean(per_step("opsd/agreement")),  # teacher/student top-1 tokens equal
     "s / step": statistics.median(per_step("time/step")),
     "train tok / s": _mean(per_step("perf/train_tokens_per_s")),
     "curve": [(int(r["step"]), ev(r, "avg@")) for r in evals],

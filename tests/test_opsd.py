@@ -497,3 +497,19 @@ def test_two_steps_on_eight_devices_and_exact_resume(tmp_path):
     assert "loss/orig" in r  # the GRPO term (grpo_coef = 0.5) ran too
   assert any(r["update_norm"] > 0 for r in steps)
   assert any(r["opsd/rows_from_group"] > 0 or r["opsd/rows_from_reference"] > 0 for r in steps)
+
+
+def test_the_recipe_config_is_qwen7b_with_algorithm_opsd():
+  import importlib.util
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().to_dict()
+
+  tapo, opsd_cfg = load("qwen7b"), load("qwen7b_opsd")
+  assert opsd_cfg.pop("algorithm") == "opsd" and tapo.pop("algorithm") == "tapo"
+  assert opsd_cfg.pop("opsd")["beta"] == 0.5
+  tapo.pop("opsd")
+  assert opsd_cfg == tapo  # the same model, data, rollouts, optimizer, mesh and eval
