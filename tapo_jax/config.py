@@ -13,6 +13,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "algorithm": ("grpo", "tapo", "opsd"),
   "model.dtype": ("float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
+  "rollout.weight_dtype": ("bfloat16", "float32"),
   "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
   "model.toy": ("", "arith", "chain"),
   "tapo.construction": ("policy", "divergence"),
@@ -94,10 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 1: one-step-off overlap, the rollouts of step t+1 are sampled with step t's params while step
   # t updates (pair with loss.rollout_is); 0: sample, then update
   c.rollout.async_steps = 0
-  # > 0: the first N devices sample (on rollout.sampler_mesh) and the rest train (on mesh);
-  # 0: samplers and trainer share the one mesh
+  # > 0: the first N devices sample and the rest train (on mesh); 0: samplers and trainer share
+  # the devices. One process only (jax.distributed cannot copy between disjoint device sets).
   c.rollout.sampler_devices = 0
-  c.rollout.sampler_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # The samplers' decode layout (tapo_jax/sampling/engine.py): their devices as data x tensor,
+  # weights split over tensor and replicated over data, resharded from the trainer's once per
+  # step. 0 = the largest divisor of the kv heads that divides the devices and fits one host.
+  c.rollout.decode_tensor = 0
+  c.rollout.weight_dtype = "bfloat16"  # the samplers' weight copy: bfloat16 | float32
 
   c.reward = ml_collections.ConfigDict()
   c.reward.timeout_s = 5.0  # hard per-item kill in the verifier pool

@@ -7,6 +7,13 @@ turns a tuple of names into a `PartitionSpec` through RULES, and `constrain` app
 through optax's own map over the parameter-shaped parts of the state), the engines' decode state
 and the train batch (`batch_shardings`: rows over the data axes). No mesh axis name is used
 outside this module.
+
+The samplers have a layout of their own (DECODE_RULES on `decode_mesh`): a decode step reads every
+weight once per token, so FSDP's per-layer all-gathers would run on every token (on a pod, 13-64x
+the time of reading the weights). The decode mesh is (data, 1, tensor) over the same devices in
+the same order: weights split over `tensor` (at most the kv heads, inside one host) and replicated
+over `data`; the KV cache's slots split over data and its kv heads over tensor. The trainer's
+params reach it by one jitted reshard per RL step (`tapo_jax.train.engines`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "layers": None,
   "norm": None,
 }
+
+
+# The samplers' table: no FSDP (the decode mesh has fsdp = 1), rows over the replicas.
+DECODE_RULES = dict(RULES, batch="data", embed=None)
 
 
 def mesh_shape(dims: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -71,6 +82,31 @@ def make_mesh(dims: Mapping[str, int] | None = None, devices: Sequence | None = 
   except Exception:  # noqa: BLE001 - odd topologies (or CPU) fall back to a plain reshape
     arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, MESH_AXES)
+
+
+def decode_tensor(kv_heads: int, num_devices: int, per_host: int, requested: int = 0) -> int:
+  """The decode layout's tensor-parallel size: `requested`, or (0) the largest divisor of the kv
+  heads that divides the device count and fits inside one host (so the per-token all-reduces of
+  a tensor group stay on the host's ICI and every kv head lives on one chip)."""
+  if requested:
+    if kv_heads % requested or num_devices % requested:
+      raise ValueError(
+        f"rollout.decode_tensor={requested} must divide the kv heads ({kv_heads}) and the "
+        f"sampler's devices ({num_devices})"
+      )
+    return requested
+  return max(t for t in range(1, kv_heads + 1)
+             if kv_heads % t == 0 and num_devices % t == 0 and t <= max(per_host, 1))  # fmt: skip
+
+
+def decode_mesh(devices, tensor: int) -> Mesh:
+  """The samplers' (data, 1, tensor) mesh over `devices` (a mesh: its devices in its order, so a
+  jitted reshard from it needs no device reordering; tensor groups are runs of `tensor`
+  consecutive devices, the trainer's own tensor groups when it has them)."""
+  flat = np.asarray(devices.devices if isinstance(devices, Mesh) else devices).reshape(-1)
+  if flat.size % tensor:
+    raise ValueError(f"decode mesh: {flat.size} devices are not divisible by tensor={tensor}")
+  return Mesh(flat.reshape(flat.size // tensor, 1, tensor), MESH_AXES)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: Mapping = RULES) -> PartitionSpec:
@@ -110,9 +146,9 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
   return PartitionSpec(*out)
 
 
-def named_sharding(mesh: Mesh, names, shape) -> NamedSharding:
+def named_sharding(mesh: Mesh, names, shape, rules: Mapping = RULES) -> NamedSharding:
   """NamedSharding for an array of `shape` whose dims carry logical `names`."""
-  return NamedSharding(mesh, fit_spec(logical_to_spec(names), shape, mesh))
+  return NamedSharding(mesh, fit_spec(logical_to_spec(names, rules), shape, mesh))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -137,20 +173,23 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
+def tree_shardings(mesh: Mesh, axes_tree, shapes_tree, rules: Mapping = RULES):
   """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs) from the
   logical-axes tuple at the same place of `axes_tree` (a prefix of it: tuples are leaves)."""
   return jax.tree.map(
-    lambda axes, x: named_sharding(mesh, axes, x.shape), axes_tree, shapes_tree, is_leaf=_is_axes
+    lambda axes, x: named_sharding(mesh, axes, x.shape, rules),
+    axes_tree,
+    shapes_tree,
+    is_leaf=_is_axes,
   )
 
 
-def param_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
+def param_shardings(params: nnx.State, mesh: Mesh, rules: Mapping = RULES) -> nnx.State:
   """The params' tree (nnx.Variables kept) with each value replaced by its NamedSharding, from
   the `logical_axes` metadata every parameter is created with."""
   axes = jax.tree.map(lambda v: v.replace(v.get_metadata().get("logical_axes")), params,
                       is_leaf=_is_variable)  # fmt: skip
-  return tree_shardings(mesh, axes, params)
+  return tree_shardings(mesh, axes, params, rules)
 
 
 def opt_shardings(optimizer: optax.GradientTransformation, params, params_sharding, mesh: Mesh):

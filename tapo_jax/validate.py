@@ -9,6 +9,7 @@ prompt template's fields) and the cold-start builder's keys.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import string
@@ -101,6 +102,43 @@ def validate(cfg, num_devices: int) -> None:
     if bad:
       raise ConfigError(f"config.eval.pass_ks={tuple(cfg.eval.pass_ks)}: {bad} not in [1, eval.k]")
   validate_values(cfg)
+  validate_decode_layout(cfg, num_devices)
+
+
+def validate_decode_layout(cfg, num_devices: int) -> None:
+  """The samplers' decode layout (rollout.decode_tensor) and where their devices come from."""
+  t = cfg.rollout.decode_tensor
+  if not isinstance(t, int) or t < 0:
+    raise ConfigError(f"config.rollout.decode_tensor={t!r}: must be 0 (auto) or a positive int")
+  n = int(cfg.rollout.sampler_devices) or num_devices
+  if t and n % t:
+    raise ConfigError(
+      f"config.rollout.decode_tensor={t}: does not divide the samplers' {n} devices"
+    )
+  if t and cfg.mode != "plan":
+    from tapo_jax import toy
+
+    path = os.path.join(cfg.model.path or str(toy.checkpoint_dir(cfg.model.toy)), "config.json")
+    try:
+      with open(path, encoding="utf-8") as f:
+        kv = json.load(f).get("num_key_value_heads") or 0
+    except (OSError, ValueError):
+      kv = 0  # (an unreadable model config is reported where the model is loaded)
+    if kv and kv % t:
+      raise ConfigError(
+        f"config.rollout.decode_tensor={t}: does not divide the model's {kv} kv heads ({path})"
+      )
+  if cfg.distributed and cfg.rollout.async_steps:
+    # Disjoint sampler devices: JAX has no device-to-device copy between the device sets of
+    # several processes. Shared devices: the sampler's programs would be launched from a second
+    # thread, in an order against the trainer's that differs between processes (collectives of
+    # different programs would meet: a hang).
+    raise ConfigError(
+      f"config.rollout.async_steps={cfg.rollout.async_steps} with distributed=True "
+      f"(rollout.sampler_devices={cfg.rollout.sampler_devices}): one-step-off rollouts run in "
+      "one process only (a multi-process run cannot copy weights between disjoint device sets "
+      "nor launch the sampler's programs from a second thread); use rollout.async_steps=0"
+    )
 
 
 # --- value checks (finite hyper-parameters, counts, lengths, the prompt template) ----------------

@@ -1,6 +1,7 @@
 """The whole RL loop on an 8-device mesh vs one device, real CLI processes: every engine a run
-builds lives on the full training mesh, and the first step's rollouts and losses do not depend on
-how the mesh is cut. Both constructions, the difficulty filter and periodic eval are on."""
+builds decodes in the decode layout over all the devices, one weight sync per step, and the first
+step's rollouts and losses do not depend on how the mesh is cut. Both constructions, the
+difficulty filter and periodic eval are on."""
 
 import json
 import os
@@ -48,7 +49,8 @@ def _run(tmp_path, name, devices, construction, *mesh):
   assert out.returncode == 0, out.stderr[-3000:]
   metrics = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   rollouts = (workdir / "rollouts" / "step_1.jsonl").read_text().splitlines()
-  engines = re.findall(r"^engine (\w+): .*mesh (data=\d+ fsdp=\d+ tensor=\d+)", out.stderr, re.M)
+  layout = r"^engine (\w+): .*decode layout (data=\d+ x tensor=\d+)"
+  engines = re.findall(layout, out.stderr, re.M)
   return metrics, [json.loads(r) for r in rollouts], dict(engines)
 
 
@@ -60,8 +62,11 @@ def test_rl_loop_on_eight_devices_matches_one_device(tmp_path, construction):
                     "--config.mesh.tensor=2")  # fmt: skip
   want = {"rollout", "eval"} | ({"synthesis"} if construction == "policy" else set())
   assert set(e8) == set(e1) == want
-  assert set(e8.values()) == {"data=1 fsdp=4 tensor=2"}
-  assert set(e1.values()) == {"data=1 fsdp=1 tensor=1"}
+  # every engine decodes in the decode layout: the 8 devices as 4 replicas x 2 (the kv heads)
+  assert set(e8.values()) == {"data=4 x tensor=2"}
+  assert set(e1.values()) == {"data=1 x tensor=1"}
+  for m in (m1, m8):  # one decode copy per step (the eval's copy serves the next step)
+    assert [s["perf/weight_syncs"] for s in m if "loss" in s] == [1.0, 1.0]
   assert r8 == r1  # the first step's rollouts, rewards and constructions
   assert sum(not r["constructed"] for r in r1) == 8
   if construction == "divergence":

@@ -108,8 +108,9 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
   for a, b in zip(m1, m2, strict=True):
     for key in ("loss", "loss/orig", "loss/ref", "reward/accuracy"):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
-  for log in logs:  # every engine spans both processes' devices
-    assert "mesh data=1 fsdp=8 tensor=1" in log
+  for log in logs:  # every engine decodes over both processes' devices: 4 replicas x 2 kv heads
+    assert "decode layout data=4 x tensor=2" in log  # (tensor groups inside one process)
+  assert [m["perf/weight_syncs"] for m in m2] == [1.0, 1.0, 1.0]
 
   # kill -9 one process once checkpoint 2 exists: the other stops by itself, with the error
   procs = _start(killed, 2)

@@ -148,13 +148,16 @@ def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_p
   proc = _start(straight)
   assert proc.wait(timeout=900) == 0, pathlib.Path(f"{straight}.log").read_text()[-3000:]
   log = pathlib.Path(f"{straight}.log").read_text()
-  assert "engine rollout:" in log and "mesh data=1 fsdp=4 tensor=1" in log
+  # the 4 sampler devices in the decode layout (2 replicas x the 2 kv heads)
+  assert "engine rollout:" in log and "decode layout data=2 x tensor=2" in log
   metrics = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
   assert [m["rollout/staleness"] for m in metrics] == [0, 1, 1, 1]
+  assert all(m["perf/weight_syncs"] == 1 for m in metrics)
 
   # step 3's rollouts (0-based step 2) came from the params after 1 update (checkpoint 1),
   # sampled again here with the run's engine settings and seed
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from tapo_jax.data.prompts import format_prompts
@@ -175,7 +178,9 @@ def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_p
   ids = list(dict.fromkeys(r["query"] for r in originals))
   problems = [Problem(id=i, problem=toy[int(i.split("-")[1])].problem, answer="") for i in ids]
   prompts = format_prompts(problems, "{problem}", tok, True, 64)
-  engine = QwenEngine(model, slots=8, max_len=64 + 40, prefill_buckets=(32, 64))
+  engine = QwenEngine(  # the run's weight copy: bf16 (rollout.weight_dtype), here on one device
+    model, slots=8, max_len=64 + 40, prefill_buckets=(32, 64), weight_dtype=jnp.bfloat16
+  )
   eos = default_eos_ids(tok)
   settings = Sampling(1.0, 1.0, 0, tuple(eos))
   gen = generate(engine, params, prompts, settings, n=4, max_new_tokens=40, seed=2)  # step 2

@@ -188,9 +188,16 @@ def test_eight_device_mesh_matches_one_device(model, greedy_refs):
   mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   assert mesh.devices.size == 8
   sharded = QwenEngine(model, slots=4, max_len=32, prefill_buckets=BUCKETS, mesh=mesh)
-  spec = jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
+  # the decode layout: the same 8 devices in the same order as data x tensor (2 = the kv heads)
+  assert dict(sharded.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert list(sharded.mesh.devices.flat) == list(mesh.devices.flat)
+  spec = jax.sharding.PartitionSpec("data", "tensor", None, None)  # slots, kv heads
   cache = sharded.state_shardings.cache
   assert [x.spec for x in cache.k + cache.v] == [spec] * 4
+  weights = jax.tree.leaves(sharded.param_shardings)
+  assert all("fsdp" not in str(s.spec) and "data" not in str(s.spec) for s in weights)
+  q = sharded.param_shardings["layers"][0]["self_attn"]["q_proj"].get_value().spec
+  assert q == jax.sharding.PartitionSpec(None, "tensor", None)  # [D, N, H]: heads split
   g = run(sharded, sharded.load_params(model), n=2, temperature=0.0)
   assert g.completions == [ref for ref in greedy_refs for _ in range(2)]
 
@@ -200,7 +207,8 @@ def test_engine_mesh_defaults_to_the_params_mesh(model):
   params = nnx.state(model, nnx.Param)
   placed = QwenEngine(model, slots=2, max_len=32, prefill_buckets=BUCKETS, mesh=mesh)
   on_mesh = nnx.merge(nnx.graphdef(model), placed.load_params(params))
-  assert QwenEngine(on_mesh, slots=2, max_len=32, prefill_buckets=BUCKETS).mesh == mesh
+  engine = QwenEngine(on_mesh, slots=2, max_len=32, prefill_buckets=BUCKETS)
+  assert list(engine.mesh.devices.flat) == list(mesh.devices.flat)
   one = QwenEngine(model, slots=2, max_len=32, prefill_buckets=BUCKETS)
   assert one.mesh.devices.size == 1
 

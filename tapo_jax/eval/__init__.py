@@ -1,9 +1,8 @@
 """Evaluation: pure metrics (avg@k, pass@k, maj@k, DSR/ERR) and the sample-grade-summarize loop."""
 
+from tapo_jax.data.text import decode_responses, default_eos_ids
 from tapo_jax.eval.evaluate import (
   compute_pass_rates,
-  decode_responses,
-  default_eos_ids,
   describe_change,
   eval_kwargs,
   evaluate,

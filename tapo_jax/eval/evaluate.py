@@ -16,22 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tapo_jax.data.datasets import Problem, load_problems
-from tapo_jax.data.prompts import DEFAULT_TEMPLATE, format_prompts
+from tapo_jax.data.prompts import DEFAULT_TEMPLATE
+from tapo_jax.data.text import default_eos_ids
 from tapo_jax.eval.metrics import Equiv, ProblemResult, summarize
 
 GradeFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]  # (responses, golds) -> scores
 ExtractFn = Callable[[str], "str | None"]
-
-# Qwen end-of-turn / end-of-text tokens, stop tokens by default when the vocabulary has them.
-_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
-
-
-def default_eos_ids(tokenizer: Any) -> list[int]:
-  """The tokenizer's EOS id plus Qwen's <|im_end|> / <|endoftext|> when present."""
-  ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-  vocab = tokenizer.get_vocab()
-  ids += [vocab[t] for t in _QWEN_STOPS if t in vocab and vocab[t] not in ids]
-  return ids
 
 
 def verifier_equiv(a: str, b: str) -> bool:
@@ -39,19 +29,6 @@ def verifier_equiv(a: str, b: str) -> bool:
   from tapo_jax.rewards import grade
 
   return grade(f"\\boxed{{{a}}}", b) > 0.5
-
-
-def decode_responses(tokenizer: Any, responses: Sequence[Sequence[int]], eos_ids) -> list[str]:
-  """Response texts as the verifier reads them: trailing EOS ids removed, special tokens
-  skipped. Originals, constructions and eval samples are all decoded by this one function."""
-  eos = set(eos_ids)
-  texts = []
-  for ids in responses:
-    ids = list(ids)
-    while ids and ids[-1] in eos:
-      ids.pop()
-    texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-  return texts
 
 
 def sample_and_grade(
@@ -74,32 +51,25 @@ def sample_and_grade(
   seed: int = 0,
   extract: str = "boxed",
 ) -> list[ProblemResult]:
-  """k graded samples for each problem."""
-  from tapo_jax.sampling import Sampling
+  """k graded samples for each problem (the one sample-and-grade stage, tapo_jax.sampling.stage)."""
+  from tapo_jax.sampling import Sampling, stage
 
-  if generate_fn is None:
-    from tapo_jax.sampling import generate as generate_fn
   if extract_fn is None:
     from tapo_jax.rewards import extract_answer
 
     extract_fn = functools.partial(extract_answer, extract=extract)
   eos = list(default_eos_ids(tokenizer) if eos_token_ids is None else eos_token_ids)
-  prompts = format_prompts(problems, template, tokenizer, use_chat_template)
   sampling = Sampling(float(temperature), float(top_p), int(top_k), tuple(eos))
-  out = generate_fn(
-    engine, params, prompts, sampling, n=k, max_new_tokens=max_new_tokens, seed=seed
-  )
-  completions = [list(c) for c in out.completions]
-  if len(completions) != k * len(problems):
-    raise ValueError(f"generate returned {len(completions)} completions, want {k * len(problems)}")
-  truncated = getattr(out, "truncated", None)
+  graded = stage.sample_and_grade(
+    engine, params, problems, sampling, tokenizer=tokenizer, grade_fn=grade_fn, n=k,
+    max_new_tokens=max_new_tokens, seed=seed, template=template,
+    use_chat_template=use_chat_template, generate_fn=generate_fn or stage.generate,
+  )  # fmt: skip
+  completions = [list(c) for c in graded.generation.completions]
+  truncated = getattr(graded.generation, "truncated", None)
   if truncated is None:
     truncated = [len(c) >= max_new_tokens and not (c and c[-1] in eos) for c in completions]
-  texts = decode_responses(tokenizer, completions, eos)
-  golds = [p.answer for p in problems for _ in range(k)]
-  scores = list(grade_fn(texts, golds))
-  if len(scores) != len(texts):
-    raise ValueError(f"grade_fn returned {len(scores)} scores for {len(texts)} responses")
+  texts, scores = graded.texts, graded.rewards
   results = []
   for i, p in enumerate(problems):
     s = slice(i * k, (i + 1) * k)

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from tapo_jax import eval as eval_lib
 from tapo_jax.data.prompts import format_prompt
+from tapo_jax.data.text import decode_responses
 
 # The OPSD paper's teacher context (its data collator) in our words: the problem, a reference
 # solution, then the instruction to reason it out anew; data.prompt_template adds the format line.
@@ -99,7 +99,7 @@ class TeacherPrompts:
 
   def _text(self, ids: Sequence[int], n: int) -> str:
     """The text of the first `n` of `ids` (a partial character at the cut is dropped)."""
-    text = eval_lib.decode_responses(self.tokenizer, [list(ids)[: max(n, 0)]], self.eos)[0]
+    text = decode_responses(self.tokenizer, [list(ids)[: max(n, 0)]], self.eos)[0]
     return text.rstrip("\ufffd")
 
   def build(

@@ -8,8 +8,21 @@ A slot holds one sequence. Prefill writes the KV of a prompt's tokens; the last 
 fed again by the first generate step (which samples the first new token), so a prefill samples
 nothing and one prefix serves all n samples of a prompt. Params are an explicit argument of every
 jitted call, so new weights need no recompile; the decode state is donated. An engine is built
-once per purpose (rollouts, synthesis, eval) on the mesh of the params it will be given, and
-`traces` counts the traces of its jitted functions (a retrace is a recompile).
+once per purpose (rollouts, synthesis, eval) over a set of devices, and `traces` counts the
+traces of its jitted functions (a retrace is a recompile).
+
+Decode layout: an engine does not decode with the trainer's FSDP layout (on a pod that layout
+all-gathers every weight on every token). It lays its devices out as (data, 1, tensor)
+(`sharding.decode_mesh`, tensor <= kv heads, inside one host) and keeps its own copy of the
+weights in `weight_dtype`, split over tensor and replicated over data; the KV cache's slots are
+split over data and its kv heads over tensor. `load_params` makes that copy on device: one
+jitted cast + reshard from the trainer's layout when both use the same devices, or (disjoint
+sampler devices, one process) a reshard on the source devices into shards equal to the
+target's, then device-to-device copies of whole shards; never through host memory.
+
+Decode windows: a chunk of generate steps attends over the first W cache positions, W the
+smallest window holding the longest live slot; windows double from the smallest prefill bucket
+to the cache length, so attention reads at most 2x the live KV.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from tapo_jax import sharding
 from tapo_jax.models.kv_cache import CACHE_AXES, KVCache
@@ -92,6 +106,8 @@ class QwenEngine(engine_api.Engine):
     windowed: bool = True,
     cache_dtype: Any = None,
     tokenizer_path: str = "",
+    weight_dtype: Any = None,
+    tensor: int = 0,
   ):
     if slots < 1 or max_len < 2:
       raise ValueError(f"need slots >= 1 and max_len >= 2, got {slots}, {max_len}")
@@ -100,27 +116,34 @@ class QwenEngine(engine_api.Engine):
     self.buckets = tuple(sorted({min(int(b), self.max_len) for b in prefill_buckets}))
     if not self.buckets or self.buckets[0] < 1:
       raise ValueError(f"prefill_buckets must be positive, got {prefill_buckets}")
-    # decode windows: the buckets above the smallest, and the whole cache
-    self.windows = (
-      tuple(sorted({b for b in self.buckets if b >= 16} | {self.max_len}))
-      if windowed
-      else (self.max_len,)
-    )
+    self.windows = decode_windows(self.buckets, self.max_len) if windowed else (self.max_len,)
     self.graphdef, params, self._rest = nnx.split(model, nnx.Param, ...)
-    self._mesh = mesh if mesh is not None else sharding.mesh_of(params)
+    devices = mesh if mesh is not None else sharding.mesh_of(params)
+    flat = list(np.asarray(devices.devices).flat)
+    per_host = sum(d.process_index == flat[0].process_index for d in flat)
+    t = sharding.decode_tensor(self.cfg.num_key_value_heads, len(flat), per_host, tensor)
+    self._mesh = sharding.decode_mesh(devices, t)
+    self.weight_dtype = None if weight_dtype is None else jnp.dtype(weight_dtype)
     self.sampling = sampling
     self.prefill_batch, self.prefill_tokens = int(prefill_batch), int(prefill_tokens)
     self.cache_dtype = cache_dtype or model.dtype
     self.tokenizer_path = tokenizer_path
     self.traces: collections.Counter = collections.Counter()  # jitted function -> traces
-    self.param_shardings = sharding.param_shardings(params, self._mesh)
+    self.syncs = 0  # decode copies made by load_params (reshards, not no-ops)
+    rules = sharding.DECODE_RULES
+    self.param_shardings = sharding.param_shardings(params, self._mesh, rules)
     self._param_tree = jax.tree.structure(params)
+    self._targets = jax.tree.leaves(self.param_shardings)
+    self._dtypes = [self._weight_dtype(x.dtype) for x in jax.tree.leaves(params)]
     self.state_shardings = sharding.tree_shardings(
       self._mesh,
       _state_axes(self.cfg.num_hidden_layers),
       jax.eval_shape(self._zero_state, jnp.zeros((2,), jnp.uint32)),
+      rules,
     )
     rep = sharding.replicated(self._mesh)
+    self._staging_jits: dict = {}  # source devices -> (staging mesh, jitted cast)
+    self._sync_jit = jax.jit(self._cast_fn, static_argnames="copy", out_shardings=self._targets)
     self._init_jit = jax.jit(self._zero_state, out_shardings=self.state_shardings)
     self._prefill_jit = jax.jit(self._prefill_fn)
     self._insert_jit = jax.jit(
@@ -134,6 +157,18 @@ class QwenEngine(engine_api.Engine):
     )
 
   # ---- traced bodies -------------------------------------------------------------------------
+
+  def _weight_dtype(self, dtype):
+    """The decode copy's dtype of a parameter stored in `dtype` (floats only)."""
+    if self.weight_dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      return jnp.dtype(dtype)
+    return self.weight_dtype
+
+  def _cast_fn(self, leaves, copy: bool):
+    self.traces["sync"] += 1
+    out = [x.astype(d) for x, d in zip(leaves, self._dtypes)]
+    # an unchanged output would be the input buffer itself, which the trainer may donate
+    return [jnp.array(y, copy=True) if copy and y is x else y for x, y in zip(leaves, out)]
 
   def _model(self, params) -> Qwen:
     return nnx.merge(self.graphdef, params, self._rest)
@@ -154,7 +189,7 @@ class QwenEngine(engine_api.Engine):
     self.traces["prefill"] += 1
     p, t = tokens_PT.shape
     cache = KVCache.zeros(self.cfg, p, t, self.cache_dtype)
-    kv = sharding.named_sharding(self._mesh, CACHE_AXES, cache.k[0].shape)
+    kv = sharding.named_sharding(self._mesh, CACHE_AXES, cache.k[0].shape, sharding.DECODE_RULES)
     cache = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv), cache)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (p, t))
     _, cache = self._model(params).decode(tokens_PT, positions, cache)  # logits are dead code
@@ -281,17 +316,55 @@ class QwenEngine(engine_api.Engine):
   # ---- Engine API ----------------------------------------------------------------------------
 
   def load_params(self, params, *args, copy: bool = False, **kwargs):
-    """Params (an nnx.State of nnx.Param, or a Qwen module) placed with the engine's shardings
-    (no copy when they already are, e.g. the trainer's params on the same mesh, unless `copy`:
-    a sampler that runs while the trainer donates its params needs its own)."""
+    """Params (an nnx.State of nnx.Param, or a Qwen module) as the engine's decode copy: in
+    `weight_dtype`, with the engine's shardings. Params already so placed are returned as they
+    are, unless `copy` (a sampler that runs while the trainer donates its params needs its own).
+
+    From arrays on the engine's devices (the trainer's, in any layout), one jitted cast +
+    reshard; from another device set in this process (one-step-off's disjoint sampler devices),
+    a reshard on the source devices into shards equal to the target's, then whole-shard
+    device-to-device copies; host arrays are placed as usual. Never through host memory."""
     if isinstance(params, nnx.Module):
       params = nnx.state(params, nnx.Param)
     # rebuilt in the engine's own tree structure: any metadata difference would retrace
     leaves = jax.tree.leaves(params)
     if len(leaves) != self._param_tree.num_leaves:
       raise ValueError(f"params have {len(leaves)} arrays, the model {self._param_tree.num_leaves}")
-    placed = jax.device_put(leaves, jax.tree.leaves(self.param_shardings), may_alias=not copy)
-    return jax.tree.unflatten(self._param_tree, placed)
+    placed = all(
+      isinstance(x, jax.Array) and x.dtype == d and x.sharding.is_equivalent_to(s, x.ndim)
+      for x, s, d in zip(leaves, self._targets, self._dtypes)
+    )
+    if placed and not copy:
+      return jax.tree.unflatten(self._param_tree, leaves)
+    self.syncs += 1
+    source = _device_order(leaves[0])
+    if source == list(self._mesh.devices.flat) and all(_device_order(x) == source for x in leaves):
+      with jax.set_mesh(self._mesh):
+        out = self._sync_jit(leaves, copy=copy)
+    elif source is not None and len(source) % self._mesh.shape["tensor"] == 0:
+      out = self._copy_across(leaves, source)
+    else:
+      out = jax.device_put(leaves, self._targets)
+      with jax.set_mesh(self._mesh):
+        out = self._sync_jit(out, copy=False)
+    return jax.tree.unflatten(self._param_tree, out)
+
+  def _copy_across(self, leaves, source):
+    """Params on other devices (of this process) -> the decode copy: cast and reshard on the
+    source devices into a (data', 1, tensor) layout whose shards are the target's, then copy
+    whole shards device to device (jax.device_put finds each target shard among the source's)."""
+    staging = sharding.decode_mesh(source, self._mesh.shape["tensor"])
+    key = tuple(d.id for d in source)
+    if key not in self._staging_jits:
+      targets = [NamedSharding(staging, s.spec) for s in self._targets]
+      self._staging_jits[key] = (
+        staging,
+        jax.jit(self._cast_fn, static_argnames="copy", out_shardings=targets),
+      )
+    staging, stage = self._staging_jits[key]
+    with jax.set_mesh(staging):
+      staged = stage(leaves, copy=False)
+    return jax.device_put(staged, self._targets)
 
   def init_decode_state(self, seed: int = 0, *args, **kwargs) -> DecodeState:
     with jax.set_mesh(self._mesh):
@@ -324,11 +397,14 @@ class QwenEngine(engine_api.Engine):
   def get_prefix_destination_sharding(self) -> Prefix:
     t = self.buckets[-1]
     shape = (1, self.cfg.num_key_value_heads, t, self.cfg.head_dim)
-    kv = (sharding.named_sharding(self._mesh, CACHE_AXES, shape),) * self.cfg.num_hidden_layers
+    rules = sharding.DECODE_RULES
+    kv = (
+      sharding.named_sharding(self._mesh, CACHE_AXES, shape, rules),
+    ) * self.cfg.num_hidden_layers
     return Prefix(
       cache=KVCache(k=kv, v=kv),
-      tokens=sharding.named_sharding(self._mesh, ("batch", "seq"), (1, t)),
-      lengths=sharding.named_sharding(self._mesh, ("batch",), (1,)),
+      tokens=sharding.named_sharding(self._mesh, ("batch", "seq"), (1, t), rules),
+      lengths=sharding.named_sharding(self._mesh, ("batch",), (1,), rules),
     )
 
   def get_tokenizer(self):
@@ -361,10 +437,12 @@ class QwenEngine(engine_api.Engine):
 
   def describe(self) -> str:
     """One line for logs: slots, cache length, buckets, mesh, KV cache size."""
-    mesh = " ".join(f"{k}={v}" for k, v in self._mesh.shape.items())
+    dtype = "as stored" if self.weight_dtype is None else self.weight_dtype.name
     return (
-      f"{self.slots} slots x {self.max_len} tokens, prefill buckets {self.buckets}, "
-      f"mesh {mesh}, KV cache {self.cache_bytes / 2**20:.1f} MiB"
+      f"{self.slots} slots x {self.max_len} tokens, prefill buckets {self.buckets}, decode "
+      f"windows {self.windows}, decode layout data={self._mesh.shape['data']} x "
+      f"tensor={self._mesh.shape['tensor']}, weights {dtype}, "
+      f"KV cache {self.cache_bytes / 2**20:.1f} MiB"
     )
 
   @functools.cached_property
@@ -373,6 +451,26 @@ class QwenEngine(engine_api.Engine):
     c = self.cfg
     per = c.num_hidden_layers * self.slots * self.max_len * c.num_key_value_heads * c.head_dim
     return 2 * per * jnp.dtype(self.cache_dtype).itemsize
+
+
+def decode_windows(buckets: tuple[int, ...], max_len: int) -> tuple[int, ...]:
+  """Decode windows: doubling from the smallest bucket (at least 16) to the cache length."""
+  w = min(max_len, max(16, buckets[0]))
+  out = []
+  while w < max_len:
+    out.append(w)
+    w *= 2
+  return (*out, max_len)
+
+
+def _device_order(x) -> list | None:
+  """The devices of array `x` in its sharding's order (None for host data)."""
+  if not isinstance(x, jax.Array):
+    return None
+  s = x.sharding
+  if isinstance(s, NamedSharding):
+    return list(s.mesh.devices.flat)
+  return list(s._device_assignment)
 
 
 def param_bytes(params) -> int:

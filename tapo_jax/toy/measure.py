@@ -48,7 +48,7 @@ def load(model_dir: str):
   """(model, tokenizer, eos ids) of a local HF directory."""
   import transformers
 
-  from tapo_jax.eval.evaluate import default_eos_ids
+  from tapo_jax.data.text import default_eos_ids
   from tapo_jax.models import load_pretrained
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -37,19 +37,17 @@ import time
 import jax
 import numpy as np
 import tqdm
-from flax import nnx
 
-from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
-from tapo_jax import sampling
 from tapo_jax.data import Problem
-from tapo_jax.data.prompts import format_prompts, render
+from tapo_jax.data import text as text_lib
+from tapo_jax.data.prompts import render
+from tapo_jax.sampling import stage
 from tapo_jax.tapo import dcs, synthesis
 from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import teachers
-from tapo_jax.train.rollouts import grade
 from tapo_jax.train.teachers import TeacherError  # noqa: F401 (main catches it from here)
 
 COUNTERS = (
@@ -198,7 +196,7 @@ def judge(tokenizer, pool, eos, outputs, negatives, golds, min_anchor):
     fracs.append(n / max(len(negative), 1))
     todo.append(i)  # graded as RL grades a construction: y⁻'s tokens, then the rest re-tokenized
     ids.append(list(negative[:n]) + list(tokenizer.encode(rest, add_special_tokens=False)))
-  rewards = grade(pool.grade, tokenizer, ids, [golds[i] for i in todo], eos) if ids else []
+  rewards = stage.grade(pool.grade, tokenizer, ids, [golds[i] for i in todo], eos) if ids else []
   kept = [None] * len(outputs)
   for i, r in zip(todo, rewards, strict=True):
     if r > 0.5:
@@ -263,9 +261,9 @@ def run(cfg, workdir: str) -> dict:
   t0 = time.time()
   if start < stop and not (reached("constructions") and reached("solutions")):
     mesh, model, tokenizer = state_lib.load_policy(cfg)
-    eos = eval_lib.default_eos_ids(tokenizer)
-    params = nnx.state(model, nnx.Param)
+    eos = text_lib.default_eos_ids(tokenizer)
     engine = engines_lib.rollout_engine(cfg, model, mesh)
+    params = engine.load_params(model)  # the decode copy, made once
     roll = engines_lib.rollout_sampling(cfg, eos)
     teacher = teachers.make_teacher(cfg, template, mesh, model, tokenizer)
     pool = rewards_lib.VerifierPool(
@@ -279,21 +277,16 @@ def run(cfg, workdir: str) -> dict:
           break
         seed = cfg.seed * 1_000_003 + chunk
         batch = chunk_of(problems, cs.chunk_problems, cfg.seed, cfg.data.shuffle, chunk)
-        golds = [p.answer for p in batch]
-        prompts = format_prompts(
-          batch, cfg.data.prompt_template, tokenizer, cfg.data.use_chat_template,
-          cfg.data.max_prompt_tokens,
-        )  # fmt: skip
 
         # 1. Rollouts: K samples per problem from the policy, graded by the verifier pool.
-        gen = sampling.generate(
-          engine, params, prompts, roll, n=k, max_new_tokens=cfg.rollout.max_new_tokens, seed=seed
-        )
-        rewards = grade(
-          pool.grade, tokenizer, gen.completions, [g for g in golds for _ in range(k)], eos
-        )
+        graded = stage.sample_and_grade(
+          engine, params, batch, roll, tokenizer=tokenizer, grade_fn=pool.grade, n=k,
+          max_new_tokens=cfg.rollout.max_new_tokens, seed=seed,
+          template=cfg.data.prompt_template, use_chat_template=cfg.data.use_chat_template,
+          max_prompt_tokens=cfg.data.max_prompt_tokens,
+        )  # fmt: skip
+        gen, rewards, texts = graded.generation, graded.rewards, graded.texts
         responses = [body(ids, eos) for ids in gen.completions]
-        texts = eval_lib.decode_responses(tokenizer, responses, eos)
 
         # 2. DCS over the [Q, K] grid of verdicts (the rule construct.select applies to a packed
         #    batch, which needs no token arrays here): (y⁻, y⁺) pairs of the mixed groups as rows.
@@ -313,7 +306,7 @@ def run(cfg, workdir: str) -> dict:
         outputs = teacher.write(synth, seed=seed + 7919) if synth else []
         kept, stats, fracs = judge(
           tokenizer, pool, eos, outputs, [responses[i] for i, _ in asked],
-          [golds[i // k] for i, _ in asked], cfg.tapo.min_anchor,
+          [batch[i // k].answer for i, _ in asked], cfg.tapo.min_anchor,
         )  # fmt: skip
 
         # 4. Commit: the rows appended and synced, then the counters and the progress file.

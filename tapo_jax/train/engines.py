@@ -1,6 +1,11 @@
-"""The samplers of a run: one engine per purpose, sized from the config, built once on the
-training mesh by the mode that runs (each compiles on first use and then takes new params at
-every call without recompiling)."""
+"""The samplers of a run: one engine per purpose, sized from the config, built once over the
+samplers' devices by the mode that runs (each compiles on first use and then takes new params at
+every call without recompiling).
+
+Every engine decodes in the decode layout (tapo_jax/sampling/engine.py): the same devices as
+(data, 1, tensor), tensor = rollout.decode_tensor (0: the largest divisor of the kv heads inside
+one host), weights in rollout.weight_dtype. All engines of a run share that layout, so one weight
+sync per RL step (`Engines.sync`) serves them all."""
 
 from __future__ import annotations
 
@@ -19,6 +24,16 @@ class Engines:
   synthesis: QwenEngine | None  # tapo.construction = policy: the policy writes constructions
   eval: QwenEngine | None  # periodic / mode=eval evaluation
 
+  def sync(self, params, *, copy: bool = False):
+    """The trainer's params -> the samplers' decode copy (one on-device reshard; `copy`: a new
+    buffer even where nothing changes, for a sampler that runs while the trainer donates)."""
+    return self.rollout.load_params(params, copy=copy)
+
+  @property
+  def syncs(self) -> int:
+    """Decode copies made so far (every engine of a run shares the rollout engine's)."""
+    return sum(e.syncs for e in self.unique().values())
+
   def unique(self) -> dict[str, QwenEngine]:
     """{purpose: engine} of the engines built (an engine serving two purposes is listed once)."""
     out: dict[str, QwenEngine] = {}
@@ -27,6 +42,11 @@ class Engines:
       if engine is not None and all(engine is not e for e in out.values()):
         out[name] = engine
     return out
+
+
+def decode_layout(cfg) -> dict:
+  """The engines' decode layout keys: weight dtype and tensor-parallel size."""
+  return dict(weight_dtype=cfg.rollout.weight_dtype, tensor=int(cfg.rollout.decode_tensor))
 
 
 def eval_engine(cfg, model, mesh) -> QwenEngine:
@@ -38,6 +58,7 @@ def eval_engine(cfg, model, mesh) -> QwenEngine:
     max_len=buckets[-1] + cfg.eval.max_new_tokens,
     prefill_buckets=buckets,
     mesh=mesh,
+    **decode_layout(cfg),
   )
 
 
@@ -50,6 +71,7 @@ def rollout_engine(cfg, model, mesh) -> QwenEngine:
     max_len=buckets[-1] + cfg.rollout.max_new_tokens,
     prefill_buckets=buckets,
     mesh=mesh,
+    **decode_layout(cfg),
   )
 
 
@@ -64,6 +86,7 @@ def synthesis_engine(cfg, model, mesh, literal_tokens: int) -> QwenEngine:
     max_len=buckets[-1] + config.synthesis_max_new_tokens(cfg),
     prefill_buckets=buckets,
     mesh=mesh,
+    **decode_layout(cfg),
   )
 
 

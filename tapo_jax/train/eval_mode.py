@@ -9,8 +9,6 @@ import json
 import os
 import sys
 
-from flax import nnx
-
 from tapo_jax import distributed
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
@@ -31,7 +29,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
   )
   with pool:
     summary = eval_lib.evaluate_sets(
-      engine, nnx.state(model, nnx.Param), tokenizer, sets,
+      engine, engine.load_params(model), tokenizer, sets,
       out_dir=os.path.join(workdir, "eval") if distributed.is_main() else None,
       grade_fn=distributed.divided(pool.grade), **eval_lib.eval_kwargs(cfg),
     )  # fmt: skip

@@ -12,11 +12,12 @@ divergence to it (`tapo_jax.opsd.Distiller`, called in stages 4-5).
 Rollouts come from `train.rollouts`: sampled at the start of the step, with dynamic sampling
 when configured, or one step ahead in a background thread (rollout.async_steps = 1).
 
-Every sampler is an engine built once, in setup, on the training mesh, and handed the current
-params at each call; there is one verifier pool per run. Each step's randomness is folded from
-(seed, step) and the data iterator's state is saved with the checkpoint, so a run killed at any
-point and resumed from its workdir ends bit-identical (on the same hardware) to one that was
-never interrupted.
+Every sampler is an engine built once, in setup, over the samplers' devices in the decode layout
+(tapo_jax/sampling/engine.py), and handed the step's decode copy of the params (one on-device
+reshard per step, `Engines.sync`); there is one verifier pool per run. Each step's randomness
+is folded from (seed, step) and the data iterator's state is saved with the checkpoint, so a run
+killed at any point and resumed from its workdir ends bit-identical (on the same hardware) to one
+that was never interrupted.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from tapo_jax import config as config_lib
 from tapo_jax import distributed, export, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
+from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import check_prompt_lengths
 from tapo_jax.opsd import Distiller
+from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
@@ -59,9 +62,7 @@ def grade_constructions(grade, tokenizer, cons, golds, eos) -> np.ndarray:
   if built.size:
     source = np.asarray(cons.group_ids)[built] - q
     responses = batch_lib.response_ids(batch_lib.take_rows(cons, built), eos)
-    rewards[built] = rollouts_lib.grade(
-      grade, tokenizer, responses, [golds[j] for j in source], eos
-    )
+    rewards[built] = stage.grade(grade, tokenizer, responses, [golds[j] for j in source], eos)
   return rewards
 
 
@@ -76,7 +77,7 @@ def run(cfg, workdir: str) -> None:
   sampler_mesh = state_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
   os.makedirs(workdir, exist_ok=True)
   k, q = cfg.rollout.n, cfg.rollout.batch_queries
-  eos = eval_lib.default_eos_ids(tokenizer)
+  eos = text_lib.default_eos_ids(tokenizer)
   tapo = cfg.algorithm == "tapo"
   policy_construction = tapo and cfg.tapo.construction == "policy"
   template = None
@@ -97,7 +98,7 @@ def run(cfg, workdir: str) -> None:
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
   if cfg.data.pass_rate_window:
-    params = engines.rollout.load_params(model)
+    params = engines.sync(nnx.state(model, nnx.Param))
     problems = problems_lib.filter_by_difficulty(
       cfg, engines.rollout, params, tokenizer, pool, problems, workdir
     )
@@ -122,7 +123,6 @@ def run(cfg, workdir: str) -> None:
   pending = rollouts_lib.StepRollouts.from_json(pending) if pending else None
   producer = rollouts_lib.Producer(sampler, cfg.rollout.async_steps, pending)
   copy = bool(cfg.rollout.async_steps)  # the trainer donates its params while the sampler reads
-  to_sampler = lambda params: engines.rollout.load_params(params, copy=copy)  # noqa: E731
   tables = construct.token_tables(tokenizer, vocab_size, eos)
   diag, joiner = divergence.diagnosis_tokens(tokenizer, cfg.tapo.diagnosis_template)
   dcs_args = dict(n_pos=cfg.tapo.n_pos, n_neg=cfg.tapo.n_neg, m_max=cfg.tapo.m_max)
@@ -146,12 +146,12 @@ def run(cfg, workdir: str) -> None:
   writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
   logging.info("setup took %.1fs", time.time() - t_setup)
 
-  def evaluate(at: int) -> dict[str, float]:
-    """The held-out sets at step `at` (eval.k samples, and one greedy sample with eval.greedy),
-    written to the metrics as eval/<set>/<metric>."""
+  def evaluate(at: int, params) -> dict[str, float]:
+    """The held-out sets at step `at` (eval.k samples, and one greedy sample with eval.greedy)
+    with the samplers' copy `params`, written to the metrics as eval/<set>/<metric>."""
     summary = eval_lib.evaluate_sets(
       engines.eval,
-      engines.eval.load_params(state.params),
+      params,
       tokenizer,
       problems_lib.eval_sets(cfg),
       out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
@@ -162,17 +162,22 @@ def run(cfg, workdir: str) -> None:
     return summary
 
   evals = {}  # step -> eval summary, this process's run only
+  synced = None  # the samplers' copy of state.params when an eval already made it
+  syncs = engines.syncs
   try:
     if cfg.train.eval_at_start and start == 0 and cfg.train.steps:
-      evals[0] = evaluate(0)
+      synced = engines.sync(state.params, copy=copy)
+      evals[0] = evaluate(0, synced)
     for step in range(start, cfg.train.steps):
       t0 = time.time()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
 
       # 1-2. Rollouts: K samples per query from the policy, graded by the verifier pool (now,
       #      or, one-step-off, during the previous step with its params; the next step's start
-      #      here with the params this step starts from).
-      on_sampler = to_sampler(state.params)
+      #      here with the params this step starts from). The samplers' decode copy of the
+      #      params is made once per step, on device, and serves every engine of the step.
+      on_sampler = synced if synced is not None else engines.sync(state.params, copy=copy)
+      synced = None
       r, staleness = producer.take(on_sampler, it, step)
       if step + 1 < cfg.train.steps:
         producer.start_next(on_sampler, it, step)
@@ -246,6 +251,7 @@ def run(cfg, workdir: str) -> None:
       out.update(
         {
           "rollout/staleness": float(staleness),
+          "perf/weight_syncs": float(engines.syncs - syncs),  # 1: the step's decode copy
           "time/rollout_wait": t_reward - t0,  # all of rollout + reward unless one-step-off
           "time/construct": t_construct - t_reward,
           "time/advantage": t_advantage - t_construct,
@@ -260,12 +266,14 @@ def run(cfg, workdir: str) -> None:
           / max(t_update - t_advantage, 1e-9),
         }
       )
+      syncs = engines.syncs
       writer.write(step + 1, out)
       writer.advance({"acc": out["reward/accuracy"], "loss": out["loss"]})
       if out["skipped"]:
         logging.warning("step %d: non-finite or exploding update, skipped", step + 1)
       if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-        evals[step + 1] = evaluate(step + 1)
+        synced = engines.sync(state.params, copy=copy)  # also the next step's rollouts' copy
+        evals[step + 1] = evaluate(step + 1, synced)
       if ckpt.due(step + 1, force=stop.requested):
         ckpt.save(step + 1, state, _extra(it, producer), force=True)
       if stop.requested:
@@ -366,7 +374,7 @@ def _dump_rollouts(workdir, step, problems, tokenizer, batch, eos) -> None:
     return
   valid = np.flatnonzero(np.asarray(batch.valid))
   rows = batch_lib.take_rows(batch, valid)
-  texts = eval_lib.decode_responses(tokenizer, batch_lib.response_ids(rows, eos), eos)
+  texts = text_lib.decode_responses(tokenizer, batch_lib.response_ids(rows, eos), eos)
   group, constructed, reward, truncated = jax.device_get(
     (rows.group_ids, rows.is_constructed, rows.rewards, rows.truncated)
   )

@@ -21,21 +21,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
-import time
 
 import numpy as np
 
-from tapo_jax import eval as eval_lib
-from tapo_jax import sampling
 from tapo_jax.data import Problem
-from tapo_jax.data.prompts import format_prompts
-
-
-def grade(grade_fn, tokenizer, responses, golds, eos) -> np.ndarray:
-  """Rewards [N] f32 of responses (token lists) against their golds: the one decoding and grading
-  path of every row (originals, constructions, cold-start data)."""
-  texts = eval_lib.decode_responses(tokenizer, responses, eos)
-  return np.asarray(grade_fn(texts, list(golds)), np.float32)
+from tapo_jax.sampling import stage
 
 
 def _b64(x) -> str:
@@ -90,23 +80,17 @@ class Sampler:
     self.eos, self.settings = eos, sampling_settings
 
   def _round(self, params, problems, seed, times):
-    c, k = self.cfg, self.cfg.rollout.n
-    prompts = format_prompts(
-      problems, c.data.prompt_template, self.tokenizer, c.data.use_chat_template,
-      c.data.max_prompt_tokens,
+    c = self.cfg
+    g = stage.sample_and_grade(
+      self.engine, params, problems, self.settings, tokenizer=self.tokenizer,
+      grade_fn=self.grade, n=c.rollout.n, max_new_tokens=c.rollout.max_new_tokens, seed=seed,
+      template=c.data.prompt_template, use_chat_template=c.data.use_chat_template,
+      max_prompt_tokens=c.data.max_prompt_tokens,
     )  # fmt: skip
-    t0 = time.time()
-    gen = sampling.generate(
-      self.engine, params, prompts, self.settings, n=k, max_new_tokens=c.rollout.max_new_tokens,
-      seed=seed,
-    )  # fmt: skip
-    t1 = time.time()
-    golds = [p.answer for p in problems for _ in range(k)]
-    rewards = grade(self.grade, self.tokenizer, gen.completions, golds, self.eos)
-    times["time/rollout"] += t1 - t0
-    times["time/reward"] += time.time() - t1
-    times["perf/rollout_tokens"] += sum(map(len, gen.completions))
-    return prompts, gen, rewards.astype(np.float32)
+    times["time/rollout"] += g.sample_s
+    times["time/reward"] += g.grade_s
+    times["perf/rollout_tokens"] += g.tokens
+    return g.prompts, g.generation, g.rewards
 
   def collect(self, params, it, step: int) -> StepRollouts:
     """The step's Q groups; draws its queries from `it` (one batch, or more when dynamic)."""

@@ -31,16 +31,16 @@ def model_dir(cfg) -> str:
 
 
 def meshes(cfg) -> tuple[Mesh, Mesh]:
-  """(training mesh, samplers' mesh): one mesh over every device (config.mesh), or, with
-  rollout.sampler_devices = N, rollout.sampler_mesh over the first N and config.mesh over the
-  rest."""
+  """(training mesh, samplers' devices): one mesh over every device (config.mesh) for both, or,
+  with rollout.sampler_devices = N, the first N devices for the samplers (the engines lay them out
+  in their decode layout) and config.mesh over the rest."""
   n = int(cfg.rollout.sampler_devices)
   if not n:
     mesh = sharding.make_mesh(dict(cfg.mesh))
     return mesh, mesh
   devices = jax.devices()
   trainer = sharding.make_mesh(dict(cfg.mesh), devices[n:])
-  return trainer, sharding.make_mesh(dict(cfg.rollout.sampler_mesh), devices[:n])
+  return trainer, sharding.make_mesh({"data": -1}, devices[:n])
 
 
 def load_policy(cfg):

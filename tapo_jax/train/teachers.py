@@ -20,11 +20,10 @@ import urllib.request
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import eval as eval_lib
 from tapo_jax import sampling
+from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import format_prompt
 from tapo_jax.models import load_pretrained
 from tapo_jax.tapo import synthesis
@@ -52,8 +51,8 @@ class LocalTeacher:
     self.chat = cfg.data.use_chat_template
     literal = synthesis.encode_template(self.tokenizer, template, self.chat).literal_tokens
     self.engine = engines_lib.synthesis_engine(cfg, model, mesh, literal)
-    self.params = nnx.state(model, nnx.Param)
-    self.eos = eval_lib.default_eos_ids(self.tokenizer)
+    self.params = self.engine.load_params(model)  # the decode copy, made once
+    self.eos = text_lib.default_eos_ids(self.tokenizer)
     cs = cfg.coldstart
     self.sampling = sampling.Sampling(cs.teacher_temperature, cs.teacher_top_p, 0, tuple(self.eos))
     self.max_new_tokens = config_lib.synthesis_max_new_tokens(cfg)
@@ -69,7 +68,7 @@ class LocalTeacher:
         self.engine, self.params, [ids[i] for i in fits], self.sampling,
         n=1, max_new_tokens=self.max_new_tokens, seed=seed,
       )  # fmt: skip
-      texts = eval_lib.decode_responses(self.tokenizer, gen.completions, self.eos)
+      texts = text_lib.decode_responses(self.tokenizer, gen.completions, self.eos)
       for i, text in zip(fits, texts, strict=True):
         out[i] = text
     return out
