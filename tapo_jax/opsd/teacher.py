@@ -117,6 +117,7 @@ class TeacherPrompts:
     prompt. A solution is cut to opsd.max_solution_tokens, and further until the prompt fits its
     room; a row whose prompt cannot fit even with an empty solution gets none."""
     cache: dict[tuple[int, int, int], list[int]] = {}
+    references: dict[int, list[int]] = {}  # query -> its reference solution's ids
     prompts: list[list[int] | None] = []
     cut = dropped = 0
     for i, c in enumerate(choice):
@@ -125,7 +126,9 @@ class TeacherPrompts:
         prompts.append(None)
         continue
       if c == REFERENCE:
-        sol_ids = self.tokenizer.encode(problems[q].solution, add_special_tokens=False)
+        if q not in references:
+          references[q] = self.tokenizer.encode(problems[q].solution, add_special_tokens=False)
+        sol_ids = references[q]
       else:
         sol_ids = responses[c]
       budget = min(self.max_solution, len(sol_ids))
