@@ -185,6 +185,10 @@ def main(argv) -> None:
   if cfg.mode == "plan":  # abstract shapes only: no devices, weights or data needed
     from tapo_jax import plan
 
+    try:
+      validate(cfg, 0)  # the planned slice stands in for the devices
+    except ConfigError as e:
+      _fail(str(e))
     sys.exit(plan.run(cfg))
   if cfg.distributed:
     from tapo_jax import distributed

@@ -1,0 +1,129 @@
+"""Every config check that runs before any work (tapo_jax.validate, what main() calls first),
+in-process: each bad value is refused with one line naming its key, and the shipped configs pass."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+from tapo_jax import validate as validate_lib
+from tapo_jax.toy import arith
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name="smoke", **overrides):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
+def _refused(cfg, devices=8) -> str:
+  with pytest.raises(validate_lib.ConfigError) as e:
+    validate_lib.validate(cfg, devices)
+  line = str(e.value)
+  assert "\n" not in line
+  return line
+
+
+@pytest.mark.parametrize("config", ["smoke", "tiny"])
+def test_shipped_configs_pass(config):
+  validate_lib.validate(_config(config), 8)
+  validate_lib.validate(_config(config), 1)
+
+
+# Issue 24.5: each of these failed mid-run (a traceback, a workdir left behind) or was silently
+# accepted (async_steps=5 ran as 1, a negative or NaN max_update_ratio turned the guard off).
+LATE = [
+  ({"rollout.top_k": -1}, "config.rollout.top_k=-1: must be an integer >= 0"),
+  ({"loss.vocab_chunk": 0}, "config.loss.vocab_chunk=0: must be an integer >= 1"),
+  ({"sft.batch_size": 0}, "config.sft.batch_size=0: must be an integer >= 1"),
+  ({"sft.max_len": 0}, "config.sft.max_len=0: must be an integer >= 1"),
+  ({"eval.max_new_tokens": 0}, "config.eval.max_new_tokens=0: must be an integer >= 1"),
+  ({"rollout.async_steps": 5}, "config.rollout.async_steps=5: expected 0"),
+  ({"rollout.async_steps": -1}, "config.rollout.async_steps=-1: expected 0"),
+  ({"optim.max_update_ratio": -1.0}, "config.optim.max_update_ratio=-1.0: must be a finite"),
+  ({"optim.max_update_ratio": math.nan}, "config.optim.max_update_ratio=nan: must be a finite"),
+  ({"rollout.n": 100000}, "config.rollout.n=100000: more than 1024 samples per query"),
+  ({"rollout.n": 1024, "rollout.batch_queries": 128}, "1024 x 128 = 131072: more than 65536"),
+  ({"rollout.sampler_devices": 8}, "config.rollout.sampler_devices=8: must be an integer in [0, 7"),
+  ({"rollout.sampler_devices": -1}, "config.rollout.sampler_devices=-1: must be an integer in"),
+  (
+    {"rollout.sampler_devices": 2, "mesh.fsdp": 4},
+    "mesh: product of {'data': 1, 'fsdp': 4, 'tensor': 1} is 4, but there are 6 devices (the 6",
+  ),
+  (
+    {"rollout.sampler_devices": 2, "rollout.sampler_mesh.tensor": 4},
+    "config.rollout.sampler_mesh: 2 devices are not divisible by 4",
+  ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", LATE, ids=[m[:50] for _, m in LATE])
+def test_values_that_failed_late_are_refused_up_front(overrides, message):
+  assert message in _refused(_config(**overrides))
+
+
+def test_sampler_devices_leave_the_trainer_its_mesh():
+  validate_lib.validate(_config(**{"rollout.sampler_devices": 2}), 8)  # 2 sample, 6 train
+  validate_lib.validate(_config(**{"rollout.sampler_devices": 4, "mesh.fsdp": 4}), 8)
+
+
+def test_teacher_timeout_must_be_finite():
+  cfg = _config(mode="coldstart", **{"coldstart.teacher_timeout_s": math.nan})
+  assert "config.coldstart.teacher_timeout_s=nan: must be a finite number > 0" in _refused(cfg)
+  cfg.coldstart.teacher_timeout_s = math.inf
+  assert "teacher_timeout_s=inf" in _refused(cfg)
+
+
+def test_periodic_eval_of_a_model_path_needs_eval_paths(tmp_path):
+  """configs/tiny.py evaluates at the start and every 20 steps; with a model.path and no
+  eval.paths the run trained and then failed at its first eval (`no toy domain ''`)."""
+  train = tmp_path / "train.jsonl"
+  train.write_text('{"problem": "1+1", "answer": "2"}\n')
+  cfg = _config("tiny", **{"model.path": str(arith.CHECKPOINT_DIR), "model.toy": ""})
+  cfg.data.train_path = str(train)
+  assert "config.eval.paths is empty with train.eval_every=20, eval_at_start=True" in _refused(cfg)
+  cfg.mode = "eval"
+  assert "config.eval.paths is empty with mode=eval" in _refused(cfg)
+  cfg.mode, cfg.train.eval_every, cfg.train.eval_at_start = "rl", 0, False
+  validate_lib.validate(cfg, 8)  # no eval: nothing to evaluate on
+  cfg.train.eval_every, cfg.eval.paths = 20, str(train)
+  validate_lib.validate(cfg, 8)
+
+
+# mode=plan used to run before any validation.
+PLAN = [
+  ({"plan.chips": -4}, "config.plan.chips=-4: must be an integer >= 0"),
+  ({"rollout.n": 0}, "config.rollout.n=0: GRPO/TAPO need K >= 2"),
+  ({"plan.device": "v5p-0"}, "config.plan.device='v5p-0': a slice of 0 chips"),
+  ({"plan.device": "tpu9"}, "config.plan.device='tpu9': expected one of"),
+  ({"optim.micro_batch": 0}, "config.optim.micro_batch=0: must be an integer >= 1"),
+  ({"plan.usable": 0.0}, "config.plan.usable=0.0: must be a fraction of HBM in (0, 1]"),
+  ({"plan.usable": math.nan}, "config.plan.usable=nan"),
+  ({"plan.usable": 5.0}, "config.plan.usable=5.0"),
+  ({"plan.mode": "eval"}, "config.plan.mode='eval': expected rl or sft"),
+  ({"plan.device": "v5p-8", "mesh.tensor": 3}, "(planning for 4 chips of v5p)"),
+  ({"plan.mode": "sft", "sft.batch_size": 0}, "config.sft.batch_size=0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", PLAN, ids=[m[:50] for _, m in PLAN])
+def test_plan_configs_are_validated(overrides, message):
+  assert message in _refused(_config(mode="plan", **overrides), devices=0)
+
+
+def test_plan_of_the_shipped_configs_passes():
+  validate_lib.validate(_config(mode="plan"), 0)
+  cfg = _config("qwen7b", mode="plan")
+  cfg.plan.shape = "qwen2.5-7b"
+  validate_lib.validate(cfg, 0)  # model.path names a directory of the target machine: not read
