@@ -134,6 +134,29 @@ def test_bad_data_is_one_line_and_leaves_no_workdir(tmp_path):
   assert "Traceback" not in out.stderr and not workdir.exists()
 
 
+def test_a_config_file_that_cannot_load_is_one_line(tmp_path):
+  """Issue 24.7: a missing --config file was a traceback (so was a config that raises)."""
+  (tmp_path / "raises.py").write_text("def get_config():\n  return undefined_name\n")
+  cases = {
+    str(tmp_path / "nope.py"): f"error: --config={tmp_path / 'nope.py'}: no such file",
+    str(tmp_path): f"error: --config={tmp_path}: is a directory",
+    str(tmp_path / "raises.py"): "NameError: name 'undefined_name' is not defined",
+  }
+  for config, message in cases.items():
+    cmd = [sys.executable, "-m", "tapo_jax.main", f"--config={config}", f"--workdir={tmp_path}/w"]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+def test_zero_steps_ends_cleanly(tmp_path):
+  """Issue 24.7: train.steps=0 exported the model and then died plotting an empty metrics.jsonl."""
+  out = _run(_env(), tmp_path / "wd", "--config.train.steps=0", timeout=300)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert (tmp_path / "wd" / "hf" / "model.safetensors").exists()
+
+
 def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
   from tapo_jax.train import workdir as workdir_lib
 

@@ -263,7 +263,7 @@ def run(cfg, workdir: str) -> None:
     hf_dir = os.path.join(workdir, "hf")
     export.export_model(policy, tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
     if distributed.is_main():
-      plot.plot_run(workdir)
+      plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
       if len(evals) > 1:
         print(eval_lib.describe_change(evals), file=sys.stderr)
   finally:

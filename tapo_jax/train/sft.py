@@ -105,5 +105,5 @@ def run(cfg, workdir: str) -> None:
     os.path.join(workdir, "hf"),
     source_dir=state_lib.model_dir(cfg),
   )
-  if distributed.is_main() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    plot.plot_run(workdir)  # WORKDIR/curves.png
+  if distributed.is_main():
+    plot.plot_if_logged(workdir)  # WORKDIR/curves.png
