@@ -199,7 +199,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.coldstart.teacher_temperature = 0.7
   c.coldstart.teacher_top_p = 0.95
   c.coldstart.teacher_workers = 16  # concurrent requests to teacher_url
-  c.coldstart.teacher_timeout_s = 600.0  # per request to teacher_url
+  c.coldstart.teacher_timeout_s = 600.0  # one attempt at a request to teacher_url, reply included
   c.coldstart.teacher_retries = 3  # per request: connection errors, timeouts, HTTP 429 / 5xx
 
   c.eval = ml_collections.ConfigDict()
