@@ -108,6 +108,64 @@ def validate(cfg, num_devices: int) -> None:
     if bad:
       raise ConfigError(f"config.eval.pass_ks={tuple(cfg.eval.pass_ks)}: {bad} not in [1, eval.k]")
   validate_values(cfg)
+  _check_positions(cfg)
+
+
+def _model_positions(cfg) -> tuple[int, str] | None:
+  """(max_position_embeddings, the config.json it is from) of the policy, None when unreadable
+  (loading the model reports that)."""
+  import json
+
+  from tapo_jax import toy
+
+  directory = cfg.model.path or str(toy.checkpoint_dir(cfg.model.toy))
+  path = os.path.join(directory, "config.json")
+  try:
+    with open(path, "rb") as f:
+      d = json.loads(f.read().decode("utf-8"))
+    return int(d.get("max_position_embeddings", 32768)), path
+  except (OSError, ValueError, TypeError, AttributeError):
+    return None
+
+
+def _check_positions(cfg) -> None:
+  """Every sequence the run builds (a prompt bucket + its generation, a trainer row) fits the
+  model's positions; past them RoPE extrapolates silently."""
+  from tapo_jax import config as config_lib
+  from tapo_jax.tapo import synthesis
+
+  found = _model_positions(cfg)
+  if found is None:
+    return
+  limit, where = found
+  bucket = max(cfg.rollout.prefill_buckets)
+  lengths = []  # (what, positions)
+  if cfg.mode in ("rl", "coldstart"):
+    n = cfg.rollout.max_new_tokens
+    what = f"max(rollout.prefill_buckets) + rollout.max_new_tokens = {bucket} + {n}"
+    lengths.append((what, bucket + n))
+  if cfg.mode == "rl":
+    lengths.append(("tapo.max_len", cfg.tapo.max_len))
+  periodic = cfg.train.eval_every or cfg.train.eval_at_start
+  if cfg.mode == "eval" or (cfg.mode == "rl" and periodic):
+    n = cfg.eval.max_new_tokens
+    what = f"max(rollout.prefill_buckets) + eval.max_new_tokens = {bucket} + {n}"
+    lengths.append((what, bucket + n))
+  if cfg.mode == "sft":
+    lengths.append(("sft.max_len", cfg.sft.max_len))
+  policy = cfg.mode == "rl" and cfg.algorithm == "tapo" and cfg.tapo.construction == "policy"
+  own_teacher = cfg.coldstart.teacher_url or cfg.coldstart.teacher_path  # its own positions
+  if policy or (cfg.mode == "coldstart" and not own_teacher):
+    longest = cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens  # + the template's
+    top, n = synthesis.prompt_buckets(longest)[-1], config_lib.synthesis_max_new_tokens(cfg)
+    what = f"a synthesis prompt bucket + tapo.synthesis_max_new_tokens >= {top} + {n}"
+    lengths.append((what, top + n))
+  for what, total in lengths:
+    if total > limit:
+      raise ConfigError(
+        f"config: {what} = {total} positions > the model's max_position_embeddings={limit} "
+        f"({where}); lower them"
+      )
 
 
 MAX_SAMPLES = 1024  # rollout.n: a step samples n x batch_queries responses (DAPO, TAPO: 8-16)

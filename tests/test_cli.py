@@ -459,6 +459,7 @@ def test_policy_construction_on_a_step_without_eligible_queries(tmp_path):
     _env(), workdir, "--config.tapo.construction=policy",
     "--config.tapo.ref_baseline=group", f"--config.data.train_path={train}",
     "--config.train.steps=1", "--config.tapo.n_pos=4", "--config.tapo.n_neg=4",
+    "--config.tapo.synthesis_max_new_tokens=48",  # the arith toy has 256 positions
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   (row,) = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from tapo_jax import toy
 from tapo_jax import validate as validate_lib
-from tapo_jax.toy import arith
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +90,7 @@ def test_periodic_eval_of_a_model_path_needs_eval_paths(tmp_path):
   eval.paths the run trained and then failed at its first eval (`no toy domain ''`)."""
   train = tmp_path / "train.jsonl"
   train.write_text('{"problem": "1+1", "answer": "2"}\n')
-  cfg = _config("tiny", **{"model.path": str(arith.CHECKPOINT_DIR), "model.toy": ""})
+  cfg = _config("tiny", **{"model.path": str(toy.checkpoint_dir("chain")), "model.toy": ""})
   cfg.data.train_path = str(train)
   assert "config.eval.paths is empty with train.eval_every=20, eval_at_start=True" in _refused(cfg)
   cfg.mode = "eval"
@@ -127,3 +127,34 @@ def test_plan_of_the_shipped_configs_passes():
   cfg = _config("qwen7b", mode="plan")
   cfg.plan.shape = "qwen2.5-7b"
   validate_lib.validate(cfg, 0)  # model.path names a directory of the target machine: not read
+
+
+# Issue 24.7: prompt plus generation beyond the model's positions was accepted silently (RoPE
+# extrapolates); the arith toy has 256 positions, the chain toy 768.
+POSITIONS = [
+  (
+    {"rollout.prefill_buckets": (64, 128), "rollout.max_new_tokens": 150, "tapo.max_len": 256},
+    "config: max(rollout.prefill_buckets) + rollout.max_new_tokens = 128 + 150 = 278 positions",
+  ),
+  ({"tapo.max_len": 300}, "config: tapo.max_len = 300 positions > the model's max_position_emb"),
+  ({"train.eval_every": 10, "eval.max_new_tokens": 193}, "eval.max_new_tokens = 64 + 193 = 257"),
+  ({"mode": "eval", "eval.max_new_tokens": 193}, "eval.max_new_tokens = 64 + 193 = 257"),
+  ({"tapo.construction": "policy", "tapo.ref_baseline": "group"}, "192 + 1072 = 1264 positions"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", POSITIONS, ids=[m[:40] for _, m in POSITIONS])
+def test_sequences_beyond_the_model_positions_are_refused(overrides, message):
+  line = _refused(_config(**overrides))
+  assert message in line and "toy/arith/config.json" in line
+
+
+def test_sft_rows_beyond_the_model_positions_are_refused(tmp_path):
+  data = tmp_path / "sft.jsonl"
+  data.write_text('{"prompt": "1+1", "response": "2"}\n')
+  cfg = _config(mode="sft", **{"sft.path": str(data)})
+  assert "config: sft.max_len = 2048 positions > the model's max_position_embeddings=256" in (
+    _refused(cfg)
+  )
+  cfg.sft.max_len = 256
+  validate_lib.validate(cfg, 8)

@@ -91,6 +91,8 @@ def run(cfg, workdir: str) -> None:
     problems, cfg.data.prompt_template, tokenizer, cfg.data.max_prompt_tokens,
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
+  periodic = cfg.train.eval_every or cfg.train.eval_at_start
+  held_out = problems_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
   if cfg.data.pass_rate_window:
     params = engines.rollout.load_params(model)
     problems = problems_lib.filter_by_difficulty(
@@ -144,7 +146,7 @@ def run(cfg, workdir: str) -> None:
       engines.eval,
       engines.eval.load_params(state.params),
       tokenizer,
-      problems_lib.eval_sets(cfg),
+      held_out,
       out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
       grade_fn=grade_fn,
       **eval_lib.eval_kwargs(cfg),
