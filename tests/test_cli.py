@@ -229,6 +229,20 @@ def test_full_disk_during_an_orbax_save_is_named(full_disk):
   assert checkpoint.steps(str(full_disk / "wd")) == []  # no finished step: only Orbax's tmp dir
 
 
+def test_a_failed_save_stops_the_run_before_another_update(full_disk, tmp_path):
+  """Issue 24.8: checkpoints on a full disk (WORKDIR/checkpoints links there), metrics beside:
+  the step-1 save fails asynchronously, and the run stops before step 2 updates (it used to
+  train step 2 and fail at its save)."""
+  workdir = tmp_path / "wd"
+  workdir.mkdir()
+  (full_disk / "ckpts").mkdir()
+  (workdir / "checkpoints").symlink_to(full_disk / "ckpts")
+  out = _run(_env(), workdir, "--config.train.steps=3", timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "No space left on device" in out.stderr.strip().splitlines()[-1], out.stderr[-3000:]
+  assert _steps_logged(workdir) == [1]
+
+
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_the_current_step_and_exits_0(tmp_path):
   workdir = tmp_path / "wd"

@@ -266,6 +266,8 @@ class Checkpointer:
     return state, start, extra
 
   def wait(self):
+    """Waits for the save in flight; raises its error when it failed (the loops call this before
+    each update, so no step trains past a checkpoint that could not be written)."""
     self.manager.wait_until_finished()
 
   def close(self):

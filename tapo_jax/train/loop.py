@@ -211,7 +211,9 @@ def run(cfg, workdir: str) -> None:
       train = train.replace(old_logprobs=sharding.to_host(old))
       t_advantage = time.time()
 
-      # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch.
+      # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch. The last
+      #    checkpoint's asynchronous save (it overlapped the rollouts) must have succeeded first.
+      ckpt.wait()
       step_metrics = []
       for epoch in range(cfg.optim.ppo_epochs):
         parts = step_lib.minibatches(
@@ -271,9 +273,9 @@ def run(cfg, workdir: str) -> None:
   finally:
     compiles.close()
     producer.close()
-    ckpt.close()
     writer.close()
     pool.close()
+    ckpt.close()  # last: it raises a failed save's error again
 
 
 def _extra(it, producer) -> dict:

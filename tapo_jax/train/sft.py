@@ -84,6 +84,7 @@ def run(cfg, workdir: str) -> None:
     micro_batches = sharding.put_global(
       micro_batches, sharding.batch_shardings(micro_batches, mesh, row_axis=1)
     )
+    ckpt.wait()  # a failed asynchronous save stops the run before another update
     with jax.set_mesh(mesh):
       state, m = train_step(state, micro_batches)
     m = metrics.to_host(m)
