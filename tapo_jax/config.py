@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed_num_processes = -1  # processes in the job
   c.distributed_process_id = -1  # this process's index in [0, num_processes)
   c.distributed_heartbeat_s = 30  # a process silent this long is dead: the others stop too
+  c.distributed_timeout_s = 300.0  # every process must have joined by then, else all stop
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)

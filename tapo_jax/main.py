@@ -222,6 +222,10 @@ def main(argv) -> None:
   if cfg.distributed:
     from tapo_jax import distributed
 
+    try:
+      validate_lib.validate_distributed(cfg)
+    except ConfigError as e:
+      _fail(str(e))
     distributed.initialize(cfg)
   try:
     validate(cfg, jax.device_count())

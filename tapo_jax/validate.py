@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import string
 
 
@@ -27,6 +28,23 @@ def _check_file(key: str, path: str) -> None:
     raise ConfigError(f"config.{key}={path!r}: no such file")
   if os.path.isdir(path):
     raise ConfigError(f"config.{key}={path!r}: is a directory; expected a jsonl/json/parquet file")
+
+
+def validate_distributed(cfg) -> None:
+  """The distributed_* keys, checked before jax.distributed.initialize uses them."""
+  for key in ("distributed_timeout_s", "distributed_heartbeat_s"):
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v < math.inf:
+      raise ConfigError(f"config.{key}={v!r}: must be a finite number of seconds >= 1")
+  n, i = cfg.distributed_num_processes, cfg.distributed_process_id
+  if n == 0 or n < -1 or i < -1 or (n > 0 and i >= n):
+    raise ConfigError(
+      f"config.distributed_process_id={i}, distributed_num_processes={n}: expected "
+      "0 <= id < processes (or -1 for both: detected)"
+    )
+  address = cfg.distributed_coordinator
+  if address and not re.fullmatch(r"\[?[^\s\[\]]*\]?:\d{1,5}", address):
+    raise ConfigError(f"config.distributed_coordinator={address!r}: expected HOST:PORT")
 
 
 def validate(cfg, num_devices: int) -> None:

@@ -4,6 +4,7 @@ in-process: each bad value is refused with one line naming its key, and the ship
 import importlib.util
 import math
 import os
+import re
 
 import pytest
 
@@ -158,3 +159,24 @@ def test_sft_rows_beyond_the_model_positions_are_refused(tmp_path):
   )
   cfg.sft.max_len = 256
   validate_lib.validate(cfg, 8)
+
+
+DISTRIBUTED = [
+  ({"distributed_timeout_s": 0.0}, "config.distributed_timeout_s=0.0: must be a finite number"),
+  ({"distributed_timeout_s": math.inf}, "config.distributed_timeout_s=inf"),
+  ({"distributed_heartbeat_s": -1}, "config.distributed_heartbeat_s=-1"),
+  ({"distributed_num_processes": 2, "distributed_process_id": 2}, "expected 0 <= id < processes"),
+  ({"distributed_num_processes": 0}, "distributed_num_processes=0: expected"),
+  ({"distributed_coordinator": "localhost"}, "config.distributed_coordinator='localhost': expect"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", DISTRIBUTED, ids=[m[:40] for _, m in DISTRIBUTED])
+def test_distributed_keys_are_checked_before_joining(overrides, message):
+  """Issue 24.6: the start-up bound (distributed_timeout_s) and the coordinates, before
+  jax.distributed.initialize uses them."""
+  with pytest.raises(validate_lib.ConfigError, match=re.escape(message)):
+    validate_lib.validate_distributed(_config(distributed=True, **overrides))
+  validate_lib.validate_distributed(
+    _config(distributed_coordinator="10.0.0.1:1234", distributed_num_processes=2)
+  )
