@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed_num_processes = -1  # processes in the job
   c.distributed_process_id = -1  # this process's index in [0, num_processes)
   c.distributed_heartbeat_s = 30  # a process silent this long is dead: the others stop too
+  c.distributed_timeout_s = 300.0  # every process must have joined by then, else all stop
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)
@@ -225,7 +226,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.coldstart.teacher_temperature = 0.7
   c.coldstart.teacher_top_p = 0.95
   c.coldstart.teacher_workers = 16  # concurrent requests to teacher_url
-  c.coldstart.teacher_timeout_s = 600.0  # per request to teacher_url
+  c.coldstart.teacher_timeout_s = 600.0  # one attempt at a request to teacher_url, reply included
   c.coldstart.teacher_retries = 3  # per request: connection errors, timeouts, HTTP 429 / 5xx
 
   c.eval = ml_collections.ConfigDict()

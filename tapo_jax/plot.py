@@ -46,13 +46,14 @@ SMOOTH_ABOVE = 30  # points; longer series get a moving average drawn over them
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+  """The rows of a metrics.jsonl (a torn last line, from a killed run, or a damaged one that is
+  not JSON or not UTF-8 is skipped)."""
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     for line in f:
       try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
+        row = json.loads(line.decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError):
         continue
       if isinstance(row, dict) and isinstance(row.get("step"), int | float):
         rows.append(row)
@@ -104,6 +105,8 @@ def plot_rows(rows: Sequence[dict], out: str, title: str = "") -> str:
   panels = panel_keys(rows)
   if not panels:
     raise ValueError("no plottable metrics (reward, eval, length, loss or TAPO keys)")
+  if os.path.isdir(out):
+    raise ValueError(f"{out}: is a directory; expected a PNG file path")
   cols = 2 if len(panels) > 1 else 1
   nrows = math.ceil(len(panels) / cols)
   fig = Figure(figsize=(6.0 * cols, 3.2 * nrows), layout="constrained")
@@ -138,10 +141,24 @@ def plot_run(workdir: str, out: str | None = None) -> str:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file (has the run logged a step yet?)")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: not a file")
   rows = read_metrics(path)
   last = max((r["step"] for r in rows), default=0)
   name = os.path.basename(os.path.normpath(workdir))
-  return plot_rows(rows, out or os.path.join(workdir, "curves.png"), f"{name} (step {last:g})")
+  try:
+    return plot_rows(rows, out or os.path.join(workdir, "curves.png"), f"{name} (step {last:g})")
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}" if str(e).startswith("no plottable") else str(e)) from None
+
+
+def plot_if_logged(workdir: str) -> str | None:
+  """plot_run at the end of a run: WORKDIR/curves.png, or None when there is nothing to draw
+  (train.steps=0, a rerun after metrics.jsonl was removed)."""
+  try:
+    return plot_run(workdir)
+  except (FileNotFoundError, ValueError):
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    print(f"error: {e.filename or args.workdir}: {e.strerror or e}", file=sys.stderr)
+    return 1
   return 0
 
 

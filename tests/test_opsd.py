@@ -357,8 +357,12 @@ def test_builtin_teacher_template_has_its_fields():
 
 
 def _valid(**over):
-  c = config_lib.base_config()
-  c.model.toy = "arith"
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("smoke", ROOT / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()  # the arith toy: 256 positions
   c.algorithm = "opsd"
   for k, v in over.items():
     section, key = k.split("__")
@@ -377,6 +381,8 @@ def _valid(**over):
     (dict(opsd__teacher_template="{problem} only"), "no {solution} field"),
     (dict(opsd__max_len=100), "opsd.max_len"),
     (dict(opsd__max_solution_tokens=-1), "opsd.max_solution_tokens"),
+    (dict(opsd__max_solution_tokens=200), "an OPSD teacher row.*max_position_embeddings=256"),
+    (dict(opsd__max_len=300), "opsd.max_len = 300 = 300 positions > the model's"),
   ],
 )
 def test_bad_opsd_keys_are_rejected_up_front(over, match):

@@ -196,6 +196,15 @@ def test_cli_tiny_fits():
   assert "toy arith checkpoint: " in out.stdout and out.stdout.rstrip().endswith(": fits")
 
 
+def test_cli_validates_the_config_before_planning():
+  """Issue 24.5: mode=plan ran before validation (plan.chips=-4 printed negative GiB and fits)."""
+  out = _main("--config=configs/smoke.py", "--config.plan.chips=-4")
+  assert out.returncode == 2, out.stdout
+  err = out.stderr.strip().splitlines()
+  assert err == ["error: config.plan.chips=-4: must be an integer >= 0 (0: from the name)"], err
+  assert "GiB" not in out.stdout
+
+
 def test_qwen7b_numbers_documented_in_docs():
   """docs/plan.md quotes the planner's peaks for configs/qwen7b.py: keep them current."""
   text = open(os.path.join(REPO, "docs", "plan.md")).read()

@@ -30,7 +30,14 @@ def max_solution_tokens(cfg) -> int:
 class Distiller:
   """The OPSD side of one run (host state: the tokenizer, the template, the row widths)."""
 
-  def __init__(self, cfg, tokenizer, eos_ids: Sequence[int], problems: Sequence[Problem]):
+  def __init__(
+    self,
+    cfg,
+    tokenizer,
+    eos_ids: Sequence[int],
+    problems: Sequence[Problem],
+    max_positions: int | None = None,
+  ):
     self.cfg, self.k = cfg, cfg.rollout.n
     self.prompts = teacher_lib.TeacherPrompts(
       tokenizer,
@@ -42,14 +49,17 @@ class Distiller:
     )
     overhead = self.prompts.overhead()
     self.slots = int(cfg.rollout.max_new_tokens)  # a response never has more tokens
-    # template + problem + solution + response, rounded up to a multiple of 64
+    # template + problem + solution + response, rounded up to a multiple of 64, within the
+    # model's positions (a longer solution is cut to fit)
     need = overhead + cfg.data.max_prompt_tokens + max_solution_tokens(cfg) + self.slots
-    self.width = int(cfg.opsd.max_len) or 64 * math.ceil(need / 64)
-    if self.width < overhead + cfg.data.max_prompt_tokens + self.slots:
+    self.width = int(cfg.opsd.max_len) or min(64 * math.ceil(need / 64), max_positions or need)
+    least = overhead + cfg.data.max_prompt_tokens + self.slots  # an empty solution
+    if self.width < least:
       raise DataError(
-        f"config.opsd.max_len={cfg.opsd.max_len}: the teacher's template takes {overhead} tokens, "
-        f"so a row needs >= {overhead} + data.max_prompt_tokens + rollout.max_new_tokens = "
-        f"{overhead + cfg.data.max_prompt_tokens + self.slots}; raise it or use 0 ({need})"
+        f"config.opsd: teacher rows of {self.width} tokens (opsd.max_len={cfg.opsd.max_len}, the "
+        f"model's max_position_embeddings={max_positions}) cannot hold the teacher's template "
+        f"({overhead} tokens) + data.max_prompt_tokens + rollout.max_new_tokens = {least}; "
+        "shorten opsd.teacher_template or those lengths"
       )
     if cfg.opsd.solution_source == "reference" and not any(p.solution for p in problems):
       raise DataError(

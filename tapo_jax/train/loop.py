@@ -97,6 +97,8 @@ def run(cfg, workdir: str) -> None:
     problems, cfg.data.prompt_template, tokenizer, cfg.data.max_prompt_tokens,
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
+  periodic = cfg.train.eval_every or cfg.train.eval_at_start
+  held_out = problems_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
   if cfg.data.pass_rate_window:
     params = engines.sync(nnx.state(model, nnx.Param))
     problems = problems_lib.filter_by_difficulty(
@@ -104,7 +106,7 @@ def run(cfg, workdir: str) -> None:
     )
   distiller = None  # algorithm=opsd: on-policy self-distillation (tapo_jax/opsd)
   if cfg.algorithm == "opsd":
-    distiller = Distiller(cfg, tokenizer, eos, problems)
+    distiller = Distiller(cfg, tokenizer, eos, problems, model.cfg.max_position_embeddings)
     print(distiller.describe(), file=sys.stderr)
   it = BatchIterator(problems, q, seed=cfg.seed, shuffle=cfg.data.shuffle)
 
@@ -153,7 +155,7 @@ def run(cfg, workdir: str) -> None:
       engines.eval,
       params,
       tokenizer,
-      problems_lib.eval_sets(cfg),
+      held_out,
       out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
       grade_fn=grade_fn,
       **eval_lib.eval_kwargs(cfg),
@@ -228,7 +230,9 @@ def run(cfg, workdir: str) -> None:
         train = train.replace(old_logprobs=sharding.to_host(old))
       t_advantage = time.time()
 
-      # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch.
+      # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch. The last
+      #    checkpoint's asynchronous save (it overlapped the rollouts) must have succeeded first.
+      ckpt.wait()
       step_metrics = []
       for epoch in range(cfg.optim.ppo_epochs):
         parts = step_lib.minibatches(
@@ -287,15 +291,15 @@ def run(cfg, workdir: str) -> None:
     hf_dir = os.path.join(workdir, "hf")
     export.export_model(policy, tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
     if distributed.is_main():
-      plot.plot_run(workdir)
+      plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
       if len(evals) > 1:
         print(eval_lib.describe_change(evals), file=sys.stderr)
   finally:
     compiles.close()
     producer.close()
-    ckpt.close()
     writer.close()
     pool.close()
+    ckpt.close()  # last: it raises a failed save's error again
 
 
 def _extra(it, producer) -> dict:

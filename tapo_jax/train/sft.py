@@ -84,6 +84,7 @@ def run(cfg, workdir: str) -> None:
     micro_batches = sharding.put_global(
       micro_batches, sharding.batch_shardings(micro_batches, mesh, row_axis=1)
     )
+    ckpt.wait()  # a failed asynchronous save stops the run before another update
     with jax.set_mesh(mesh):
       state, m = train_step(state, micro_batches)
     m = metrics.to_host(m)
@@ -105,5 +106,5 @@ def run(cfg, workdir: str) -> None:
     os.path.join(workdir, "hf"),
     source_dir=state_lib.model_dir(cfg),
   )
-  if distributed.is_main() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    plot.plot_run(workdir)  # WORKDIR/curves.png
+  if distributed.is_main():
+    plot.plot_if_logged(workdir)  # WORKDIR/curves.png
