@@ -23,6 +23,8 @@ def get_config():
   c.tapo.n_pos, c.tapo.n_neg = 2, 2
   c.tapo.construction = "divergence"  # no cold start needed (ref_baseline orig, the default)
   c.tapo.max_len = 160
+  # algorithm=opsd: the built-in English teacher template does not fit the toy's 256 positions
+  c.opsd.teacher_template = "{solution}\n{problem}"
   c.loss.vocab_chunk = 64
   c.optim.lr = 2e-5
   c.optim.warmup_steps = 2
