@@ -36,8 +36,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # --no-warn-conflicts: pip would otherwise list google-jetstream's dependencies, uninstalled by design.
 # dashscope: one data file, Qwen's BPE ranks, from which tests build a real Qwen2 tokenizer offline.
+# tpu: libtpu, which compiles TPU programs on this machine for tests/test_aot.py (no TPU needed).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --no-warn-conflicts -e ".[test]"
+	$(BIN)/python -m pip install -q --no-warn-conflicts -e ".[test,tpu]"
 	$(BIN)/python -m pip install -q --no-deps dashscope==2.0.2
 	touch $@
 

@@ -9,10 +9,11 @@ python -m tapo_jax.main --config=configs/qwen7b.py --config.mode=plan --config.p
 
 The architecture comes from config.json in model.path (or plan.shape, a built-in table); the mesh
 from config.mesh resolved against plan.chips exactly as `sharding.mesh_shape` resolves it on the
-real devices; every parameter and cache array is split by the same rules table
-(`sharding.RULES` through `sharding.fit_spec`), activations by the all-or-nothing rule of
-`sharding.constrain`. Exit status 2 with one line naming what to change when the peak does not
-fit in plan.usable x HBM.
+real devices, and the samplers' decode layout as the engines build it (`sharding.decode_tensor`,
+`sharding.decode_mesh`); every parameter and cache array is split by the same rules tables
+(`sharding.RULES`, `sharding.DECODE_RULES` through `sharding.fit_spec`), activations by the
+all-or-nothing rule of `sharding.constrain`. Exit status 2 with one line naming what to change
+when the peak does not fit in plan.usable x HBM.
 
 Legend (per device): L layers, D model, F mlp, V vocab, N / K q / kv heads, H head dim; n, k, f
 the heads, kv heads and mlp width left on a device after tensor parallelism (a dim the tensor
@@ -21,17 +22,33 @@ P the per-device parameter bytes; b rows per device (a micro-batch's rows / (dat
 that divides, else all of them: `constrain` leaves the batch whole); T = tapo.max_len;
 C = loss.vocab_chunk; β the attention block (models.attention.BLOCK).
 
-The run has three phases; the peak is the largest, and each phase holds the train state
-(params P, AdamW moments 2P in the param dtype, optax's default) plus:
-  rollout   KV cache 2·L·slots·K·S·H·c split over (data x fsdp) on slots and tensor on K,
-            S = max(prefill_buckets) + max_new_tokens; the decode rows (tokens, logprobs)
-            8·slots·S; the decode window copy (a window < S is sliced out of the cache: ≤ largest
-            bucket / S of it); one prefill (P' = min(16, 16384 / bucket) prompts of the largest
-            bucket: their KV plus one layer's forward); one decode step's logits slots·V/t·4; two
-            layers' weights gathered over fsdp in the compute dtype.
-  logprobs  the π_old forward of every step, one micro-batch of rows at a time (the loop maps it
-            over the R = Q·(K + m_max) rows, tapo; Q·K for grpo, rounded up like the loop rounds).
-  update    gradients 2P (the accumulator plus one micro-batch's gradient), two gathered layers,
+The run's phases; the peak is the largest, and each phase holds the train state (params P, AdamW
+moments 2P in the param dtype, optax's default) plus:
+  weight sync   the samplers' decode copy of the weights W (`Engines.sync`: the trainer's params
+                cast to rollout.weight_dtype, split over the decode layout's tensor axis and
+                replicated over its data axis, `sharding.DECODE_RULES` on (chips / t, 1, t)), and
+                the reshard's temporaries, about one more W. The loop holds W through the step,
+                so every later phase holds it too. No W when the trainer's params already are
+                that layout and dtype and no one-step-off sampler needs a copy.
+  <engine> prefill, <engine> decode   for the rollout engine and, with "policy" constructions,
+                the synthesis engine (sized as tapo_jax.train.engines sizes it, for prompts of
+                512 template tokens, an estimate, + data.max_prompt_tokens + 2 x
+                rollout.max_new_tokens: y⁻ and y⁺): its decode state, which lives through a
+                generate call: KV cache 2·L·slots·K·S·H·c split over data on slots and tensor on
+                K, S = the largest bucket + the new tokens, and the decode rows (tokens,
+                logprobs) 8·slots·S; then
+    prefill     one prefill of the largest bucket: P' = min(16, 16384 / bucket) prompts, their KV
+                and one layer, b'·T'·(2f + 2D + nH + 2kH)·e + the blockwise score block b'·n·β²·4
+                (the TPU compiler's fusions, measured by `bench aot`; the [b', n, T', T'] scores
+                with attention_impl "")
+    decode      one chunk of decode steps: the window copy (a window below S, the largest of the
+                engine's doubling windows, is sliced out and put back: one copy, 1.5 with >= 2
+                kv-heads on a chip, whose loop the compiler runs in a [B, S, K, H] order, and then
+                also a whole copy of the cache at window S); the step's logits slots·V/t·4; W in
+                the compute dtype when rollout.weight_dtype is not the compute dtype.
+  logprobs  W; the π_old forward of every step, one micro-batch of rows at a time (the loop maps
+            it over the R = Q·(K + m_max) rows, tapo; Q·K for grpo, rounded up as the loop does).
+  update    W; gradients 2P (the accumulator plus one micro-batch's gradient), two gathered layers,
             the gathered lm_head D·V/t·e, the batch on device, and a micro-batch's activations:
     per layer kept for the backward  a = b·T·[(4D + 3nH + 3kH + 3f)·e + 8D] + A_saved
         (x, its norm, q, k, v, rotated q and k, the attention output, the mid residual, its norm,
@@ -45,13 +62,11 @@ The run has three phases; the peak is the largest, and each phase holds the trai
     cudnn      A_saved = A_peak = b·n·T·4  (the fused kernel keeps the softmax statistics only)
     blockwise  A_saved = b·n·T·4   A_peak = b·n·T·(4 + 4H) + 2·b·k·T·H·4 + 5·b·n·β²·4
     splash     A_saved = A_peak = b·n·T·4  (its tiles live in VMEM, not HBM)
-With "policy" constructions the synthesis engine adds a phase like rollout, sized as the loop sizes
-it (tapo_jax.train.engines) for prompts of 512 template tokens (an estimate) +
-data.max_prompt_tokens + 2 x rollout.max_new_tokens (y⁻ and y⁺) and the synthesis length.
-
 These are estimates of what XLA keeps live, not its exact buffer assignment: fusion can drop
 some intermediates and the scheduler can overlap others; plan.usable (0.9) leaves the rest of HBM
-for the runtime, fragmentation and what the formulas miss.
+for the runtime, fragmentation and what the formulas miss. `python -m tapo_jax.bench aot` prints
+each phase next to the TPU compiler's own accounting (tests/test_aot.py: the weight sync, prefill
+and decode phases within 15% on a small model).
 """
 
 from __future__ import annotations
@@ -256,9 +271,9 @@ def _split(dim: int, name: str, mesh) -> int:
   return ways if dim % ways == 0 else 1
 
 
-def shard_elems(shape, names, mesh) -> int:
+def shard_elems(shape, names, mesh, rules=sharding.RULES) -> int:
   """Elements of one device's shard of an array whose dims carry logical `names`."""
-  spec = sharding.fit_spec(sharding.logical_to_spec(names), shape, mesh)
+  spec = sharding.fit_spec(sharding.logical_to_spec(names, rules), shape, mesh)
   n = 1
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -334,36 +349,110 @@ def _geometry(mc: QwenConfig, mesh, e: int, impl: str) -> Geometry:
   )
 
 
-def rollout_terms(g: Geometry, slots: int, bucket: int, new_tokens: int, windows) -> list[Term]:
-  """The engine's decode state, one prefill of the largest bucket and one decode step."""
-  c, e, layers = g.cfg, g.e, g.cfg.num_hidden_layers
-  s = bucket + new_tokens
-  # the engine places its state with sharding.named_sharding (fit_spec: each mesh axis that divides)
-  cache = (
-    2 * layers * e * shard_elems((slots, c.num_key_value_heads, s, c.head_dim), CACHE_AXES, g.mesh)
-  )
-  rows = shard_elems((slots, s), ("batch", "cache_seq"), g.mesh) // s
-  p_rows = max(1, min(16, 16384 // bucket))  # QwenEngine.max_prefill_rows with its defaults
-  p_rows = 1 << (p_rows.bit_length() - 1)
-  pb = g.rows(p_rows)
-  prefill_kv = shard_elems((p_rows, c.num_key_value_heads, bucket, c.head_dim), CACHE_AXES, g.mesh)
-  prefill = 2 * layers * e * prefill_kv + pb * bucket * c.hidden_size * e
-  prefill += g.forward_layer(
-    pb, bucket, "blockwise" if g.impl in attention.MEMORY_EFFICIENT else ""
-  )
-  window = max([w for w in windows if 16 <= w < s] + [0])
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """The engines' decode layout, per device (`sampler_layout`)."""
+
+  mesh: jax.sharding.AbstractMesh  # (data, 1, tensor): weights over tensor, KV slots over data
+  weights: int  # bytes of one device's decode copy of the weights
+  itemsize: int  # bytes of rollout.weight_dtype
+  own_copy: bool  # a copy beside the trainer's params (else the engines read those)
+
+
+def decode_windows(smallest_bucket: int, max_len: int) -> tuple[int, ...]:
+  """The engine's decode windows (`sampling.engine.decode_windows`): doubling from the smallest
+  bucket (at least 16) to the cache length."""
+  w, out = min(max_len, max(16, smallest_bucket)), []
+  while w < max_len:
+    out.append(w)
+    w *= 2
+  return (*out, max_len)
+
+
+def sampler_layout(cfg, sl: Slice, mesh, model, layers: int) -> Sampler:
+  """The engines' decode layout (tapo_jax.sampling.engine): the chips as (data, 1, tensor),
+  tensor = rollout.decode_tensor or the largest divisor of the kv heads inside one host; weights
+  in rollout.weight_dtype over tensor, replicated over data. One copy serves every engine; the
+  loop makes it once per step (`Engines.sync`) and holds it through the step. The engines read
+  the trainer's params instead when those already are that layout and dtype (and no one-step-off
+  sampler needs its own)."""
+  c = model.cfg
+  try:
+    t = sharding.decode_tensor(
+      c.num_key_value_heads, sl.chips, sl.chips // sl.hosts, int(cfg.rollout.decode_tensor)
+    )
+  except ValueError as e:
+    raise PlanError(f"config.{e}") from None
+  dmesh = jax.sharding.AbstractMesh((sl.chips // t, 1, t), sharding.MESH_AXES)
+  if cfg.rollout.weight_dtype not in DTYPES:
+    raise PlanError(f"config.rollout.weight_dtype={cfg.rollout.weight_dtype!r}: expected one of "
+                    f"{sorted(DTYPES)}")  # fmt: skip
+  w = jnp.dtype(DTYPES[cfg.rollout.weight_dtype]).itemsize
+  rules = sharding.DECODE_RULES
+  _, weights = param_bytes(model, dmesh, w, rules)
+  weights += (layers - 1) * param_bytes(model.layers[0], dmesh, w, rules)[1]
+  p = jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize
+  same = p == w and tuple(mesh.shape.values()) == tuple(dmesh.shape.values())
+  return Sampler(dmesh, weights, w, not same or bool(cfg.rollout.async_steps))
+
+
+def sampler_weights(sampler: Sampler) -> list[Term]:
+  """The decode copy of the weights, where the engines hold one."""
+  if not sampler.own_copy:
+    return []
+  t = sampler.mesh.shape["tensor"]
+  name = f"sampler weights (decode copy, {sampler.itemsize * 8}-bit, tensor={t})"
+  return [Term(name, sampler.weights, "rollout.weight_dtype=bfloat16 or a larger decode_tensor")]
+
+
+def engine_terms(g: Geometry, sampler: Sampler, slots: int, bucket: int, new_tokens: int, smallest):
+  """(decode terms, prefill terms) of one engine in the decode layout: the weights and decode
+  state it holds, one decode step's temporaries, one prefill of the largest bucket; `g` is the
+  decode mesh's geometry."""
+  c, e, layers, mesh = g.cfg, g.e, g.cfg.num_hidden_layers, sampler.mesh
+  k_, h, s = c.num_key_value_heads, c.head_dim, bucket + new_tokens
+  rules = sharding.DECODE_RULES  # the engine's state: sharding.named_sharding with these rules
+  cache = 2 * layers * e * shard_elems((slots, k_, s, h), CACHE_AXES, mesh, rules)
+  rows = shard_elems((slots, s), ("batch", "cache_seq"), mesh, rules) // s
+  window = ([0] + [w for w in decode_windows(smallest, s) if w < s])[-1]  # the largest below S
   fewer = f"fewer rollout.slots (now {slots}) or more chips"
-  return [
+  held = sampler_weights(sampler) + [
     Term(f"KV cache ({slots} slots x {s}, {e * 8}-bit)", cache, fewer),
     Term("decode rows (tokens, logprobs)", 8 * rows * s, fewer),
-    Term(f"decode window copy (<= {window} of {s} slots)", cache * window // s, fewer),
-    Term(
-      f"prefill of {p_rows} x {bucket} tokens",
-      prefill,
-      "model.attention_impl=blockwise or splash, or smaller rollout.prefill_buckets",
-    ),
+  ]
+  converted = sampler.weights * e // sampler.itemsize if sampler.itemsize != e else 0
+  # A window below S is sliced out of the cache and put back after the chunk: one copy of it. With
+  # >= 2 kv-heads on a device the TPU compiler runs the loop with them second-minor ([B, S, K, H]
+  # order): the slice is converted too (1.5 copies) and at window S the whole cache is copied.
+  if g.k >= 2:
+    loop_copy = max(3 * cache * window // (2 * s), cache)
+  else:
+    loop_copy = cache * window // s
+  decode = held + [
+    Term(f"weights in the compute dtype ({e * 8}-bit)", converted, "rollout.weight_dtype"),
+    Term(f"decode window in the loop's layout (window {window or s} of {s})", loop_copy, fewer),
     Term("decode step logits", rows * c.vocab_size // g.tv * 4, fewer),
   ]
+  p_rows = max(1, min(16, 16384 // bucket))  # QwenEngine.max_prefill_rows with its defaults
+  p_rows = 1 << (p_rows.bit_length() - 1)
+  pb = shard_elems((p_rows, bucket), ("batch", "seq"), mesh, rules) // bucket
+  prefix = 2 * layers * e * shard_elems((p_rows, k_, bucket, h), CACHE_AXES, mesh, rules)
+  d, f, n = c.hidden_size, g.f, g.n
+  # one layer's activations as the TPU compiler fuses them (calibrated on bench aot)
+  acts = pb * bucket * (2 * f + 2 * d + n * h + 2 * g.k * h) * e
+  if g.impl in attention.MEMORY_EFFICIENT:  # prefill over the cache: blockwise
+    blk = min(attention.BLOCK, bucket)
+    acts += pb * n * blk * blk * 4
+  else:
+    acts += attention_bytes("", pb, n, g.k, bucket, h, e)[1]
+  prefill = held + [
+    Term(
+      f"prefill of {p_rows} x {bucket} tokens (its KV, one layer)",
+      prefix + acts,
+      "model.attention_impl=blockwise or splash, or smaller rollout.prefill_buckets",
+    ),
+  ]
+  return [t for t in decode if t.bytes], [t for t in prefill if t.bytes]
 
 
 def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[Term], list[str]]:
@@ -443,19 +532,26 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
     phases["update"] = state + [gathered, head, batch] + terms
     return _report(sl, sizes, source, num_params, phases, cfg, notes)
 
+  sampler = sampler_layout(cfg, sl, mesh, model, layers)
+  gd = _geometry(mc, sampler.mesh, g.e, impl)
   buckets = sorted(cfg.rollout.prefill_buckets)
-  rollout = rollout_terms(g, cfg.rollout.slots, buckets[-1], cfg.rollout.max_new_tokens, buckets)
-  phases["rollout"] = state + rollout + [gathered]
+  engines = [("rollout", buckets[-1], cfg.rollout.max_new_tokens, buckets[0])]
   if cfg.algorithm == "tapo" and cfg.tapo.construction == "policy":
     from tapo_jax import config as config_lib
     from tapo_jax.tapo import synthesis
 
     longest = 512 + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
     synth_buckets = synthesis.prompt_buckets(longest)
-    bucket, new = synth_buckets[-1], config_lib.synthesis_max_new_tokens(cfg)
-    synth = rollout_terms(g, cfg.rollout.slots, bucket, new, synth_buckets)
-    phases["synthesis"] = state + synth + [gathered]
-    notes.append(f"synthesis prompts assumed <= {longest} tokens (bucket {bucket})")
+    new = config_lib.synthesis_max_new_tokens(cfg)
+    engines.append(("synthesis", synth_buckets[-1], new, synth_buckets[0]))
+    notes.append(f"synthesis prompts assumed <= {longest} tokens (bucket {synth_buckets[-1]})")
+  if sampler.own_copy:  # the reshard's temporaries: about one more copy (cast, then gathered)
+    reshard = Term("weight sync temporaries", sampler.weights, "a larger rollout.decode_tensor")
+    phases["weight sync"] = state + sampler_weights(sampler) + [reshard]
+  for name, bucket, new, smallest in engines:
+    decode, prefill = engine_terms(gd, sampler, cfg.rollout.slots, bucket, new, smallest)
+    phases[f"{name} prefill"] = state + prefill
+    phases[f"{name} decode"] = state + decode
 
   t = cfg.tapo.max_len
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
@@ -475,9 +571,10 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
     fwd,
     "a smaller optim.micro_batch",
   )
-  phases["logprobs"] = state + [batch, old, gathered, head]
+  # the loop keeps the step's decode copy of the weights through pi_old and the update
+  phases["logprobs"] = state + sampler_weights(sampler) + [batch, old, gathered, head]
   terms, more_notes = update_terms(g, cfg, params, cfg.optim.micro_batch, t)
-  phases["update"] = state + [gathered, head, batch] + terms
+  phases["update"] = state + sampler_weights(sampler) + [gathered, head, batch] + terms
   return _report(sl, sizes, source, num_params, phases, cfg, notes + more_notes)
 
 
@@ -514,13 +611,13 @@ def _attention_impl(impl: str, sl: Slice, head_dim: int) -> str:
   return impl
 
 
-def param_bytes(module, mesh, itemsize: int) -> tuple[int, int]:
+def param_bytes(module, mesh, itemsize: int, rules=sharding.RULES) -> tuple[int, int]:
   """(parameter count, bytes of one device's shards at `itemsize` bytes each) of an abstract
-  module, split by the rules table."""
+  module, split by a rules table."""
   shapes = jax.tree.leaves(nnx.state(module, nnx.Param))
   axes = jax.tree.leaves(param_logical_axes(module), is_leaf=_is_axes)
   count = sum(math.prod(x.shape) for x in shapes)
-  return count, itemsize * sum(shard_elems(x.shape, a, mesh) for x, a in zip(shapes, axes))
+  return count, itemsize * sum(shard_elems(x.shape, a, mesh, rules) for x, a in zip(shapes, axes))
 
 
 def _is_axes(x) -> bool:

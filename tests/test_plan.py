@@ -13,9 +13,9 @@ from tapo_jax import config as base
 from tapo_jax import plan as plan_lib
 from tapo_jax import sharding
 from tapo_jax.models import Qwen, load_config
-from tapo_jax.sampling.engine import QwenEngine
 from tapo_jax.sharding import make_mesh
 from tapo_jax.toy import arith
+from tapo_jax.train import engines as engines_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN25_7B_PARAMS = 7_615_616_512
@@ -85,7 +85,8 @@ def small_cfg(tmp_path):
 def test_small_config_per_device_numbers_by_hand(small_cfg):
   report = plan_lib.plan(small_cfg)
   assert report.num_params == 6800  # 2·64·16 + 16 + 2 · 2368 (per layer, below)
-  rollout, update = _terms(report, "rollout"), _terms(report, "update")
+  update = _terms(report, "update")
+  prefill, decode = _terms(report, "rollout prefill"), _terms(report, "rollout decode")
   # embed [64, 16] vocab/tensor, embed/fsdp: 32·8 = 256; lm_head the same 256; final norm 16;
   # per layer: 2 norms 32, q [16,4,4] 8·2·4 = 64, k and v [16,2,4] 8·1·4 = 32 each, o 64,
   # biases 8 + 4 + 4, gate/up [16,32] and down [32,16] 8·16 = 128 each -> 624.
@@ -109,40 +110,57 @@ def test_small_config_per_device_numbers_by_hand(small_cfg):
   small_cfg.model.remat = True
   remat = _terms(plan_lib.plan(small_cfg), "update")["activations"]
   assert remat == 2 * 2 * 32 * 16 * 4 + layer + layer_bwd + head == 185856
-  # KV: 2 (k, v) · L · (4 slots / 2) · (2 kv-heads / 2) · (S = 8 + 8) · H · 4 bytes
-  assert rollout["KV cache"] == 2 * 2 * 2 * 1 * 16 * 4 * 4 == 2048
-  assert rollout["decode rows"] == 8 * 2 * 16
-  assert rollout["decode window copy"] == 0  # bucket 8 is below the engine's smallest window
-  # prefill: 16 prompts of 8 (8 per device): their KV, the hidden, one layer forward
-  fwd = 8 * 8 * ((3 * 16 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 4 + 4 * 16)
-  fwd += 8 * 2 * 8 * (4 + 16) + 2 * 8 * 1 * 8 * 4 * 4 + 5 * 8 * 2 * 8 * 8 * 4
-  assert rollout["prefill of 16 x 8 tokens"] == 2 * 2 * 8 * 1 * 8 * 4 * 4 + 8 * 8 * 16 * 4 + fwd
-  assert rollout["decode step logits"] == 2 * 64 // 2 * 4
+  # The decode layout: 4 chips as data 2 x tensor 2 (2 kv heads, one host), weights in bf16 over
+  # tensor, replicated over data: embed and lm_head 32·16 each, norm 16, a layer 1200 (as above)
+  weights = (2 * 512 + 16 + 2 * 1200) * 2
+  assert _terms(report, "weight sync") == {
+    "params": params, "AdamW moments": 2 * params, "sampler weights": weights,
+    "weight sync temporaries": weights,
+  }  # fmt: skip
+  assert update["sampler weights"] == prefill["sampler weights"] == decode["sampler weights"]
+  assert _terms(report, "logprobs")["sampler weights"] == weights == 6880
+  # KV: 2 (k, v) · L · (4 slots / data 2) · (2 kv-heads / tensor 2) · (S = 8 + 8) · H · 4 bytes
+  assert prefill["KV cache"] == decode["KV cache"] == 2 * 2 * 2 * 1 * 16 * 4 * 4 == 2048
+  assert prefill["decode rows"] == decode["decode rows"] == 8 * 2 * 16
+  assert "decode window in the loop's layout" not in decode  # no window below S = 16
+  assert decode["weights in the compute dtype"] == weights * 4 // 2  # bf16 copy, f32 compute
+  assert decode["decode step logits"] == 2 * 64 // 2 * 4
+  # prefill: 16 prompts of 8 (8 per replica): their KV, one layer (f 16, n 2, k 1), the
+  # blockwise score block of 8 x 8
+  kv = 2 * 2 * 4 * 8 * 1 * 8 * 4
+  acts = 8 * 8 * (2 * 16 + 2 * 16 + 2 * 4 + 2 * 1 * 4) * 4 + 8 * 2 * 8 * 8 * 4
+  assert prefill["prefill of 16 x 8 tokens"] == kv + acts == 28672
   assert "logprobs" in report.phases  # the pi_old pass runs every step, a micro-batch at a time
   assert report.fits
 
 
 def test_params_and_kv_cache_match_the_real_shardings():
   """The planner's per-device bytes equal the shards the train state and the engine really hold
-  on 8 devices (toy model, data 2 x fsdp 2 x tensor 2: 2 kv-heads split over tensor, 6 slots
-  over data but not over data x fsdp)."""
+  on 8 devices (toy model, trainer data 2 x fsdp 2 x tensor 2; the engine's decode layout data 4
+  x tensor 2: its 2 kv-heads split over tensor, 6 slots not over data 4), weights in bf16 and
+  f32."""
   cfg = base.base_config()
   cfg.model.toy, cfg.mesh = "arith", dict(data=2, fsdp=2, tensor=2)
   cfg.plan.device, cfg.plan.chips = "v5p", 8
   cfg.rollout.slots, cfg.rollout.prefill_buckets, cfg.rollout.max_new_tokens = 6, (16, 32), 32
-  report = _terms(plan_lib.plan(cfg), "rollout")
   mesh = make_mesh(dict(cfg.mesh))
   model = Qwen(load_config(arith.CHECKPOINT_DIR), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   params = jax.device_put(params, sharding.param_shardings(params, mesh))
-  held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
-  assert report["params"] == held
-  engine = QwenEngine(model, slots=6, max_len=64, prefill_buckets=(16, 32), mesh=mesh)
-  state = engine.init_decode_state()
-  kv = sum(x.addressable_shards[0].data.nbytes for x in state.cache.k + state.cache.v)
-  assert report["KV cache"] == kv == engine.cache_bytes // 4  # 2 ways on slots, 2 on kv-heads
-  rows = sum(x.addressable_shards[0].data.nbytes for x in (state.tokens, state.logprobs))
-  assert report["decode rows"] == rows
+  shard_bytes = lambda xs: sum(x.addressable_shards[0].data.nbytes for x in xs)  # noqa: E731
+  for weight_dtype in ("bfloat16", "float32"):
+    cfg.rollout.weight_dtype = weight_dtype
+    report = plan_lib.plan(cfg)
+    decode = _terms(report, "rollout decode")
+    assert _terms(report, "update")["params"] == shard_bytes(jax.tree.leaves(params))
+    engine = engines_lib.rollout_engine(cfg, model, mesh)
+    copy = jax.tree.leaves(engine.load_params(params))
+    assert decode["sampler weights"] == shard_bytes(copy)
+    state = engine.init_decode_state()
+    kv = shard_bytes(state.cache.k + state.cache.v)
+    assert decode["KV cache"] == kv == engine.cache_bytes // 2  # 2 ways on kv-heads only
+    assert decode["decode rows"] == shard_bytes((state.tokens, state.logprobs))
+    assert engine.windows == plan_lib.decode_windows(16, 64)
 
 
 def test_memory_efficient_attention_removes_the_quadratic_term():

@@ -1,4 +1,5 @@
-"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory,rl}: us vs a peer, in one run."""
+"""python -m tapo_jax.bench {verifier,sampler,tapo,train,memory,rl,aot}: us vs a peer, in one run
+(aot: TPU compiles without a TPU)."""
 
 import importlib
 import sys
@@ -10,6 +11,7 @@ BENCHMARKS = {
   "train": "tapo_jax.bench.train",  # tokens/s, MFU vs transformers fwd+bwd+AdamW
   "memory": "tapo_jax.bench.memory",  # planner vs XLA's compiled temp bytes; attention impls
   "rl": "tapo_jax.bench.rl",  # the whole RL step stage by stage; one-step-off vs synchronous
+  "aot": "tapo_jax.bench.aot",  # TPU compiles without a TPU: collectives, memory vs the planner
 }
 
 
