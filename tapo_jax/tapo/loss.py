@@ -150,10 +150,11 @@ def sequence_logprobs(
   segment_ids_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Token-aligned (logprobs, entropies) [B, T] of `tokens` under the model's hidden states; 0 at
-  column 0 and, on packed rows, at each segment's first token (it has no context)."""
+  column 0 and, given segment ids, at each segment's first token (it has no context) and on
+  padding (segment 0)."""
   lp, ent = token_logprobs_and_entropy(hidden_BTD[:, :-1], lm_head_DV, tokens_BT[:, 1:], chunk)
-  if segment_ids_BT is not None:
-    cont = segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]  # token t continues t - 1's sequence
+  if segment_ids_BT is not None:  # token t continues token t - 1's sequence
+    cont = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] > 0)
     lp, ent = jnp.where(cont, lp, 0.0), jnp.where(cont, ent, 0.0)
   pad = jnp.zeros((tokens_BT.shape[0], 1), jnp.float32)
   return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)

@@ -136,7 +136,9 @@ def make_relayout(mesh):
     where[old.source] = old.row * w + old.start  # each sequence's first slot in `parts`
     index = layout.index(where[layout.source]).astype(np.int32)
     index = sharding.put_global(index, sharding.batch_shardings(index, mesh, row_axis=2))
-    return gather(parts, index)
+    seg = layout.segment_ids()  # ids number the sequences of a row: the new rows' own
+    seg = sharding.put_global(seg, sharding.batch_shardings(seg, mesh, row_axis=2))
+    return [p.replace(segment_ids=seg[i]) for i, p in enumerate(gather(parts, index))]
 
   return relayout
 
