@@ -294,3 +294,46 @@ def test_bf16_compute_keeps_f32_master_weights_and_remat_changes_nothing():
   # bf16 compute is close to f32 but not identical (it really ran in bf16).
   assert losses["bf16"][0] == pytest.approx(losses["f32"][0], rel=2e-2)
   assert losses["bf16"][0] != losses["f32"][0]
+
+
+def test_gradients_accumulate_in_float32_in_the_params_sharding():
+  """bf16 params and compute on a (data 2, fsdp 4) mesh: the compiled update's micro-batch loop
+  carries one float32 accumulator per parameter, at the parameter's per-device shard shape (the
+  cross-device sum of each micro-batch's gradient is scattered into it: on CPU XLA writes that
+  reduce-scatter as all-reduce + dynamic-slice, GPU and TPU fuse the two)."""
+  import re
+
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  cfg = QwenConfig(
+    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+  )  # fmt: skip
+  model = Qwen(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  tx = state_lib.make_optimizer(base.base_config().optim, 10)
+  state, ssh = state_lib.init_state(params, tx, mesh)
+  rng = np.random.default_rng(0)
+  batch = {
+    "tokens": rng.integers(0, 64, (2, 8, 32)).astype(np.int32),
+    "loss_mask": np.ones((2, 8, 32), bool),
+    "denom": np.full((2, 8), 2 * 8 * 32),
+  }
+  batch = sharding.put_global(batch, sharding.batch_shardings(batch, mesh, row_axis=1))
+  with jax.set_mesh(mesh):
+    fn = step_lib.make_train_step(graphdef, tx, lambda m, b: sft.sft_loss(m, b, 64), ssh)
+    hlo = fn.lower(state, batch).compile().as_text()
+  loops = [line for line in hlo.splitlines() if re.match(r"\s*%while[.\d]* = \(", line)]
+  carried = set()
+  for line in loops:
+    carried |= set(re.findall(r"(f32|bf16)\[([\d,]*)\]", line.split(" while(")[0]))
+  shards = {
+    ",".join(map(str, x.sharding.shard_shape(x.shape)))
+    for x in jax.tree.leaves(params)
+    if x.ndim and x.sharding.shard_shape(x.shape) != x.shape
+  }
+  assert len(shards) >= 5
+  for shape in shards:
+    assert ("f32", shape) in carried, shape  # a float32 accumulator of the shard
+  new_state, _ = fn(state, batch)  # and the update still runs, params in their dtype
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new_state.params))

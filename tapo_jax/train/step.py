@@ -200,6 +200,7 @@ def make_train_step(
     zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
     init = (jnp.zeros((), jnp.float32), as_accumulator(zeros(state.params)), zeros(metrics_shape))
     (loss, grads, metrics), _ = jax.lax.scan(body, init, batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)  # optax's dtypes
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
