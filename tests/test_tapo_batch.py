@@ -60,6 +60,7 @@ def test_layout_segment_ids_and_token_counts():
   assert lay.micro_batches_used() == 2 and lay.tokens() == (9, 2 * 2 * 6)
   idx = lay.index(lay.source * 10).reshape(4, 6)
   np.testing.assert_array_equal(idx[0], [0, 1, 2, 40, 41, -1])
+  assert lay.locate(4) == (0, 3) and lay.locate(2) == (3, 0)
 
 
 def test_deal_splits_originals_and_constructions_evenly_and_keeps_only_trained():

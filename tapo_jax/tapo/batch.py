@@ -238,6 +238,12 @@ class Layout:
       seg[self.row[i], self.start[i] : self.start[i] + self.length[i]] = count[self.row[i]]
     return seg.reshape(self.shape)
 
+  def locate(self, source: int) -> tuple[int, int]:
+    """(packed row, first column) of the sequence gathered from padded row `source`: its token at
+    position p is at column first + p of that row (rows numbered flat over [n, M, m])."""
+    (i,) = np.flatnonzero(self.source == source)
+    return int(self.row[i]), int(self.start[i])
+
   def micro_batches_used(self) -> int:
     """Micro-batches holding at least one sequence (the others are skipped by the update)."""
     m = self.shape[2]
@@ -250,7 +256,8 @@ class Layout:
 
 def pack(batch, layout: Layout):
   """Every [R, T] leaf of `batch` (host arrays) gathered into the layout's [n, M, m, W] (zeros on
-  padding); `segment_ids` is the layout's."""
+  padding); `segment_ids` is the layout's. Raises ValueError when a loss token of a packed
+  sequence lies beyond its length (it would silently leave the loss)."""
   idx = layout.index(layout.source * batch.tokens.shape[1])
   flat_idx, pad = np.maximum(idx, 0), idx < 0
 
@@ -260,4 +267,6 @@ def pack(batch, layout: Layout):
     return np.where(pad, np.zeros((), x.dtype), out)
 
   out = jax.tree.map(one, batch)
+  if out.loss_mask.sum() != np.asarray(batch.loss_mask)[layout.source].sum():
+    raise ValueError("a loss token lies beyond its sequence's length (prompt + response)")
   return out.replace(segment_ids=layout.segment_ids())
