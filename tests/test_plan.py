@@ -98,7 +98,7 @@ def test_small_config_per_device_numbers_by_hand(small_cfg):
   # R = Q·(K + m_max) = 12 rows of 32 tokens of Rollouts (14 bytes a token) on one device, and
   # the packed minibatch: M = 3 micro-batches (12 sequences, at worst one a row) of m = 4 rows
   # (4 x 32 tokens), 2 rows a device, 39 bytes a token (the TrainBatch's 12 fields)
-  assert update["rollout batch"] == 12 * 32 * 14 + 3 * 2 * 32 * 39
+  assert update["rollout batch + packed minibatches"] == 12 * 32 * 14 + 3 * 2 * 32 * 39
   # b = 4 rows / (data·fsdp = 2) = 2, T = 32, n = 2, k = 1, f = 16, H = 4, e = 4, β = 32, C = 16
   a_saved = 2 * 2 * 32 * 4  # lse
   a_peak = 2 * 2 * 32 * (4 + 16) + 2 * 2 * 1 * 32 * 4 * 4 + 5 * 2 * 2 * 32 * 32 * 4
