@@ -14,10 +14,12 @@ row), so the update and π_old compile once; micro-batches with no sequence are 
 (`lax.cond`), so the fixed M costs nothing when the sequences are short.
 
 Gradients: each micro-batch's gradient is cast to float32 and constrained to the parameters'
-sharding before it is added to the float32 accumulator, which has that same sharding: the
-cross-device sum of a micro-batch's gradient lands in each device's shard (a reduce-scatter on
-TPU/GPU, where XLA turns all-reduce + dynamic-slice into one), and no replicated full-size
-gradient is kept.
+sharding before it is added to the float32 accumulator, which has that same sharding, so the
+cross-device sum of a micro-batch's gradient is scattered into each device's shard and no
+replicated full-size gradient is carried (CPU's compiled HLO writes that reduce-scatter as
+all-reduce + dynamic-slice; GPU and TPU compilers fuse the pair). The sum across devices is in
+the dtype of the weight-gradient matmul's output: float32 with float32 compute; with bfloat16
+compute, bfloat16 partial sums cast to float32 only for the accumulation.
 
 An update is skipped (params and optimizer state unchanged, `skipped` counted) when the loss, the
 gradient norm or the updated params are not finite, or when the update is larger than
