@@ -188,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0
   c.optim.max_update_ratio = 1.0  # skip an update larger than this x ||params|| (0 = off)
   c.optim.micro_batch = 8  # rows per gradient-accumulation micro-batch
+  # tokens per micro-batch: rows of tapo.max_len (sft: sft.max_len) tokens, each packed with
+  # whole sequences (tapo_jax/train/step.py); 0 = micro_batch rows
+  c.optim.micro_batch_tokens = 0
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.minibatches = 1  # optimizer steps per rollout batch and epoch
 
@@ -252,3 +255,8 @@ def base_config() -> ml_collections.ConfigDict:
 def synthesis_max_new_tokens(cfg) -> int:
   """tapo.synthesis_max_new_tokens, or its default (0): rollout.max_new_tokens + 1024."""
   return cfg.tapo.synthesis_max_new_tokens or cfg.rollout.max_new_tokens + 1024
+
+
+def micro_batch_tokens(cfg, width: int) -> int:
+  """optim.micro_batch_tokens, or its default (0): optim.micro_batch rows of `width` tokens."""
+  return cfg.optim.micro_batch_tokens or cfg.optim.micro_batch * width

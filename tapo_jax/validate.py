@@ -412,6 +412,17 @@ def validate_values(cfg, mode: str | None = None) -> None:
       f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} (the longest prompt allowed)"
     )
   _check_template(cfg.data.prompt_template)
+  tokens = cfg.optim.micro_batch_tokens
+  if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+    raise ConfigError(
+      f"config.optim.micro_batch_tokens={tokens!r}: must be an integer >= 0 (0: optim.micro_batch "
+      "rows)"
+    )
+  if cfg.mode == "rl" and 0 < tokens < cfg.tapo.max_len:
+    raise ConfigError(
+      f"config.optim.micro_batch_tokens={tokens}: less than one packed row of tapo.max_len="
+      f"{cfg.tapo.max_len} tokens; use 0 (optim.micro_batch rows) or >= {cfg.tapo.max_len}"
+    )
   need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
   if mode == "rl" and cfg.tapo.max_len < need:
     raise ConfigError(

@@ -101,6 +101,7 @@ BAD = [
   (["--config.optim.micro_batch=0"], "config.optim.micro_batch=0: must be an integer >= 1"),
   (["--config.optim.ppo_epochs=0"], "config.optim.ppo_epochs=0"),
   (["--config.optim.minibatches=0"], "config.optim.minibatches=0"),
+  (["--config.optim.micro_batch_tokens=64"], "config.optim.micro_batch_tokens=64: less than one"),
   (["--config.rollout.prefill_buckets=()"], "config.rollout.prefill_buckets=(): expected a non"),
   (["--config.rollout.prefill_buckets=(0, 64)"], "config.rollout.prefill_buckets=(0, 64)"),
   (["--config.reward.timeout_s=0"], "config.reward.timeout_s=0.0: must be > 0"),

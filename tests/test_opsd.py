@@ -287,7 +287,7 @@ def test_micro_batches_add_up_to_the_full_batch(grpo_coef):
 def test_minibatches_scale_the_divergence_like_the_policy_loss():
   batch, _ = _batch(_cfg())
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  parts = step_lib.minibatches(batch, jax.random.key(0), 2, 1, mesh)
+  parts = step_lib.padded_minibatches(batch, jax.random.key(0), 2, 1, mesh)
   assert len(parts) == 2
   scales = np.concatenate([np.asarray(p.distill_scale).ravel() for p in parts])
   np.testing.assert_allclose(np.sort(scales), 2 / 18)
