@@ -569,6 +569,9 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
 
   sampler = sampler_layout(cfg, sl, mesh, model, layers)
   gd = _geometry(mc, sampler.mesh, g.e, impl)
+  dm = sampler.mesh.shape
+  copy = f"weights {cfg.rollout.weight_dtype}" if sampler.own_copy else "the trainer's params"
+  notes.append(f"samplers decode as data={dm['data']} x tensor={dm['tensor']}, {copy}")
   buckets = sorted(cfg.rollout.prefill_buckets)
   engines = [("rollout", buckets[-1], cfg.rollout.max_new_tokens, buckets[0])]
   if cfg.algorithm == "tapo" and cfg.tapo.construction == "policy":

@@ -155,10 +155,12 @@ def small_config(path, **mesh):
   return cfg
 
 
-def _engine_programs(tmp_path_factory, **overrides):
+def _engine_programs(tmp_path_factory, **rollout):
   cfg = small_config(tmp_path_factory.mktemp("small"))
-  for key, value in overrides.items():
+  for key, value in rollout.items():
     cfg.rollout[key] = value
+  if rollout:
+    cfg.train.eval_every = 0  # the planner does not plan the eval engine
   s = aot.setup(cfg, "v5p:2x2x2")
   with aot.tpu_kernels():
     return s, {**aot.sync_programs(s), **aot.engine_programs(s)}
