@@ -4,6 +4,8 @@ held-out avg@4 and greedy accuracy before and after 20 steps, curves in WORKDIR/
 python -m tapo_jax.main --config=configs/tiny.py
 python -m tapo_jax.main --config=configs/tiny.py --config.tapo.construction=policy \
   --config.tapo.ref_baseline=group    # the paper's construction, by the policy (docs/toy.md)
+python -m tapo_jax.main --config=configs/tiny.py --config.algorithm=grpo   # the GRPO arm
+python -m tapo_jax.main --config=configs/tiny.py --config.algorithm=opsd   # the OPSD arm
 """
 
 from tapo_jax import config as base
@@ -28,10 +30,17 @@ def get_config():
   c.tapo.synthesis_template = teacher.SYNTHESIS_TEMPLATE  # the toy's short template (policy)
   c.tapo.synthesis_max_new_tokens = 320
   c.tapo.max_len = 384
+  # algorithm=opsd: the toy model never saw English; of the templates tried it predicts the gold
+  # solution best after this one (-0.39 nats/token vs the built-in's -1.21; the student without
+  # any solution: -0.03; docs/study.md)
+  c.opsd.teacher_template = "{solution}\n{problem}"
   c.loss.vocab_chunk = 128
   c.optim.lr = 3e-5
   c.optim.warmup_steps = 2
-  c.optim.micro_batch = 32
+  # one packed row of tapo.max_len a micro-batch: a step's trained sequences (~5k real tokens)
+  # fill ~14 rows, ~10% of the processed tokens padding (a micro-batch of 32 rows held them all,
+  # most of it empty)
+  c.optim.micro_batch_tokens = 384
   c.train.steps = 20
   c.train.checkpoint_every = 10
   c.train.eval_at_start = True

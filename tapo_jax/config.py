@@ -10,7 +10,7 @@ import ml_collections
 
 ENUMS: dict[str, tuple[str, ...]] = {
   "mode": ("rl", "sft", "eval", "plan", "coldstart"),
-  "algorithm": ("grpo", "tapo"),
+  "algorithm": ("grpo", "tapo", "opsd"),
   "model.dtype": ("float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
   "rollout.weight_dtype": ("bfloat16", "float32"),
@@ -22,6 +22,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
   "reward.extract": ("boxed", "answer_line"),
   "loss.rollout_is": ("off", "token-tis", "seq-mask"),
   "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+  "opsd.solution_source": ("group", "reference"),
 }
 
 
@@ -41,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan) |
   # coldstart (build the cold-start SFT set: tapo_jax.train.coldstart)
   c.mode = "rl"
-  c.algorithm = "tapo"  # grpo | tapo
+  c.algorithm = "tapo"  # grpo | tapo | opsd (on-policy self-distillation: tapo_jax/opsd)
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
   c.workdir = ""  # checkpoints, metrics.jsonl, TensorBoard events; --workdir overrides
   c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU slices)
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed_num_processes = -1  # processes in the job
   c.distributed_process_id = -1  # this process's index in [0, num_processes)
   c.distributed_heartbeat_s = 30  # a process silent this long is dead: the others stop too
+  c.distributed_timeout_s = 300.0  # every process must have joined by then, else all stop
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)
@@ -157,6 +159,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.overlong_penalty = 0.0  # soft penalty factor for long responses (0 = off)
   c.loss.overlong_buffer = 256  # tokens before max_new_tokens where the penalty ramps up
 
+  # algorithm=opsd (tapo_jax/opsd; choices and sources: docs/recipe.md "OPSD"): the policy, shown
+  # a privileged solution in its prompt and given no gradient, teaches itself without it, token by
+  # token over the full vocabulary on its own rollouts.
+  c.opsd = ml_collections.ConfigDict()
+  # group: a correct rollout of the row's group other than itself, else the problem's reference
+  # solution (a `solution` field), else the row is not distilled | reference: the reference only
+  # (the OPSD paper's teacher)
+  c.opsd.solution_source = "group"
+  # β of D = β KL(p_T || M) + (1-β) KL(p_S || M), M = β p_T + (1-β) p_S: 0 = forward KL(p_T || p_S),
+  # 1 = reverse KL(p_S || p_T); 0.5 = JSD (the OPSD scripts' --beta 0.5)
+  c.opsd.beta = 0.5
+  c.opsd.grpo_coef = 0.0  # weight of an added GRPO loss on the same rollouts (OPSD: none, 0)
+  # the teacher's user message, fields {problem} {solution}, then wrapped in data.prompt_template;
+  # "" = the built-in one (tapo_jax/opsd/teacher.py)
+  c.opsd.teacher_template = ""
+  c.opsd.max_solution_tokens = 0  # solution tokens shown (cut); 0 = rollout.max_new_tokens
+  # teacher row length (template + problem + solution + response); 0 = what those need, measured
+  # with the tokenizer at start-up
+  c.opsd.max_len = 0
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6
   c.optim.warmup_steps = 10
@@ -166,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0
   c.optim.max_update_ratio = 1.0  # skip an update larger than this x ||params|| (0 = off)
   c.optim.micro_batch = 8  # rows per gradient-accumulation micro-batch
+  # tokens per micro-batch: rows of tapo.max_len (sft: sft.max_len) tokens, each packed with
+  # whole sequences (tapo_jax/train/step.py); 0 = micro_batch rows
+  c.optim.micro_batch_tokens = 0
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.minibatches = 1  # optimizer steps per rollout batch and epoch
 
@@ -204,7 +229,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.coldstart.teacher_temperature = 0.7
   c.coldstart.teacher_top_p = 0.95
   c.coldstart.teacher_workers = 16  # concurrent requests to teacher_url
-  c.coldstart.teacher_timeout_s = 600.0  # per request to teacher_url
+  c.coldstart.teacher_timeout_s = 600.0  # one attempt at a request to teacher_url, reply included
   c.coldstart.teacher_retries = 3  # per request: connection errors, timeouts, HTTP 429 / 5xx
 
   c.eval = ml_collections.ConfigDict()
@@ -230,3 +255,8 @@ def base_config() -> ml_collections.ConfigDict:
 def synthesis_max_new_tokens(cfg) -> int:
   """tapo.synthesis_max_new_tokens, or its default (0): rollout.max_new_tokens + 1024."""
   return cfg.tapo.synthesis_max_new_tokens or cfg.rollout.max_new_tokens + 1024
+
+
+def micro_batch_tokens(cfg, width: int) -> int:
+  """optim.micro_batch_tokens, or its default (0): optim.micro_batch rows of `width` tokens."""
+  return cfg.optim.micro_batch_tokens or cfg.optim.micro_batch * width

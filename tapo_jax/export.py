@@ -9,7 +9,10 @@ recorded config (WORKDIR/config.json: the model directory gives the architecture
 reads only the params subtree of the checkpoint, never the optimizer state.
 
 Everything is written into a temporary directory beside OUT and renamed over it at the end, so an
-interrupted export leaves the previous OUT (or none), never a half-written one.
+interrupted export leaves the previous OUT (or none), never a half-written one. OUT is replaced
+only when it is absent, an empty directory or an earlier export (files with the names an export
+writes, config.json among them); a file, any other directory, the workdir, a directory holding it
+or the source model is refused (CheckpointError) and left as it was.
 
   python -m tapo_jax.export WORKDIR [--step=N] [--out=DIR] [--model=HF_DIR]
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -37,6 +41,43 @@ from tapo_jax.train import workdir as workdir_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COPIED = ("generation_config.json", "chat_template.jinja")  # from the source model, when absent
+# The names an export (save_pretrained + a tokenizer's save_pretrained + COPIED) writes.
+EXPORT_NAME = re.compile(
+  r"config\.json|generation_config\.json|chat_template\.jinja|tokenizer(_config)?\.json|"
+  r"special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
+  r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
+
+
+def check_out(out: str | os.PathLike, *, protect: tuple = ()) -> None:
+  """Raises CheckpointError unless `out` may be replaced by an export: absent, an empty directory
+  or an earlier export, and neither one of the `protect`ed directories (the workdir, the source
+  model) nor a directory holding one."""
+  out = Path(out)
+  where = os.path.realpath(out)
+  for p in protect:
+    if p and os.path.exists(p):
+      real = os.path.realpath(p)
+      if where == real or real.startswith(where.rstrip(os.sep) + os.sep):
+        what = "is" if where == real else "holds"
+        raise CheckpointError(
+          f"--out={out}: {what} {p}, which an export would replace; choose a new directory"
+        )
+  if not os.path.lexists(out):
+    return
+  if not out.is_dir() or out.is_symlink():
+    raise CheckpointError(
+      f"--out={out}: exists and is not a directory; an export replaces its output whole, so "
+      "choose a new or empty directory"
+    )
+  names = os.listdir(out)
+  foreign = [n for n in names if not (EXPORT_NAME.fullmatch(n) and (out / n).is_file())]
+  if foreign or (names and "config.json" not in names):
+    why = f"{foreign[0]!r} is not a file an export writes" if foreign else "no config.json"
+    raise CheckpointError(
+      f"--out={out}: not an earlier export ({why}); an export replaces its output whole, so "
+      "choose a new or empty directory"
+    )
 
 
 def export_model(model: Qwen, tokenizer, out: str | os.PathLike, *, source_dir=None) -> Path:
@@ -44,8 +85,9 @@ def export_model(model: Qwen, tokenizer, out: str | os.PathLike, *, source_dir=N
 
   `source_dir` (the model the run started from) supplies generation_config.json and a chat
   template file the tokenizer did not write. Every process of a multi-host run must call this;
-  process 0 writes."""
+  process 0 writes. Raises CheckpointError (nothing written) unless `check_out` allows `out`."""
   out = Path(out)
+  check_out(out, protect=(source_dir,))
   writer = jax.process_index() == 0
   tmp = out.parent / f".{out.name}.export-tmp"
   if writer:
@@ -119,9 +161,15 @@ def export_checkpoint(
   *,
   model_path: str | None = None,
 ) -> Path:
-  """Exports checkpoint `step` (default: the newest) of an RL or SFT workdir; returns OUT."""
+  """Exports checkpoint `step` (default: the newest) of an RL or SFT workdir; returns OUT.
+
+  An `out` that `check_out` refuses (the workdir, a directory holding it, a file, a directory
+  that is not an earlier export) raises CheckpointError before anything is read or written."""
+  if out is not None:
+    check_out(out, protect=(workdir, model_path))
   model, tokenizer, base, step = load_checkpoint_policy(workdir, step, model_path=model_path)
   out = out or os.path.join(workdir, "export", f"step_{step}")
+  check_out(out, protect=(workdir, base))
   return export_model(model, tokenizer, out, source_dir=base)
 
 

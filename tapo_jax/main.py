@@ -46,17 +46,46 @@ def _fail(msg: str, status: int = 2) -> None:
   sys.exit(status)
 
 
+def _config_path(argv) -> str | None:
+  """The file of --config=PATH[:ARGS] (or --config PATH) in `argv`, else None."""
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      return a[len("--config=") :].split(":", 1)[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
 def _parse_flags(argv):
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    _fail(f"--config={path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(_first_line(e))
+    _fail(_first_line(e) if "Error whilst parsing config file" not in str(e) else _in_config(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # config_flags raises these for an override of a key the locked config does not have.
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     name = str(e).strip("\"'")
     bad = next((a for a in overrides if a[len("--config.") :].split("=")[0].endswith(name)), None)
-    _fail(f"unknown config key {name!r} in {bad}" if bad else f"bad flag: {e}")
+    if bad:
+      _fail(f"unknown config key {name!r} in {bad}")
+    if "get_config" in str(e):
+      _fail(f"--config={path}: defines no get_config()")
+    _fail(f"bad flag: {_first_line(e)}")
+  except Exception as e:  # noqa: BLE001 - the config file itself raised (SyntaxError, NameError...)
+    _fail(f"--config={path}: {type(e).__name__}: {_last_line(e)}")
+
+
+def _in_config(e: Exception) -> str:
+  """One line for an error raised while a config file ran: where, and its last traceback line."""
+  return f"{_first_line(e).split(': Error whilst')[0]}: {_last_line(e)}"
+
+
+def _last_line(e: Exception) -> str:
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if lines else type(e).__name__
 
 
 def _dispatch_reporting(cfg, workdir: str) -> None:
@@ -185,10 +214,18 @@ def main(argv) -> None:
   if cfg.mode == "plan":  # abstract shapes only: no devices, weights or data needed
     from tapo_jax import plan
 
+    try:
+      validate(cfg, 0)  # the planned slice stands in for the devices
+    except ConfigError as e:
+      _fail(str(e))
     sys.exit(plan.run(cfg))
   if cfg.distributed:
     from tapo_jax import distributed
 
+    try:
+      validate_lib.validate_distributed(cfg)
+    except ConfigError as e:
+      _fail(str(e))
     distributed.initialize(cfg)
   try:
     validate(cfg, jax.device_count())

@@ -19,8 +19,12 @@ Legend (per device): L layers, D model, F mlp, V vocab, N / K q / kv heads, H he
 the heads, kv heads and mlp width left on a device after tensor parallelism (a dim the tensor
 axis does not divide stays whole); e compute-dtype bytes, p param-dtype bytes, c cache bytes;
 P the per-device parameter bytes; b rows per device (a micro-batch's rows / (data x fsdp) when
-that divides, else all of them: `constrain` leaves the batch whole); T = tapo.max_len;
-C = loss.vocab_chunk; β the attention block (models.attention.BLOCK).
+that divides, else all of them: `constrain` leaves the batch whole); T = tapo.max_len (sft: the
+longest sft.max_len); C = loss.vocab_chunk; β the attention block (models.attention.BLOCK).
+A micro-batch is m packed rows of T tokens (train.step.rows_per_micro_batch: optim.micro_batch,
+or optim.micro_batch_tokens / T, rounded up to a multiple of data x fsdp), every row full width
+whatever the sequences' lengths, so its activations are those of m rows of T; packed rows add
+their segment mask where attention takes a mask (b·T² bytes, and cuDNN's bias from it, b·T²·e).
 
 The run's phases; the peak is the largest, and each phase holds the train state (params P, AdamW
 moments 2P in the param dtype, optax's default) plus:
@@ -46,10 +50,13 @@ moments 2P in the param dtype, optax's default) plus:
                 kv-heads on a chip, whose loop the compiler runs in a [B, S, K, H] order, and then
                 also a whole copy of the cache at window S); the step's logits slots·V/t·4; W in
                 the compute dtype when rollout.weight_dtype is not the compute dtype.
-  logprobs  W; the π_old forward of every step, one micro-batch of rows at a time (the loop maps
-            it over the R = Q·(K + m_max) rows, tapo; Q·K for grpo, rounded up as the loop does).
-  update    W; gradients 2P (the accumulator plus one micro-batch's gradient), two gathered layers,
-            the gathered lm_head D·V/t·e, the batch on device, and a micro-batch's activations:
+  logprobs  W; the π_old forward of every step, one micro-batch at a time, over the step's packed
+            minibatches: n·M micro-batches of m rows, M = train.step.micro_batches_bound over
+            the R = Q·(K + m_max) sequences (tapo; Q·K for grpo), 39 bytes a token, rows over
+            data x fsdp; the Rollouts (14 bytes a token) stay on one device.
+  update    W; gradients 2P (the float32 accumulator plus one micro-batch's gradient), two gathered
+            layers, the gathered lm_head D·V/t·e, the batch on device, and a micro-batch's
+            activations:
     per layer kept for the backward  a = b·T·[(4D + 3nH + 3kH + 3f)·e + 8D] + A_saved
         (x, its norm, q, k, v, rotated q and k, the attention output, the mid residual, its norm,
         gate, up, silu(gate)·up in the compute dtype; the two norms keep an f32 copy of their input)
@@ -455,19 +462,41 @@ def engine_terms(g: Geometry, sampler: Sampler, slots: int, bucket: int, new_tok
   return [t for t in decode if t.bytes], [t for t in prefill if t.bytes]
 
 
+def segment_mask_bytes(impl: str, b: int, t: int, e: int) -> int:
+  """The [b, 1, T, T] mask packed rows add where attention takes a mask (XLA; cuDNN also makes
+  a bias of it in the compute dtype); blockwise and splash take segment ids (O(b·T))."""
+  if impl in ("", "xla"):
+    return b * t * t
+  if impl == "cudnn":
+    return b * t * t * (1 + e)
+  return 0
+
+
+def micro_batch_rows(cfg, g: Geometry, width: int) -> int:
+  """m: the rows of a packed micro-batch, as the loop sizes it (train.step)."""
+  from tapo_jax import config as config_lib
+  from tapo_jax.train import step as step_lib
+
+  return step_lib.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, g.dp)
+
+
 def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[Term], list[str]]:
-  """(terms, notes) of one jitted update: gradients and a micro-batch's activations."""
+  """(terms, notes) of one jitted update: gradients and a packed micro-batch's activations (mb
+  rows of t tokens)."""
   b, remat = g.rows(mb), bool(cfg.model.remat)
   acts, attn = g.activations(b, t, cfg.loss.vocab_chunk, remat)
+  acts += segment_mask_bytes(g.impl, b, t, g.e)
   notes = []
   if b == mb and g.dp > 1:
     notes.append(
-      f"optim.micro_batch={mb} is not a multiple of data x fsdp = {g.dp}: every device "
+      f"a micro-batch of {mb} rows is not split over data x fsdp = {g.dp}: every device "
       "holds all its rows"
     )
     rows_fix = f"optim.micro_batch a multiple of {g.dp} (data x fsdp)"
   else:
-    rows_fix = f"a smaller optim.micro_batch (now {mb}) or sequence length (now {t})"
+    rows_fix = (
+      f"a smaller optim.micro_batch_tokens (now {mb} rows x {t}) or sequence length (now {t})"
+    )
   attn_fix = "model.attention_impl=splash (TPU), cudnn (GPU) or blockwise"
   fix = attn_fix if 2 * attn > acts else rows_fix if remat else "model.remat=True"
   other = g.activations(b, t, cfg.loss.vocab_chunk, not remat)[0]
@@ -478,7 +507,9 @@ def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[T
   )
   terms = [
     Term("gradients (accumulator + micro-batch)", 2 * params, "more chips"),
-    Term(f"activations, {b} rows x {t} (remat={remat}, attention {g.impl or 'xla'})", acts, fix),
+    Term(
+      f"activations, {b} packed rows x {t} (remat={remat}, attention {g.impl or 'xla'})", acts, fix
+    ),
   ]
   return terms, notes
 
@@ -526,9 +557,13 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
   phases, notes = {}, []
   if cfg.plan.mode == "sft":
     t, rows = cfg.sft.max_len, cfg.sft.batch_size
+    m = micro_batch_rows(cfg, g, t)
     fix = "a smaller sft.batch_size"
-    batch = Term(f"batch ({rows} x {t}, replicated, + micro-batches)", 2 * rows * t * 5, fix)
-    terms, notes = update_terms(g, cfg, params, cfg.optim.micro_batch, t)
+    # [M, m, T] packed: tokens, positions, segment ids (4 bytes each), the mask (1); M = ⌈rows / m⌉
+    batch = Term(
+      f"batch ({-(-rows // m)} x {m} packed rows x {t})", -(-rows // m) * g.rows(m) * t * 13, fix
+    )
+    terms, notes = update_terms(g, cfg, params, m, t)
     phases["update"] = state + [gathered, head, batch] + terms
     return _report(sl, sizes, source, num_params, phases, cfg, notes)
 
@@ -556,27 +591,32 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
     phases[f"{name} prefill"] = state + prefill
     phases[f"{name} decode"] = state + decode
 
+  from tapo_jax.train import step as step_lib
+
   t = cfg.tapo.max_len
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
-  multiple = math.lcm(cfg.optim.micro_batch, g.dp) * cfg.optim.minibatches  # the loop's padding
-  r = -(-cfg.rollout.batch_queries * (cfg.rollout.n + extra) // multiple) * multiple
-  per_token = 14 + 13  # Rollouts' [R, T] fields and the TrainBatch's, both alive in a step
+  r = cfg.rollout.batch_queries * (cfg.rollout.n + extra)
+  n, m = cfg.optim.minibatches, micro_batch_rows(cfg, g, t)
+  mm = step_lib.micro_batches_bound(r, n, m)
+  # Rollouts' [R, T] fields (14 bytes a token) on one device; the packed TrainBatch (12 fields,
+  # 39 bytes a token) as n minibatches of [M, m, T] on the mesh, rows over data x fsdp
   batch = Term(
-    f"rollout batch ({r} x {t}, replicated, + minibatch)",
-    r * t * per_token * (1 + 1 / cfg.optim.minibatches),
+    f"rollout batch + packed minibatches ({n} x {mm} x {m} x {t})",
+    r * t * 14 + n * mm * g.rows(m) * t * 39,
     "fewer rollout.batch_queries or a shorter tapo.max_len",
   )
-  br = g.rows(cfg.optim.micro_batch)  # the loop's pi_old pass: one micro-batch at a time
+  br = g.rows(m)  # the loop's pi_old pass: one micro-batch at a time
   fwd = br * t * mc.hidden_size * g.e + g.forward_layer(br, t, impl)
   fwd += g.head(br, t, cfg.loss.vocab_chunk) // 2  # forward only
+  fwd += segment_mask_bytes(impl, br, t, g.e)
   old = Term(
-    f"pi_old forward of {cfg.optim.micro_batch} rows at a time",
+    f"pi_old forward of {m} packed rows at a time",
     fwd,
-    "a smaller optim.micro_batch",
+    "a smaller optim.micro_batch_tokens",
   )
   # the loop keeps the step's decode copy of the weights through pi_old and the update
   phases["logprobs"] = state + sampler_weights(sampler) + [batch, old, gathered, head]
-  terms, more_notes = update_terms(g, cfg, params, cfg.optim.micro_batch, t)
+  terms, more_notes = update_terms(g, cfg, params, m, t)
   phases["update"] = state + sampler_weights(sampler) + [gathered, head, batch] + terms
   return _report(sl, sizes, source, num_params, phases, cfg, notes + more_notes)
 

@@ -8,6 +8,8 @@ One panel per group of metrics that the run logged (a panel with no data is left
   loss              loss, loss/orig, loss/ref (RL) or nll (SFT)
   TAPO constructions  tapo/constructions_attempted, _parsed, _correct (per step)
   TAPO statistics   tapo/eligible_rate, tapo/anchored_fraction, tapo/adv_ref_mean
+  OPSD divergence   opsd/divergence, opsd/agreement, opsd/logprob_gap (algorithm=opsd)
+  OPSD rows         opsd/rows_from_group, _from_reference, _without_solution (per step)
 
 Runs longer than 30 steps show each series faintly with its moving average (window ~ steps/20)
 on top. The figure is drawn with matplotlib's Agg canvas (no display, no pyplot global state) and
@@ -34,18 +36,24 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"tapo/constructions_attempted", r"tapo/constructions_parsed", r"tapo/constructions_correct"),
   ),
   ("TAPO statistics", (r"tapo/eligible_rate", r"tapo/anchored_fraction", r"tapo/adv_ref_mean")),
+  ("OPSD divergence", (r"opsd/divergence", r"opsd/agreement", r"opsd/logprob_gap")),
+  (
+    "OPSD rows per step",
+    (r"opsd/rows_from_group", r"opsd/rows_from_reference", r"opsd/rows_without_solution"),
+  ),
 )
 SMOOTH_ABOVE = 30  # points; longer series get a moving average drawn over them
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+  """The rows of a metrics.jsonl (a torn last line, from a killed run, or a damaged one that is
+  not JSON or not UTF-8 is skipped)."""
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     for line in f:
       try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
+        row = json.loads(line.decode("utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError):
         continue
       if isinstance(row, dict) and isinstance(row.get("step"), int | float):
         rows.append(row)
@@ -97,6 +105,8 @@ def plot_rows(rows: Sequence[dict], out: str, title: str = "") -> str:
   panels = panel_keys(rows)
   if not panels:
     raise ValueError("no plottable metrics (reward, eval, length, loss or TAPO keys)")
+  if os.path.isdir(out):
+    raise ValueError(f"{out}: is a directory; expected a PNG file path")
   cols = 2 if len(panels) > 1 else 1
   nrows = math.ceil(len(panels) / cols)
   fig = Figure(figsize=(6.0 * cols, 3.2 * nrows), layout="constrained")
@@ -131,10 +141,24 @@ def plot_run(workdir: str, out: str | None = None) -> str:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file (has the run logged a step yet?)")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: not a file")
   rows = read_metrics(path)
   last = max((r["step"] for r in rows), default=0)
   name = os.path.basename(os.path.normpath(workdir))
-  return plot_rows(rows, out or os.path.join(workdir, "curves.png"), f"{name} (step {last:g})")
+  try:
+    return plot_rows(rows, out or os.path.join(workdir, "curves.png"), f"{name} (step {last:g})")
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}" if str(e).startswith("no plottable") else str(e)) from None
+
+
+def plot_if_logged(workdir: str) -> str | None:
+  """plot_run at the end of a run: WORKDIR/curves.png, or None when there is nothing to draw
+  (train.steps=0, a rerun after metrics.jsonl was removed)."""
+  try:
+    return plot_run(workdir)
+  except (FileNotFoundError, ValueError):
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    print(f"error: {e.filename or args.workdir}: {e.strerror or e}", file=sys.stderr)
+    return 1
   return 0
 
 

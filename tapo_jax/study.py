@@ -11,13 +11,15 @@ run again (the study resumes after an interruption). The config must evaluate at
 the end (train.eval_at_start, train.eval_every); configs/tiny.py does.
 
 Variants (VARIANTS): grpo; tapo-policy (the paper's construction); tapo-divergence (rule-based,
-no generation); and ablations of tapo-policy: no OTS, joint normalization instead of DAE, full
-reconstruction (no anchored prefix), λ = 0.5.
+no generation); ablations of tapo-policy: no OTS, joint normalization instead of DAE, full
+reconstruction (no anchored prefix), λ = 0.5; and opsd (on-policy self-distillation, the paper's
+other baseline).
 
 Per variant, over seeds (mean ± std): held-out avg@k, greedy and pass@k after training (and
 before, the same for every variant), DSR / ERR, the share of DCS-eligible queries, the parse rate
-and accuracy of constructions (per attempted construction), the anchored fraction, and the
-compute per step (median time per step, trained tokens per second of update). Written to
+and accuracy of constructions (per attempted construction), the anchored fraction,
+OPSD's divergence per token and teacher-student top-1 agreement (step means), and the compute
+per step (median time per step, trained tokens per second of update). Written to
 OUT/summary.json (every run's numbers), OUT/study.md (the table) and OUT/study.png (held-out
 accuracy vs step).
 """
@@ -44,6 +46,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
   "policy-joint": (*POLICY[:2], "tapo.ref_baseline=joint"),
   "policy-full-reconstruction": (*POLICY, "tapo.anchor=False"),
   "policy-lambda-0.5": (*POLICY, "tapo.lam=0.5"),
+  # the paper's other baseline: on-policy self-distillation (tapo_jax/opsd), same rollouts as GRPO
+  "opsd": ("algorithm=opsd",),
 }
 
 # (column, how to read it from a run's summary)
@@ -59,6 +63,8 @@ COLUMNS = (
   "parse rate",
   "construction acc",
   "anchored fraction",
+  "opsd divergence",
+  "opsd agreement",
   "s / step",
   "train tok / s",
 )
@@ -120,6 +126,8 @@ def run_summary(workdir: str) -> dict | None:
     if attempted
     else None,
     "anchored fraction": _mean(per_step("tapo/anchored_fraction")),
+    "opsd divergence": _mean(per_step("opsd/divergence")),  # per distilled token, step mean
+    "opsd agreement": _mean(per_step("opsd/agreement")),  # teacher/student top-1 tokens equal
     "s / step": statistics.median(per_step("time/step")),
     "train tok / s": _mean(per_step("perf/train_tokens_per_s")),
     "curve": [(int(r["step"]), ev(r, "avg@")) for r in evals],
@@ -187,21 +195,70 @@ def _flags(argv):
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   a = p.parse_args(argv)
-  a.seeds = [int(s) for s in a.seeds.split(",") if s]
+  try:
+    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+  except ValueError:
+    _fail(f"--seeds={a.seeds}: expected comma-separated integers, e.g. 0,1,2")
   a.variants = [v for v in a.variants.split(",") if v]
   unknown = [v for v in a.variants if v not in VARIANTS]
   if unknown:
-    p.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    _fail(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
   if not a.seeds:
-    p.error("--seeds: at least one seed")
+    _fail("--seeds: at least one seed")
   for s in a.set:
     if "=" not in s:
-      p.error(f"--set {s!r}: expected KEY=VALUE")
+      _fail(f"--set {s!r}: expected KEY=VALUE")
   return a
+
+
+def _fail(msg: str) -> None:
+  print(f"error: {msg}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def load_config(config: str, overrides):
+  """The config a run gets from `--config=CONFIG --config.KEY=VALUE...` (main's own parsing)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["study", f"--config={config}", *(f"--config.{o}" for o in overrides)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def check_runs(a) -> None:
+  """Every variant's config, validated as main validates it, and evaluated before and after
+  training (else the study would train its first run and then stop); exits 2 naming the problem."""
+  import jax
+
+  from tapo_jax import validate as validate_lib
+
+  if not os.path.isfile(a.config):
+    _fail(f"--config={a.config}: no such file")
+  for variant in a.variants:
+    try:
+      cfg = load_config(a.config, [*VARIANTS[variant], *a.set])
+      validate_lib.validate(cfg, jax.device_count())
+    except (KeyError, AttributeError) as e:  # config_flags: an override of no key
+      _fail(f"{variant}: unknown config key {str(e).strip(chr(34) + chr(39))!r} in --set")
+    except Exception as e:  # noqa: BLE001 - a bad config file, --set or value: one line
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      _fail(f"{variant}: {lines[-1] if lines else type(e).__name__}")
+    t = cfg.train
+    if cfg.mode != "rl" or not t.eval_at_start or not t.eval_every or t.steps % t.eval_every:
+      _fail(
+        f"--config={a.config}: a study needs an eval before and after training (mode=rl, "
+        f"train.eval_at_start=True, train.eval_every dividing train.steps); got "
+        f"mode={cfg.mode}, eval_at_start={t.eval_at_start}, eval_every={t.eval_every}, "
+        f"steps={t.steps}"
+      )
 
 
 def main(argv: list[str] | None = None) -> int:
   a = _flags(sys.argv[1:] if argv is None else argv)
+  check_runs(a)
   os.makedirs(a.out, exist_ok=True)
   results: dict[str, dict[int, dict]] = {}
   todo = [(v, s) for s in a.seeds for v in a.variants]  # variants side by side in time

@@ -2,6 +2,7 @@
 every flipped bit; params-only restore; a save killed in a real subprocess; the signal guard.
 (Ctrl-C through the whole CLI: tests/test_cli.py.)"""
 
+import json
 import os
 import pathlib
 import shutil
@@ -92,7 +93,21 @@ def remove_state(step_dir):
   shutil.rmtree(step_dir / "state")
 
 
-CORRUPTIONS = [truncate, flip_bit, break_metadata, break_extra, remove_state]
+def _edit_extra(step_dir, edit):
+  path = step_dir / "extra" / "metadata"
+  path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def empty_extra(step_dir):  # issue 24.7: was KeyError 'data', no fallback
+  _edit_extra(step_dir, lambda extra: {})
+
+
+def drop_checksum(step_dir):  # issue 24.7: loaded without its integrity check
+  _edit_extra(step_dir, lambda extra: {k: v for k, v in extra.items() if k != "checksum"})
+
+
+CORRUPTIONS = [truncate, flip_bit, break_metadata, break_extra, remove_state, empty_extra]
+CORRUPTIONS += [drop_checksum]
 
 
 def resume(workdir, state, ssh, warnings):
@@ -180,6 +195,18 @@ def test_resume_moves_the_iterator(tmp_path, trained):
   _, start, _ = ck.resume(state, ssh, fresh)
   ck.close()
   assert start == 1 and fresh.next() == it.next()
+
+
+def test_a_damaged_iterator_state_is_one_error(tmp_path, trained):
+  state, ssh = trained
+  save_steps(tmp_path, state, steps=(1,))
+  _edit_extra(tmp_path / "checkpoints" / "1", lambda extra: {**extra, "data": {"n": 10}})
+  ck = checkpoint.Checkpointer(tmp_path, 1, 2)
+  try:
+    with pytest.raises(CheckpointError, match=r"1/extra: damaged data-iterator state \(KeyError"):
+      ck.resume(state, ssh, BatchIterator(list(range(10)), 3, seed=1))
+  finally:
+    ck.close()
 
 
 def test_restore_params_reads_only_params(tmp_path, trained):

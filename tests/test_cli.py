@@ -101,6 +101,7 @@ BAD = [
   (["--config.optim.micro_batch=0"], "config.optim.micro_batch=0: must be an integer >= 1"),
   (["--config.optim.ppo_epochs=0"], "config.optim.ppo_epochs=0"),
   (["--config.optim.minibatches=0"], "config.optim.minibatches=0"),
+  (["--config.optim.micro_batch_tokens=64"], "config.optim.micro_batch_tokens=64: less than one"),
   (["--config.rollout.prefill_buckets=()"], "config.rollout.prefill_buckets=(): expected a non"),
   (["--config.rollout.prefill_buckets=(0, 64)"], "config.rollout.prefill_buckets=(0, 64)"),
   (["--config.reward.timeout_s=0"], "config.reward.timeout_s=0.0: must be > 0"),
@@ -132,6 +133,29 @@ def test_bad_data_is_one_line_and_leaves_no_workdir(tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {data}: line 2: field 'answer'") and "NaN" in last
   assert "Traceback" not in out.stderr and not workdir.exists()
+
+
+def test_a_config_file_that_cannot_load_is_one_line(tmp_path):
+  """Issue 24.7: a missing --config file was a traceback (so was a config that raises)."""
+  (tmp_path / "raises.py").write_text("def get_config():\n  return undefined_name\n")
+  cases = {
+    str(tmp_path / "nope.py"): f"error: --config={tmp_path / 'nope.py'}: no such file",
+    str(tmp_path): f"error: --config={tmp_path}: is a directory",
+    str(tmp_path / "raises.py"): "NameError: name 'undefined_name' is not defined",
+  }
+  for config, message in cases.items():
+    cmd = [sys.executable, "-m", "tapo_jax.main", f"--config={config}", f"--workdir={tmp_path}/w"]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+def test_zero_steps_ends_cleanly(tmp_path):
+  """Issue 24.7: train.steps=0 exported the model and then died plotting an empty metrics.jsonl."""
+  out = _run(_env(), tmp_path / "wd", "--config.train.steps=0", timeout=300)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert (tmp_path / "wd" / "hf" / "model.safetensors").exists()
 
 
 def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
@@ -204,6 +228,20 @@ def test_full_disk_during_an_orbax_save_is_named(full_disk):
   assert line is not None and "No space left on device; free some space" in line
   assert line.startswith(str(full_disk / "wd"))
   assert checkpoint.steps(str(full_disk / "wd")) == []  # no finished step: only Orbax's tmp dir
+
+
+def test_a_failed_save_stops_the_run_before_another_update(full_disk, tmp_path):
+  """Issue 24.8: checkpoints on a full disk (WORKDIR/checkpoints links there), metrics beside:
+  the step-1 save fails asynchronously, and the run stops before step 2 updates (it used to
+  train step 2 and fail at its save)."""
+  workdir = tmp_path / "wd"
+  workdir.mkdir()
+  (full_disk / "ckpts").mkdir()
+  (workdir / "checkpoints").symlink_to(full_disk / "ckpts")
+  out = _run(_env(), workdir, "--config.train.steps=3", timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "No space left on device" in out.stderr.strip().splitlines()[-1], out.stderr[-3000:]
+  assert _steps_logged(workdir) == [1]
 
 
 @pytest.mark.slow
@@ -436,6 +474,7 @@ def test_policy_construction_on_a_step_without_eligible_queries(tmp_path):
     _env(), workdir, "--config.tapo.construction=policy",
     "--config.tapo.ref_baseline=group", f"--config.data.train_path={train}",
     "--config.train.steps=1", "--config.tapo.n_pos=4", "--config.tapo.n_neg=4",
+    "--config.tapo.synthesis_max_new_tokens=48",  # the arith toy has 256 positions
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   (row,) = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

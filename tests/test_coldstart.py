@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ def _config(train, **coldstart_keys):
   c.data.train_path = str(train)
   c.data.max_prompt_tokens = 32
   c.rollout.n, c.rollout.slots, c.rollout.max_new_tokens = 4, 16, 40
+  c.rollout.temperature = 1.2  # mixed groups, and (this seed) no stray <unk>, which anchors nothing
   c.rollout.prefill_buckets = (32,)  # few programs to compile
   c.tapo.n_pos, c.tapo.n_neg, c.tapo.m_max = 1, 1, 2
   c.tapo.synthesis_template = TEMPLATE
@@ -273,6 +275,64 @@ def test_http_build_resumes_after_a_stop_and_a_crash_to_the_same_file(http_build
     assert resumed[key] == summary[key], key
 
 
+def test_a_second_build_on_the_same_output_is_refused(http_build, tmp_path):
+  """Issue 24.3: two builds with their own workdirs and one coldstart.output both wrote every row.
+  While one build holds the output, another is refused before it loads anything."""
+  train = http_build[0].parent / "train.jsonl"
+  shared = tmp_path / "shared.jsonl"
+  with coldstart.OutputLock(str(shared), fresh=True):  # build A, mid-build
+    with pytest.raises(coldstart.BuildError, match="another build is writing it"):
+      coldstart.run(_http_config(train, "http://unused", output=str(shared)), str(tmp_path / "b"))
+  assert shared.read_bytes() == b"" and not (tmp_path / "b").exists()
+  shared.write_text('{"id": "a row of build A"}\n')  # A wrote between B's check and its lock
+  with pytest.raises(coldstart.BuildError, match="another build wrote it meanwhile"):
+    coldstart.OutputLock(str(shared), fresh=True).__enter__()
+
+
+def _damage_progress(text):
+  return lambda wd: (wd / "coldstart_progress.json").write_text(text)
+
+
+def _damage_field(key, value):
+  def damage(wd):
+    progress = json.loads((wd / "coldstart_progress.json").read_text())
+    progress[key] = value
+    (wd / "coldstart_progress.json").write_text(json.dumps(progress))
+
+  return damage
+
+
+def _damage_line(wd):
+  lines = (wd / "coldstart.jsonl").read_bytes().splitlines(keepends=True)
+  lines[1] = b"{" + b"#" * (len(lines[1]) - 2) + b"\n"  # the same size: only its bytes changed
+  (wd / "coldstart.jsonl").write_bytes(b"".join(lines))
+
+
+DAMAGE = [
+  (_damage_progress("{not json"), "coldstart_progress.json: not a progress file"),
+  (_damage_progress("[1, 2]"), "coldstart_progress.json: not a progress file"),
+  (_damage_field("bytes", -5), "coldstart_progress.json: damaged field 'bytes': -5"),
+  (_damage_field("counts", {"problems": 3}), "coldstart_progress.json: damaged field 'counts'"),
+  (_damage_field("hist", [1]), "coldstart_progress.json: damaged field 'hist'"),
+  (_damage_field("fingerprint", None), "damaged field 'fingerprint'"),
+  (_damage_line, "coldstart.jsonl: line 2: not a row of this build"),
+]
+
+
+@pytest.mark.parametrize("damage,message", DAMAGE, ids=[m for _, m in DAMAGE])
+def test_a_hand_damaged_build_is_one_error(http_build, tmp_path, damage, message):
+  """Issue 24.7: a hand-edited progress file or committed output line was a traceback."""
+  workdir = tmp_path / "wd"
+  shutil.copytree(http_build[0], workdir)
+  damage(workdir)
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  cfg = _http_config(http_build[0].parent / "train.jsonl", "http://unused")
+  with pytest.raises(coldstart.BuildError) as e:
+    coldstart.run(cfg, str(workdir))
+  assert message in str(e.value) and "\n" not in str(e.value)
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
+
+
 def test_http_teacher_errors_are_one_line():
   server = _serve()
   server.fail_next = 10**9  # always 503
@@ -326,7 +386,7 @@ def test_cli_refuses_to_resume_a_build_with_other_settings(http_build):
   error line and exit 2 before any model is loaded, and the build is left as it was."""
   workdir, _, _ = http_build
   before = (workdir / "coldstart.jsonl").read_bytes()
-  out = _cli(workdir, "--config.mode=coldstart")
+  out = _cli(workdir, "--config.mode=coldstart", "--config.tapo.synthesis_max_new_tokens=48")
   assert out.returncode == 2, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "coldstart_progress.json" in last, last

@@ -430,3 +430,41 @@ def test_default_eos_ids(tok):
     tok.convert_tokens_to_ids("<|im_end|>"),
     tok.convert_tokens_to_ids("<|endoftext|>"),
   ]
+
+
+def test_an_eval_prompt_longer_than_the_largest_bucket_is_a_data_error(tmp_path):
+  """Issue 24.7: an eval prompt longer than the largest prefill bucket failed inside the engine
+  (at the first eval, after training); the sets are now loaded and checked before any work."""
+  import transformers
+
+  from tapo_jax.data import DataError
+  from tapo_jax.toy import arith
+  from tapo_jax.train import problems as problems_lib
+
+  held = tmp_path / "held.jsonl"
+  rows = [{"problem": "1+1", "answer": "2"}, {"problem": "1+" * 40 + "1", "answer": "41"}]
+  held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cfg = config.base_config()
+  cfg.model.toy, cfg.eval.paths = "arith", str(held)
+  cfg.data.prompt_template, cfg.rollout.prefill_buckets = "{problem}", (32, 64)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(arith.CHECKPOINT_DIR)
+  with pytest.raises(DataError) as e:
+    problems_lib.checked_eval_sets(cfg, tokenizer)
+  line = str(e.value)
+  assert line.startswith(f"{held}: line 2: problem ") and "\n" not in line
+  assert "tokens > max(rollout.prefill_buckets)=64" in line
+  cfg.rollout.prefill_buckets = (32, 128)
+  assert [p.answer for p in problems_lib.checked_eval_sets(cfg, tokenizer)["held"]] == ["2", "41"]
+
+
+def test_eval_at_start_alone_builds_the_eval_engine():
+  """train.eval_at_start=True with eval_every=0 built no eval engine: the step-0 eval failed."""
+  from tapo_jax.train import engines as engines_lib
+  from tapo_jax.train import state as state_lib
+
+  cfg = config.base_config()
+  cfg.model.toy, cfg.rollout.prefill_buckets, cfg.rollout.slots = "arith", (64,), 4
+  cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens = 32, 16
+  cfg.train.eval_at_start, cfg.train.eval_every = True, 0
+  mesh, model, _ = state_lib.load_policy(cfg)
+  assert engines_lib.build_engines(cfg, model, mesh, None).eval is not None

@@ -73,11 +73,46 @@ def test_exported_checkpoint_loads_in_transformers_with_our_logits(run_dir, tmp_
 def test_export_replaces_the_directory_whole(run_dir, tmp_path):
   workdir, _, _ = run_dir
   out = tmp_path / "hf"
-  out.mkdir()
-  (out / "stale.safetensors").write_text("old")
+  export.export_checkpoint(str(workdir), step=2, out=out)
+  (out / "model-00002-of-00002.safetensors").write_text("old")  # a stale shard of an earlier one
   export.export_checkpoint(str(workdir), step=1, out=out)
-  assert "stale.safetensors" not in os.listdir(out)
+  assert "model-00002-of-00002.safetensors" not in os.listdir(out)
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".hf.")]  # no temporary left
+
+
+def _tree(root):
+  return {
+    str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+    for p in sorted(pathlib.Path(root).rglob("*"))
+  }
+
+
+def test_export_refuses_an_output_it_would_destroy(run_dir, tmp_path, capsys):
+  """Issue 24.1: --out names the workdir, a directory above it, a file or a foreign directory:
+  exit 2 with one error line, every file as it was (export used to move OUT aside and delete it)."""
+  workdir, _, _ = run_dir
+  (tmp_path / "notes.txt").write_text("keep me")
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+  (tmp_path / "hfish").mkdir()  # a HF-looking directory with a file an export never writes
+  (tmp_path / "hfish" / "config.json").write_text("{}")
+  (tmp_path / "hfish" / "README.md").write_text("mine")
+  cases = {
+    str(workdir): "is ",
+    str(workdir.parent): "holds ",
+    str(workdir / ".." / workdir.name): "is ",
+    str(tmp_path / "notes.txt"): "not a directory",
+    str(tmp_path / "data"): "not an earlier export",
+    str(tmp_path / "hfish"): "'README.md' is not a file an export writes",
+  }
+  before = _tree(workdir), _tree(tmp_path)
+  for out, why in cases.items():
+    assert export.main([str(workdir), f"--out={out}"]) == 2, out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out={out}: ") and why in err[0], err
+    assert (_tree(workdir), _tree(tmp_path)) == before, out
+  with pytest.raises(CheckpointError, match="is .*arith"):  # the source model is not replaced
+    export.export_model(None, None, arith.CHECKPOINT_DIR, source_dir=arith.CHECKPOINT_DIR)
 
 
 def test_default_output_is_the_newest_step_under_the_workdir(run_dir):

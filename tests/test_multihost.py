@@ -203,3 +203,93 @@ def test_the_first_reported_failure_is_the_one_every_process_shows(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], out
   assert "returned None" in out[1], out[1]
   assert "returned process 1: DataError: the cause" in out[0], out[0]
+
+
+# --- start-up (issue 24.6): every process ends within distributed_timeout_s, in one line -------
+
+_JOIN = """
+import sys
+from tapo_jax import config, distributed
+c = config.base_config()
+c.distributed, c.distributed_coordinator = True, sys.argv[1]
+c.distributed_num_processes, c.distributed_process_id = int(sys.argv[2]), int(sys.argv[3])
+c.distributed_timeout_s = float(sys.argv[4])
+distributed.initialize(c)
+print("joined", flush=True)
+"""
+
+
+def _join(port, n, i, timeout=4):
+  cmd = [sys.executable, "-c", _JOIN, f"127.0.0.1:{port}", str(n), str(i), str(timeout)]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+
+
+def _ends(proc, timeout=60):
+  out, err = proc.communicate(timeout=timeout)  # a hang fails here, not after JAX's 300 s
+  return proc.returncode, out, err.strip().splitlines()
+
+
+def test_a_process_that_never_starts_ends_the_others_in_one_line():
+  port = _port()
+  code, _, err = _ends(_join(port, 2, 0))
+  where = f"error: distributed start-up (coordinator 127.0.0.1:{port}, process 0 of 2): "
+  assert code == 1 and err == [
+    where + "process 1 did not join within 4 s (config.distributed_timeout_s)"
+  ], err
+  code, _, err = _ends(_join(port, 2, 1))
+  assert code == 1 and len(err) == 1, err
+  assert err[0].startswith(f"error: distributed start-up (coordinator 127.0.0.1:{port}, process 1")
+  assert "no coordinator (process 0) answered within 4 s" in err[0]
+
+
+def test_a_coordinator_port_in_use_is_named_and_ends_every_process():
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    first, second = _join(port, 2, 0), _join(port, 2, 1)
+    code, _, err = _ends(first)
+    assert code == 1 and len(err) == 1 and f"port {port} is in use" in err[0], err
+    assert f"(coordinator 127.0.0.1:{port}, process 0 of 2)" in err[0]
+    code, _, err = _ends(second)
+    assert code == 1 and len(err) == 1 and "did not answer as process 0 does" in err[0], err
+
+
+def test_a_process_id_given_twice_ends_every_process():
+  port = _port()
+  twice = [_join(port, 2, 1), _join(port, 2, 1)]
+  time.sleep(2)  # both are waiting for the coordinator when it starts
+  procs = [_join(port, 2, 0), *twice]
+  for proc in procs:
+    code, out, err = _ends(proc)
+    assert code == 2 and "joined" not in out and len(err) == 1, err
+    assert "distributed_process_id=1 was given to two processes" in err[0], err
+
+
+def test_two_processes_still_join():
+  port = _port()
+  procs = [_join(port, 2, 1), _join(port, 2, 0)]
+  for proc in procs:
+    code, out, err = _ends(proc)
+    assert code == 0 and out.strip() == "joined", err
+
+
+def test_main_names_the_coordinator_when_a_process_never_starts(tmp_path):
+  port = _port()
+  cmd = [
+    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.distributed=True", f"--config.distributed_coordinator=127.0.0.1:{port}",
+    "--config.distributed_num_processes=2", "--config.distributed_process_id=0",
+    "--config.distributed_timeout_s=3",
+  ]  # fmt: skip
+  out = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
+  err = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and len(err) == 1, out.stderr[-2000:]
+  assert err[0] == (
+    f"error: distributed start-up (coordinator 127.0.0.1:{port}, process 0 of 2): process 1 did "
+    "not join within 3 s (config.distributed_timeout_s)"
+  )
+  assert not (tmp_path / "w").exists()

@@ -96,9 +96,10 @@ def test_small_config_per_device_numbers_by_hand(small_cfg):
   # one layer in f32, split by tensor only: 32 + 128 + 64 + 64 + 128 + 16 + 3·256 = 1200
   assert update["2 layers' weights gathered over fsdp"] == 2 * 1200 * 4
   assert update["lm_head gathered over fsdp"] == 16 * 64 // 2 * 4
-  # R = Q·(K + m_max) = 12 rows of 32 tokens, 27 bytes a token (Rollouts 14 + TrainBatch 13),
-  # plus the (whole) minibatch
-  assert update["rollout batch"] == 12 * 32 * 27 * 2
+  # R = Q·(K + m_max) = 12 rows of 32 tokens of Rollouts (14 bytes a token) on one device, and
+  # the packed minibatch: M = 3 micro-batches (12 sequences, at worst one a row) of m = 4 rows
+  # (4 x 32 tokens), 2 rows a device, 39 bytes a token (the TrainBatch's 12 fields)
+  assert update["rollout batch + packed minibatches"] == 12 * 32 * 14 + 3 * 2 * 32 * 39
   # b = 4 rows / (data·fsdp = 2) = 2, T = 32, n = 2, k = 1, f = 16, H = 4, e = 4, β = 32, C = 16
   a_saved = 2 * 2 * 32 * 4  # lse
   a_peak = 2 * 2 * 32 * (4 + 16) + 2 * 2 * 1 * 32 * 4 * 4 + 5 * 2 * 2 * 32 * 32 * 4
@@ -199,9 +200,12 @@ def _main(config, *args):
 
 
 def test_cli_qwen7b_on_v5e_64_does_not_fit_and_says_what_to_change():
+  """As shipped it fits (a micro-batch of 8 rows is rounded up to one row per device, 16); with
+  micro-batches of 64 rows (4 a device) the update does not."""
   out = _main(
-    "--config=configs/qwen7b.py", "--config.plan.shape=qwen2.5-7b", "--config.plan.device=v5e-64"
-  )
+    "--config=configs/qwen7b.py", "--config.plan.shape=qwen2.5-7b", "--config.plan.device=v5e-64",
+    "--config.optim.micro_batch_tokens=655360",
+  )  # fmt: skip
   assert out.returncode == 2, out.stderr
   assert "mesh    data=1 fsdp=16 tensor=4" in out.stdout and "DOES NOT FIT" in out.stdout
   err = out.stderr.strip().splitlines()
@@ -212,6 +216,15 @@ def test_cli_tiny_fits():
   out = _main("--config=configs/smoke.py", "--config.plan.device=v5e-8")
   assert out.returncode == 0, out.stderr
   assert "toy arith checkpoint: " in out.stdout and out.stdout.rstrip().endswith(": fits")
+
+
+def test_cli_validates_the_config_before_planning():
+  """Issue 24.5: mode=plan ran before validation (plan.chips=-4 printed negative GiB and fits)."""
+  out = _main("--config=configs/smoke.py", "--config.plan.chips=-4")
+  assert out.returncode == 2, out.stdout
+  err = out.stderr.strip().splitlines()
+  assert err == ["error: config.plan.chips=-4: must be an integer >= 0 (0: from the name)"], err
+  assert "GiB" not in out.stdout
 
 
 def test_qwen7b_numbers_documented_in_docs():

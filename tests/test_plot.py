@@ -91,3 +91,40 @@ def test_nothing_to_plot_is_an_error(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0.5}\n')
   with pytest.raises(ValueError, match="no plottable metrics"):
     plot.plot_run(str(tmp_path))
+
+
+def test_damaged_inputs_are_one_line_errors(tmp_path, capsys):
+  """Issue 24.7: metrics.jsonl a directory, an --out that is a directory, a metrics file of
+  non-UTF-8 bytes: one `error:` line, exit 2, nothing written (they were tracebacks)."""
+  (tmp_path / "a" / "metrics.jsonl").mkdir(parents=True)
+  write_metrics(tmp_path / "b")
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage\n\x80\n")
+  cases = {
+    (str(tmp_path / "a"),): "metrics.jsonl: not a file",
+    (str(tmp_path / "b"), f"--out={tmp_path / 'a'}"): "a: is a directory",
+    (str(tmp_path / "c"),): "metrics.jsonl: no plottable metrics",
+  }
+  before = sorted(str(p) for p in tmp_path.rglob("*"))
+  for args, message in cases.items():
+    assert plot.main(list(args)) == 2, args
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+  assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_damaged_line_is_skipped_like_a_torn_one(tmp_path):
+  write_metrics(tmp_path)
+  with open(tmp_path / "metrics.jsonl", "ab") as f:
+    f.write(b'{"step": 99, "loss": \xff}\n')
+  rows = plot.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert rows and max(r["step"] for r in rows) < 99
+
+
+def test_end_of_run_plot_skips_a_run_with_nothing_logged(tmp_path):
+  """train.steps=0 (or a rerun after metrics.jsonl was removed) ended the run in a traceback."""
+  assert plot.plot_if_logged(str(tmp_path)) is None
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0.5}\n')
+  assert plot.plot_if_logged(str(tmp_path)) is None
+  write_metrics(tmp_path)
+  assert plot.plot_if_logged(str(tmp_path)) == str(tmp_path / "curves.png")

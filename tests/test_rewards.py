@@ -315,6 +315,45 @@ def test_not_equal(gold, answer):
   assert not is_equivalent(gold, answer)
 
 
+# Issue 24.4: units and scale words were dropped on both sides (5 km graded right for 5 cm).
+UNITS_EQUAL = [
+  (r"5 \text{ cm}", "5"),  # a unit on one side only: the values decide
+  ("5", r"5 \text{ cm}"),
+  (r"5 \text{ cm}", r"5 \text{ centimeters}"),  # the same unit, spelled two ways
+  (r"5 \text{ m}", r"5 \text{ meters}"),
+  (r"3 \text{ hours}", r"3 \text{ hrs}"),
+  (r"12 \text{ dollars}", r"\$12"),
+  (r"\$0.50", r"\$\frac{1}{2}"),
+  (r"2 \text{ million}", "2 million"),  # a scale word on both sides
+  (r"\$2 \text{ million}", r"2 \text{ million dollars}"),
+  (r"5\text{ cm}^2", r"5 \text{ cm}^2"),
+  ("1500", r"\text{1,500 people}"),
+]
+UNITS_NOT_EQUAL = [
+  (r"5 \text{ cm}", r"5 \text{ km}"),
+  (r"5 \text{ km}", r"5 \text{ cm}"),
+  ("2", r"2 \text{ million}"),  # a scale word on one side
+  (r"2 \text{ million}", "2"),
+  ("2", "2 billion"),
+  ("2000000", r"2 \text{ million}"),
+  (r"\$5", r"5 \text{ cents}"),  # a currency and a unit
+  (r"5 \text{ cents}", r"\$5"),
+  (r"5\text{ cm}^2", r"5 \text{ cm}"),
+  (r"30 \text{ minutes}", r"30 \text{ seconds}"),
+  ("5 apples", "5 marbles"),
+]
+
+
+@pytest.mark.parametrize("gold, answer", UNITS_EQUAL)
+def test_same_or_one_sided_units_compare_the_values(gold, answer):
+  assert is_equivalent(gold, answer)
+
+
+@pytest.mark.parametrize("gold, answer", UNITS_NOT_EQUAL)
+def test_different_units_or_one_sided_scale_words_do_not_match(gold, answer):
+  assert not is_equivalent(gold, answer)
+
+
 def test_none_is_never_equal():
   assert not is_equivalent("5", None)
   assert grade("no box here, the answer is 5", "5") == 0.0

@@ -109,6 +109,7 @@ ASYNC = [
   "--config.tapo.m_max=2",
   "--config.optim.micro_batch=4",
   "--config.loss.rollout_is=token-tis",
+  "--config.optim.lr=1e-4",  # one update moves the confident toy visibly (the lag shows)
   "--config.train.steps=4",
   "--config.train.checkpoint_every=1",
   "--config.train.keep_checkpoints=10",
@@ -182,7 +183,7 @@ def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_p
     model, slots=8, max_len=64 + 40, prefill_buckets=(32, 64), weight_dtype=jnp.bfloat16
   )
   eos = default_eos_ids(tok)
-  settings = Sampling(1.0, 1.0, 0, tuple(eos))
+  settings = Sampling(1.3, 1.0, 0, tuple(eos))  # configs/smoke.py's rollout.temperature
   gen = generate(engine, params, prompts, settings, n=4, max_new_tokens=40, seed=2)  # step 2
   assert decode_responses(tok, gen.completions, eos) == [r["response"] for r in originals]
   # the sampler really lagged: its logprobs differ from the trainer's pi_old beyond numerics

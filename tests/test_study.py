@@ -102,3 +102,27 @@ def test_describe_change_names_first_and_last_eval():
     "held-out chain avg@4: 0.250 (step 0) -> 0.375 (step 20)",
     "held-out chain greedy: 0.500 (step 0) -> 0.625 (step 20)",
   ]
+
+
+@pytest.mark.parametrize(
+  "flags,message",
+  [
+    (["--seeds=a"], "error: --seeds=a: expected comma-separated integers"),
+    (["--set=train.eval_every=0"], "a study needs an eval before and after training"),
+    (["--set=train.eval_at_start=False"], "eval_at_start=False, eval_every=20, steps=20"),
+    (["--set=train.steps=30"], "eval_every=20, steps=30"),
+    (["--set=rollout.n=1"], "error: grpo: config.rollout.n=1"),
+    (["--set=no_such.key=1"], "error: grpo: unknown config key 'no_such' in --set"),
+    (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such file"),
+  ],
+)
+def test_bad_studies_exit_2_before_any_run(tmp_path, capsys, flags, message):
+  """Issue 24.7: --seeds=a was a traceback, and a config without a final eval was found out only
+  after the first run had trained."""
+  out = tmp_path / "study"
+  with pytest.raises(SystemExit) as e:
+    study.main([f"--out={out}", "--variants=grpo", *flags])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+  assert message in err[0], err
+  assert not out.exists()

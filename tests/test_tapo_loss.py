@@ -120,7 +120,7 @@ class Stub:
   def __init__(self, params):
     self.emb, self.w = params
 
-  def hidden(self, tokens, positions):
+  def hidden(self, tokens, positions, segment_ids=None):
     return jnp.tanh(self.emb[tokens] + 0.1 * positions[..., None])
 
   def lm_head(self):
@@ -188,6 +188,14 @@ def loss_and_grad(p, batch, cfg):
   return run(p, batch)
 
 
+def train_batch(**fields) -> TrainBatch:
+  """A padded TrainBatch from hand-written fields: [R] ones broadcast to their row's tokens, one
+  segment per row."""
+  shape = fields["tokens"].shape
+  fields = {k: jnp.broadcast_to(v[:, None], shape) if v.ndim == 1 else v for k, v in fields.items()}
+  return TrainBatch(segment_ids=jnp.ones(shape, jnp.int32), **fields)
+
+
 def plain_ppo_clip(lp, old, adv, mask, eps_low=0.2, eps_high=0.28):
   """Per-token PPO-clip in numpy, summed over masked tokens."""
   ratio = np.exp(lp - old)
@@ -202,7 +210,7 @@ def test_ppo_clip_hand_computed():
   cfg = make_cfg()
   lp = jnp.log(jnp.asarray([[1.0, 1.0, 1.0, 1.0]]))  # log 1 = 0
   old = jnp.log(jnp.asarray([[1.0, 0.5, 1.25, 1.0]]))  # ratios 1, 2, 0.8, 1
-  b = TrainBatch(
+  b = train_batch(
     tokens=jnp.zeros((2, 4), jnp.int32),
     positions=jnp.zeros((2, 4), jnp.int32),
     loss_mask=jnp.asarray([[0, 1, 1, 1], [0, 1, 1, 0]], bool),
@@ -263,7 +271,7 @@ def test_ots_forced_to_one_gives_plain_ppo_clip_on_constructed_rows():
   ref = plain_ppo_clip(
     np.asarray(lp)[cons],
     np.asarray(prepared.old_logprobs)[cons],
-    np.asarray(prepared.advantages)[cons],
+    np.asarray(prepared.advantages)[cons][:, 0],
     mask,
   )
   np.testing.assert_allclose(m["loss/ref"], ref / mask.sum(), rtol=1e-5)
@@ -320,7 +328,7 @@ def test_aggregations_hand_computed(aggregation, expected):
   prepared, _ = prepare(_two_row_batch(mask), make_cfg(loss__aggregation=aggregation))
   prepared = prepared.replace(old_logprobs=jnp.zeros((2, 6)))
   # per-token loss 1 on row 0 and 2 on row 1, via A and ratio 1: loss = -A
-  prepared = prepared.replace(advantages=jnp.asarray([-1.0, -2.0]))
+  prepared = prepared.replace(advantages=jnp.asarray([[-1.0] * 6, [-2.0] * 6]))
   loss, _ = policy_loss(jnp.zeros((2, 6)), jnp.zeros((2, 6)), prepared, make_cfg())
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
@@ -421,10 +429,14 @@ def test_prepare_batch_reproduces_the_pinned_values(case):
     section, _, name = key.rpartition(".")
     (c[section] if section else c)[name] = value
   got, metrics = prepare_batch(pinned_batch(), LossConfig.from_config(c))
-  np.testing.assert_allclose(got.advantages, want["advantages"], atol=2e-6)
+  # per-row values, on every token of the row (the padded layout)
+  for field in ("advantages", "loss_scale", "token_scale"):
+    x = np.asarray(getattr(got, field))
+    assert (x == x[:, :1]).all(), field
+  np.testing.assert_allclose(got.advantages[:, 0], want["advantages"], atol=2e-6)
   np.testing.assert_array_equal(np.asarray(got.loss_mask).astype(int), want["loss_mask"])
-  np.testing.assert_allclose(got.loss_scale, want["loss_scale"], rtol=1e-6)
-  np.testing.assert_allclose(got.token_scale, want["token_scale"], rtol=1e-6)
+  np.testing.assert_allclose(got.loss_scale[:, 0], want["loss_scale"], rtol=1e-6)
+  np.testing.assert_allclose(got.token_scale[:, 0], want["token_scale"], rtol=1e-6)
   assert set(metrics) == set(want["metrics"])
   for key, value in want["metrics"].items():
     np.testing.assert_allclose(metrics[key], value, atol=2e-6, err_msg=key)
@@ -439,7 +451,7 @@ def _is_batch(constructed=(False, False, True)):
   sampled = mask & jnp.asarray([[1] * 5, [1] * 5, [1, 1, 1, 0, 0]], bool)
   old = jnp.log(jnp.asarray([[1, 0.5, 0.3, 0.9, 1], [1, 0.2, 0.2, 1, 1], [1, 0.6, 0.6, 0.5, 0.5]]))
   smp = jnp.log(jnp.asarray([[1, 0.1, 0.3, 0.9, 1], [1, 0.8, 0.8, 1, 1], [1, 0.3, 0.6, 1, 1]]))
-  return TrainBatch(
+  return train_batch(
     tokens=jnp.zeros((3, 5), jnp.int32),
     positions=jnp.zeros((3, 5), jnp.int32),
     loss_mask=mask,

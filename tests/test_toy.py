@@ -2,7 +2,6 @@
 
 import json
 import random
-import shutil
 import unicodedata
 
 import numpy as np
@@ -106,17 +105,21 @@ def test_any_nfc_text_round_trips(loaded, text):
   assert loaded.decode(loaded.encode(text, add_special_tokens=False)) == text
 
 
-def test_arith_tokenizer_keeps_the_shipped_ids(tmp_path):
-  # The shipped weights were trained with these ids: the fix renames tokens, never renumbers.
-  shipped = json.loads((arith.CHECKPOINT_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+def test_the_shipped_arith_tokenizer_keeps_spaces_and_newlines():
+  """Issue 24.9: the arith checkpoint (the tests' fast model) shipped the legacy tokenizer, which
+  dropped every space and newline on load; rebuilt byte-level, with make_tokenizer()'s ids."""
+  shipped = transformers.AutoTokenizer.from_pretrained(arith.CHECKPOINT_DIR)
   fixed = arith.make_tokenizer()
   for ch in arith.CHARS:
-    assert fixed.encode(ch, add_special_tokens=False) == [shipped[ch]], repr(ch)
-  fixed.save_pretrained(tmp_path)
-  shutil.copy(arith.CHECKPOINT_DIR / "config.json", tmp_path)
-  again = transformers.AutoTokenizer.from_pretrained(tmp_path)
-  s = "Compute 12+7+30.\n12+7=19\n19+30=49\n\\boxed{49}"
-  assert again.decode(again.encode(s, add_special_tokens=False)) == s
+    assert shipped.encode(ch, add_special_tokens=False) == fixed.encode(
+      ch, add_special_tokens=False
+    ), repr(ch)
+  p = arith.make_problems(1, seed=3)[0]
+  for text in (p.problem, p.solution, "Compute 12+7+30.\n12+7=19\n19+30=49\n\\boxed{49}"):
+    assert shipped.decode(shipped.encode(text, add_special_tokens=False)) == text
+  (nl,) = shipped.encode("\n", add_special_tokens=False)
+  tables = construct.token_tables(shipped, len(shipped), [shipped.eos_token_id])
+  assert np.flatnonzero(np.asarray(tables.is_sep)).tolist() == [nl]  # the divergence cut
 
 
 # ------------------------------------------------------------------------------------ generator

@@ -1,4 +1,4 @@
-"""The shipped cold-started `chain` checkpoint: its calibration, and a few real RL steps from it."""
+"""The shipped toy checkpoints: their calibration, and a few real RL steps from the `chain` one."""
 
 import json
 import os
@@ -28,6 +28,23 @@ def test_shipped_chain_model_is_in_the_calibrated_range():
     if not groups.correct.reshape(-1)[i]
   }
   assert kinds & {"digit", "carry", "result"}, kinds  # step errors, not format failures
+
+
+def test_shipped_arith_model_writes_a_step_a_line_in_the_calibrated_range():
+  """Issue 24.9: the tests' fast model was trained through the legacy tokenizer, which dropped
+  spaces and newlines (it wrote 12+7=1919+30=49); rebuilt byte-level it writes one step a line,
+  and at configs/smoke.py's temperature its groups are mixed enough for DCS (2 and 2 of 8)."""
+  from tapo_jax.toy import arith
+
+  model, tokenizer, eos = measure.load(str(arith.CHECKPOINT_DIR))
+  problems = arith.make_problems(64, seed=99)
+  groups = measure.sample_groups(model, tokenizer, eos, problems, k=8, temperature=1.3, seed=0)
+  assert sum("\n" in t for t in groups.texts) >= 0.95 * len(groups.texts)
+  right = [t for t, c in zip(groups.texts, groups.correct.reshape(-1)) if c]
+  solutions = {p.solution for p in problems}
+  assert sum(t in solutions for t in right) >= 0.95 * len(right)  # the gold lines exactly
+  stats = measure.accuracy_stats(groups, n_pos=2, n_neg=2)
+  assert 0.55 <= stats["avg@k"] <= 0.9 and stats["eligible"] >= 0.35, stats
 
 
 @pytest.mark.slow

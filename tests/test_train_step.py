@@ -40,15 +40,28 @@ def _assert_params_close(a, b, atol):
   assert compared > 10
 
 
-def _batch(rows=8, t=12, seed=0):
+def _examples(rows=8, t=12, seed=0):
   rng = np.random.RandomState(seed)
-  rows_ = []
+  out = []
   for _ in range(rows):
     n = rng.randint(4, t + 1)
     ids = rng.randint(0, CFG.vocab_size, n).tolist()
     p = rng.randint(1, n)
-    rows_.append((ids, [False] * p + [True] * (n - p)))
-  return sft.pack_sft(rows_, t, pad_id=0, round_to=t)
+    out.append((ids, [False] * p + [True] * (n - p)))
+  return out
+
+
+def _padded(examples, t):
+  """One right-padded row per example (no positions, no segment ids): the plain layout."""
+  tokens = np.zeros((len(examples), t), np.int32)
+  mask = np.zeros((len(examples), t), bool)
+  for i, (ids, m) in enumerate(examples):
+    tokens[i, : len(ids)], mask[i, 1 : len(ids)] = ids, m[1:]
+  return {"tokens": tokens, "loss_mask": mask, "denom": np.full(len(examples), mask.sum())}
+
+
+def _batch(rows=8, t=12, seed=0):
+  return _padded(_examples(rows, t, seed), t)
 
 
 def _run(dims, micro, batch, steps=2, lr=1e-2, loss_fn=None, devices=None, ratio=1.0):
@@ -125,42 +138,51 @@ def test_non_finite_or_exploding_update_is_skipped(lr):
 
 
 def test_minibatches_deal_originals_and_constructions_evenly():
+  """24 sequences of 5 tokens (6 constructions, 2 without a loss token) packed 2 to a row of 10
+  into 3 minibatches on the mesh: each holds 2 constructions, every trained sequence lands
+  once, the loss scale is the step's weight x 3, and the same key deals the same way."""
   from tapo_jax.tapo.batch import TrainBatch
 
   r, t = 24, 5
   constructed = np.zeros(r, bool)
   constructed[[1, 4, 5, 9, 13, 20]] = True
+  trained = np.ones(r, bool)
+  trained[[0, 7]] = False
+  per_row = lambda x: jnp.broadcast_to(jnp.asarray(x)[:, None], (r, t))  # noqa: E731
   batch = TrainBatch(
     tokens=jnp.arange(r * t, dtype=jnp.int32).reshape(r, t),
-    positions=jnp.zeros((r, t), jnp.int32),
-    loss_mask=jnp.ones((r, t), bool),
-    advantages=jnp.arange(r, dtype=jnp.float32),
-    loss_scale=jnp.full(r, 0.5),
-    token_scale=jnp.ones(r),
-    is_constructed=jnp.asarray(constructed),
+    positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t)),
+    segment_ids=jnp.ones((r, t), jnp.int32),
+    loss_mask=per_row(trained),
+    advantages=per_row(np.arange(r, dtype=np.float32)),
+    loss_scale=jnp.full((r, t), 0.5),
+    token_scale=jnp.ones((r, t)),
+    is_constructed=per_row(constructed),
     old_logprobs=jnp.zeros((r, t)),
     sampler_logprobs=jnp.zeros((r, t)),
     sampled=jnp.zeros((r, t), bool),
-    is_scale=jnp.zeros(r),
+    is_scale=jnp.zeros((r, t)),
   )
+  batch = jax.tree.map(np.asarray, batch)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  parts = step_lib.minibatches(batch, jax.random.key(3), 3, 4, mesh)
+  deal = lambda: step_lib.layout_minibatches(  # noqa: E731
+    np.full(r, t), trained, constructed, jax.random.key(3), 3, 4, 2 * t,
+    step_lib.micro_batches_bound(r, 3, 4),
+  )  # fmt: skip
+  layout = deal()
+  parts = step_lib.packed_minibatches(batch, layout, mesh)
   seen = []
   for part in parts:
-    assert part.tokens.shape == (2, 4, t)  # 8 rows as 2 micro-batches of 4
-    assert part.tokens.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)
-    rows = np.asarray(part.advantages).reshape(-1).astype(int)
+    assert part.tokens.shape == (3, 4, 2 * t)  # (8 + 1) sequences -> 3 micro-batches of 4 rows
+    assert tuple(part.tokens.sharding.spec)[:2] == (None, ("data", "fsdp"))
+    tokens, seg = np.asarray(part.tokens), np.asarray(part.segment_ids)
+    rows = tokens[seg > 0].reshape(-1, t)[:, 0] // t  # each sequence's first token: its row
     assert constructed[rows].sum() == 2  # 6 constructions over 3 minibatches
-    np.testing.assert_array_equal(np.asarray(part.loss_scale), 1.5)  # x 3: the step's weight
-    np.testing.assert_array_equal(np.asarray(part.tokens)[..., 0].reshape(-1), rows * t)
+    np.testing.assert_array_equal(np.asarray(part.loss_scale)[seg > 0], 1.5)  # x 3
+    np.testing.assert_array_equal(np.asarray(part.advantages)[seg > 0].reshape(-1, t)[:, 0], rows)
     seen += rows.tolist()
-  assert sorted(seen) == list(range(r))
-  again = step_lib.minibatches(batch, jax.random.key(3), 3, 4, mesh)
-  assert all(
-    (np.asarray(a.advantages) == np.asarray(b.advantages)).all() for a, b in zip(parts, again)
-  )
-  with pytest.raises(ValueError, match="do not split"):
-    step_lib.minibatches(batch, jax.random.key(3), 5, 4, mesh)
+  assert sorted(seen) == np.flatnonzero(trained).tolist()
+  assert (deal().row == layout.row).all() and (deal().source == layout.source).all()
 
 
 def test_sft_loss_counts_response_tokens_only():
@@ -184,13 +206,43 @@ def test_sft_loss_counts_response_tokens_only():
   assert float(zero) == 0.0
 
 
-def test_pack_sft_truncates_and_rounds():
+def test_pack_sft_truncates_packs_and_rounds():
   rows = [([1, 2, 3, 4, 5], [False, False, True, True, True]), ([7, 8], [False, True])]
-  out = sft.pack_sft(rows, max_len=4, pad_id=0, round_to=8)
-  assert out["tokens"].shape == (2, 4)
-  np.testing.assert_array_equal(out["tokens"], [[1, 2, 3, 4], [7, 8, 0, 0]])
-  np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1], [0, 1, 0, 0]])
-  assert out["denom"][0] == 3
+  assert sft.sft_width(rows, max_len=4) == 4 and sft.sft_width(rows, 300) == 128
+  out = sft.pack_sft(rows, width=6, m=1, pad_id=9)
+  assert out["tokens"].shape == (2, 1, 6)  # 5 + 2 tokens do not share a row of 6
+  np.testing.assert_array_equal(out["tokens"][:, 0], [[1, 2, 3, 4, 5, 9], [7, 8, 9, 9, 9, 9]])
+  np.testing.assert_array_equal(out["segment_ids"][:, 0], [[1] * 5 + [0], [1, 1, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(out["positions"][0, 0], [0, 1, 2, 3, 4, 0])
+  np.testing.assert_array_equal(out["loss_mask"][0, 0], [0, 0, 1, 1, 1, 0])  # a row per segment
+  out = sft.pack_sft(rows, width=8, m=2)
+  np.testing.assert_array_equal(out["tokens"][0, 0], [1, 2, 3, 4, 5, 7, 8, 0])
+  np.testing.assert_array_equal(out["segment_ids"][0, 0], [1, 1, 1, 1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(out["positions"][0, 0], [0, 1, 2, 3, 4, 0, 1, 0])
+  np.testing.assert_array_equal(out["loss_mask"][0, 0], [0, 0, 1, 1, 1, 0, 1, 0])
+  assert out["denom"][0, 0] == 4 and not out["tokens"][0, 1].any()
+  out = sft.pack_sft(rows, width=4, m=2)  # truncated to the width
+  np.testing.assert_array_equal(out["tokens"][0], [[1, 2, 3, 4], [7, 8, 0, 0]])
+
+
+def test_packed_sft_loss_equals_padded():
+  """The packed step (4 rows of 24 holding 12 examples) gives the padded loss and gradients."""
+  examples = _examples(rows=12, t=12, seed=4)
+  model = Qwen(CFG, rngs=nnx.Rngs(2))
+  graphdef, params = nnx.split(model, nnx.Param)
+  f = jax.jit(jax.value_and_grad(lambda p, b: sft.sft_loss(nnx.merge(graphdef, p), b, chunk=16)[0]))
+  want, want_g = f(params, jax.tree.map(jnp.asarray, _padded(examples, 12)))
+  packed = sft.pack_sft(examples, width=24, m=2)
+  assert packed["tokens"].shape == (6, 2, 24) and packed["segment_ids"].max() >= 2
+  used = [i for i in range(6) if packed["segment_ids"][i].any()]
+  assert len(used) < 6  # packing left micro-batches empty
+  got, got_g = 0.0, None
+  for i in used:
+    loss, g = f(params, {k: jnp.asarray(v[i]) for k, v in packed.items()})
+    got, got_g = got + loss, g if got_g is None else jax.tree.map(jnp.add, got_g, g)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_batch_iterator_resumes_exactly():
@@ -242,3 +294,46 @@ def test_bf16_compute_keeps_f32_master_weights_and_remat_changes_nothing():
   # bf16 compute is close to f32 but not identical (it really ran in bf16).
   assert losses["bf16"][0] == pytest.approx(losses["f32"][0], rel=2e-2)
   assert losses["bf16"][0] != losses["f32"][0]
+
+
+def test_gradients_accumulate_in_float32_in_the_params_sharding():
+  """bf16 params and compute on a (data 2, fsdp 4) mesh: the compiled update's micro-batch loop
+  carries one float32 accumulator per parameter, at the parameter's per-device shard shape (the
+  cross-device sum of each micro-batch's gradient is scattered into it: on CPU XLA writes that
+  reduce-scatter as all-reduce + dynamic-slice, GPU and TPU fuse the two)."""
+  import re
+
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  cfg = QwenConfig(
+    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+  )  # fmt: skip
+  model = Qwen(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  tx = state_lib.make_optimizer(base.base_config().optim, 10)
+  state, ssh = state_lib.init_state(params, tx, mesh)
+  rng = np.random.default_rng(0)
+  batch = {
+    "tokens": rng.integers(0, 64, (2, 8, 32)).astype(np.int32),
+    "loss_mask": np.ones((2, 8, 32), bool),
+    "denom": np.full((2, 8), 2 * 8 * 32),
+  }
+  batch = sharding.put_global(batch, sharding.batch_shardings(batch, mesh, row_axis=1))
+  with jax.set_mesh(mesh):
+    fn = step_lib.make_train_step(graphdef, tx, lambda m, b: sft.sft_loss(m, b, 64), ssh)
+    hlo = fn.lower(state, batch).compile().as_text()
+  loops = [line for line in hlo.splitlines() if re.match(r"\s*%while[.\d]* = \(", line)]
+  carried = set()
+  for line in loops:
+    carried |= set(re.findall(r"(f32|bf16)\[([\d,]*)\]", line.split(" while(")[0]))
+  shards = {
+    ",".join(map(str, x.sharding.shard_shape(x.shape)))
+    for x in jax.tree.leaves(params)
+    if x.ndim and x.sharding.shard_shape(x.shape) != x.shape
+  }
+  assert len(shards) >= 5
+  for shape in shards:
+    assert ("f32", shape) in carried, shape  # a float32 accumulator of the shard
+  new_state, _ = fn(state, batch)  # and the update still runs, params in their dtype
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new_state.params))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -83,6 +84,30 @@ def test_resume_with_a_breaking_change_is_an_error(tmp_path, key, value):
     wd.record_config(tmp_path, c)
   assert key in str(e.value) and "--workdir" in str(e.value)
   assert (tmp_path / "config.json").read_text() == before  # nothing written
+
+
+@pytest.mark.parametrize(
+  "text",
+  ["{not json", "[1, 2]", '{"config": 5}', '{"config": {}, "data": [1]}',
+   '{"config": {}, "data": {"x": 3}}', "\udcff"],
+)  # fmt: skip
+def test_a_damaged_record_beside_checkpoints_is_an_error(tmp_path, text):
+  """Issue 24.7: a corrupt config.json was taken as no record (a changed lr resumed without the
+  warning) and a wrong-shaped one was an AttributeError."""
+  wd.record_config(tmp_path, cfg_for())
+  with_checkpoint(tmp_path)
+  (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+  c = cfg_for()
+  c.optim.lr = 3e-6
+  with pytest.raises(wd.ResumeError, match=r"config.json: unreadable \(.*\); it records") as e:
+    wd.record_config(tmp_path, c, warn=pytest.fail)
+  assert "\n" not in str(e.value)
+  assert (tmp_path / "config.json").read_bytes() == text.encode("utf-8", "surrogateescape")
+  with pytest.raises(wd.ResumeError, match="unreadable"):
+    wd.read_config(tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints")  # no checkpoints: a fresh run records its own
+  wd.record_config(tmp_path, c, warn=pytest.fail)
+  assert wd.read_config(tmp_path)["optim"]["lr"] == 3e-6
 
 
 def test_changed_data_file_is_an_error_on_resume_only(tmp_path):

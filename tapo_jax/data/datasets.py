@@ -7,6 +7,8 @@ Layouts (see docs/data.md for the files users bring):
   math        `problem`, answer = `answer` if present, else the last \\boxed{} of `solution`.
   aime        `problem` | `Problem` | `question`, `answer` | `Answer` (ints accepted).
   hmmt        `problem`, `answer` (LaTeX).
+Every layout also reads an optional worked `solution` (or `Solution`) string: the reference
+solution that `algorithm=opsd` shows its teacher (tapo_jax/opsd); absent or empty means none.
 "auto" picks the layout from the first row's fields. A malformed row raises `DataError` naming the
 file, the row (1-based line for jsonl, 0-based row index for json/parquet) and the field.
 """
@@ -45,6 +47,8 @@ class Problem:
   # The file's own chat prompt (dapo); dicts, so left out of the hash.
   messages: tuple[dict[str, str], ...] | None = dataclasses.field(default=None, hash=False)
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+  # A worked reference solution (the file's `solution` field), or None; OPSD's privileged text.
+  solution: str | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +211,18 @@ def _messages(row: _Row, field: str, value: Any) -> tuple[dict[str, str], ...]:
   return tuple(out)
 
 
+def _solution(row: _Row) -> str | None:
+  """The row's optional worked solution (`solution` | `Solution`): None when absent or empty."""
+  for key in ("solution", "Solution"):
+    value = row.data.get(key)
+    if value is None:
+      continue
+    if not isinstance(value, str):
+      raise row.fail(key, f"expected a string (a worked solution), got {type(value).__name__}")
+    return value.strip() or None
+  return None
+
+
 def _row_id(row: _Row, default: str) -> str:
   for key in _ID_KEYS:
     if row.data.get(key) is not None:
@@ -295,6 +311,7 @@ def load_problems(
         answer=answer,
         messages=messages,
         metadata={"source": str(path), "layout": layout, "row": row.where},
+        solution=_solution(row),
       )
     )
     if limit is not None and len(problems) >= limit:

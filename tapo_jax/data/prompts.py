@@ -123,16 +123,18 @@ def check_prompt_lengths(
   max_tokens: int,
   use_chat_template: bool = True,
   path: str | None = None,
+  limit_key: str = "data.max_prompt_tokens",
 ) -> list[list[int]]:
   """The prompt ids of every problem (as format_prompts gives them); the first problem whose
-  prompt is longer than `max_tokens` raises DataError naming its file, row and id."""
+  prompt is longer than `max_tokens` (the config's `limit_key`) raises DataError naming its
+  file, row and id."""
   per_token = longest_token_chars(tokenizer)
 
   def fail(p: Problem, n: int, exact: bool) -> DataError:
     size = "" if exact else "at least "
     return DataError(
-      f"{_where(p, path)}: prompt has {size}{n} tokens > data.max_prompt_tokens={max_tokens}; "
-      "shorten or drop the problem, or raise data.max_prompt_tokens"
+      f"{_where(p, path)}: prompt has {size}{n} tokens > {limit_key}={max_tokens}; "
+      f"shorten or drop the problem, or raise {limit_key}"
     )
 
   for p in problems:  # the cheap bound first: nothing is tokenized before every row passes it

@@ -11,8 +11,10 @@ and the prefill's: see `tapo_jax.models.attention` for what each materializes.
 
 Three entry points:
 - `model(tokens_BT)` -> logits_BTV: the full causal forward (no cache), right padding is harmless.
-- `model.hidden(tokens_BT, positions_BT)` -> final-normed hidden_BTD; `model.lm_head()` -> [D, V]
-  (the loss computes logprobs from these in vocabulary chunks).
+- `model.hidden(tokens_BT, positions_BT, segment_ids_BT)` -> final-normed hidden_BTD;
+  `model.lm_head()` -> [D, V] (the loss computes logprobs from these in vocabulary chunks). Packed
+  rows (several sequences per row, positions restarting at 0 in each) pass segment ids: attention
+  never crosses a segment boundary.
 - `model.decode(tokens_BT, positions_BT, cache)` -> (logits_BTV, cache): the cache is passed in and
   returned; the T new tokens of row b are written at slots positions[b, 0] .. positions[b, 0]+T-1
   and attend to every slot s <= their position. The cache holds one [B, K, S, H] array per layer.
@@ -191,9 +193,10 @@ class Attention(nnx.Module):
       y = y + getattr(self, f"{name}_bias")[...].astype(self.dtype)
     return y
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS=None, kv=None, impl=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS=None, kv=None, impl=None, segment_ids_BT=None):
     """kv: optional (k_cache_BKSH, v_cache_BKSH) of this layer to write into and attend over;
-    impl: the model's attention_impl (tapo_jax.models.attention)."""
+    impl: the model's attention_impl (tapo_jax.models.attention); segment_ids_BT: packed rows
+    (uncached only)."""
     cfg = self.cfg
     q = self._proj(x_BTD, "q")
     k = self._proj(x_BTD, "k")
@@ -217,7 +220,9 @@ class Attention(nnx.Module):
       else:
         out = self._attend_cache(q, k_cache, v_cache, mask_BTS)
     else:
-      out = attention.causal_attention(q, k, v, scale=cfg.head_dim**-0.5, impl=impl)  # [B,T,N,H]
+      out = attention.causal_attention(  # [B, T, N, H]
+        q, k, v, scale=cfg.head_dim**-0.5, impl=impl, segment_ids_BT=segment_ids_BT
+      )
     b, t, n, h = out.shape
     o_NHD = self.o_proj[...].astype(self.dtype)
     return out.reshape(b, t, n * h) @ o_NHD.reshape(n * h, -1), new_kv
@@ -260,8 +265,8 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, dtype=dtype, **kw)
 
-  def __call__(self, x, positions, mask, kv=None, impl=None):
-    h, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, impl)
+  def __call__(self, x, positions, mask, kv=None, impl=None, segment_ids=None):
+    h, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, impl, segment_ids)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("batch", "seq", "act_embed")), new_kv
@@ -307,22 +312,29 @@ class Qwen(nnx.Module):
     x = jnp.take(self.embed_tokens[...], tokens_BT, axis=0).astype(self.dtype)
     return constrain(x, ("batch", "seq", "act_embed"))
 
-  def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+  def hidden(
+    self,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> jax.Array:
     """Full causal forward to the final-normed hidden states [B, T, D].
 
-    Rows are right-padded sequences starting at index 0 (`positions_BT` only drives RoPE);
-    padding after a row's end cannot affect its real tokens under the causal mask."""
+    Without segment ids, rows are right-padded sequences starting at index 0 (`positions_BT`
+    only drives RoPE; padding after a row's end cannot affect its real tokens under the causal
+    mask). With them, a row packs several sequences, each with its own positions, and a token
+    attends only to the earlier tokens of its own segment."""
     b, t = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = None  # causal, built inside the attention kernel
+    mask, impl, seg = None, self.attention_impl, segment_ids_BT  # the kernels build the mask
     x = self._embed(tokens_BT)
     for layer in self.layers:
       if self.remat:
-        fn = nnx.remat(lambda blk, x_: blk(x_, positions_BT, mask, None, self.attention_impl)[0])
+        fn = nnx.remat(lambda blk, x_: blk(x_, positions_BT, mask, None, impl, seg)[0])
         x = fn(layer, x)
       else:
-        x, _ = layer(x, positions_BT, mask, None, self.attention_impl)
+        x, _ = layer(x, positions_BT, mask, None, impl, seg)
     return self.norm(x)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:

@@ -31,6 +31,11 @@ agree up to a constant factor. Inequalities compare real solution sets whatever 
 called (0 < f(x) < 1 vs (0, 1); x^2 < 4 vs -2 < x < 2; 1 <= |z| <= 3/2 is a union of two
 intervals of z, not [1, 3/2]).
 
+Units. A unit word dropped at the end of a value (5 \text{ cm}, 12 dollars, \$12) is kept
+beside it: the same unit, or a unit on one side only, compares the values (5 vs 5 cm: equal);
+different units do not (5 km vs 5 cm, \$5 vs 5 cents). A scale word (hundred, thousand, million,
+billion, trillion) must be the same on both sides: 2 million is neither 2 nor 2000000.
+
 Golds that are a float nan / inf or the text nan, inf, infinity (what a JSON NaN / Infinity
 becomes) match nothing.
 
@@ -61,6 +66,7 @@ from tapo_jax.rewards.parse import (
   normalize_text,
   parse,
   to_set,
+  units_agree,
 )
 from tapo_jax.rewards.screen import MAX_EXPANDED_TERMS, expanded_terms, small_for_proof
 
@@ -522,6 +528,8 @@ def is_equivalent(gold: str, answer: str | None) -> bool:
     return normalize_text(gold) == normalize_text(answer)
   try:
     a = parse(answer, thousands=not isinstance(g.value, Seq))
+    if not units_agree(g.units, a.units):
+      return False
     gold_symbols = _free_symbols(g.value)
     return any(_equal(gv, av, gold_symbols) for gv, av in _reading_pairs(g, a))
   except Exception:  # the reward never raises: whatever cannot be verified is wrong

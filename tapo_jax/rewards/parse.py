@@ -104,6 +104,7 @@ class Parsed:
   percent: bool = False
   degree: bool = False
   digits: object = None
+  units: frozenset = frozenset()  # unit_key()s of the unit words, scale words and \$ it carried
 
 
 PM = sympy.Symbol("_pm_")  # the sign of a \pm; substituted by +1 and -1 at the item level
@@ -245,6 +246,7 @@ class _Parser:
     self.i = 0
     self.percent = False
     self.degree = False
+    self.units: list[str] = []  # unit words dropped at the end of an item (5 cm: "cm")
     self.in_func = 0
     self.in_abs = 0
 
@@ -350,7 +352,7 @@ class _Parser:
       k += 1
     if not self.at("LP", k=k):
       return None
-    start, flags = self.i, (self.percent, self.degree)
+    start, flags, units = self.i, (self.percent, self.degree), len(self.units)
     try:
       letter = self.next().val
       mark = ""
@@ -377,6 +379,7 @@ class _Parser:
         raise ParseError("not a whole relation part")
     except ParseError:
       self.i, (self.percent, self.degree) = start, flags
+      del self.units[units:]
       return None
     return sympy.Symbol(f"{letter}{mark}({','.join(str(a) for a in args)})")
 
@@ -452,14 +455,18 @@ class _Parser:
         v = div(v, sympy.Integer(100))
       elif (self.at("UNIT") or self.peek().unit) and self._unit_ends_item():
         unit = self.next().val
+        power_of = ""
         if self.at("OP", "^"):  # cm^2
           self.next()
-          self.exponent()
+          power_of = f"^{self.exponent()}"
         if unit == "percent":  # pct, percentage, per cent (lex.PERCENT_WORDS)
           self.percent = True
           v = div(v, sympy.Integer(100))
         elif unit in ("degree", "degrees"):
           v = self._mark_degree(v)
+        else:
+          words = unit_key(unit).split()
+          self.units.extend(words[:-1] + [words[-1] + power_of])
       else:
         return v
 
@@ -760,7 +767,60 @@ def parse(s: str, thousands: bool = True) -> Parsed:
   digits = None
   if kinds in (["NUM", "SUB", "NUM"], ["NUM", "SUB", "LG", "NUM", "RG"]):
     digits = sympy.Integer(int(toks[0].raw))  # 101_2 also reads as the digit string 101
-  return Parsed(value, parser.percent, parser.degree, digits)
+  units = set(parser.units) | ({"dollar"} if _CURRENCY.search(s) else set())
+  return Parsed(value, parser.percent, parser.degree, digits, frozenset(units))
+
+
+# --- units: what a dropped unit word was, so that 5 km and 5 cm (or 2 million and 2) differ ---
+
+_CURRENCY = re.compile(r"\\\$")  # \$5: a dollar amount (a plain $ delimits math)
+SCALE_WORDS = frozenset(("hundred", "thousand", "million", "billion", "trillion"))
+_UNIT_SYNONYMS = {  # one key per unit: its spellings
+  "meter": "m meter meters metre metres",
+  "cm": "cm centimeter centimeters centimetre centimetres",
+  "mm": "mm millimeter millimeters millimetre millimetres",
+  "km": "km kilometer kilometers kilometre kilometres",
+  "inch": "in inch inches",
+  "foot": "ft foot feet",
+  "yard": "yd yard yards",
+  "mile": "mi mile miles",
+  "gram": "g gram grams",
+  "kg": "kg kilogram kilograms",
+  "mg": "mg milligram milligrams",
+  "ml": "ml milliliter milliliters millilitre millilitres",
+  "liter": "l liter liters litre litres",
+  "pound": "lb lbs pound pounds",
+  "ounce": "oz ounce ounces",
+  "gallon": "gal gallon gallons",
+  "second": "s sec secs second seconds",
+  "minute": "min mins minute minutes",
+  "hour": "h hr hrs hour hours",
+  "dollar": "dollar dollars",
+  "cent": "cent cents",
+  "person": "people person persons",
+  "box": "box boxes",
+}
+_UNIT_KEYS = {name: key for key, names in _UNIT_SYNONYMS.items() for name in names.split()}
+
+
+def unit_key(words: str) -> str:
+  """One spelling per unit: lower case, synonyms and plurals merged (meters, metre, m: meter)."""
+  out = []
+  for w in words.lower().replace("-", " ").split():
+    if w not in _UNIT_KEYS and len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+      w = w[:-1]  # apples, ways, units
+    out.append(_UNIT_KEYS.get(w, w))
+  return " ".join(out)
+
+
+def units_agree(gold: frozenset, answer: frozenset) -> bool:
+  """Whether two answers' units allow comparing their values: scale words (million) must be the
+  same on both sides; other units must be the same when both sides carry some (5 km is not
+  5 cm, \\$5 is not 5 cents); a unit on one side only compares the values (5 vs 5 cm)."""
+  if gold & SCALE_WORDS != answer & SCALE_WORDS:
+    return False
+  g, a = gold - SCALE_WORDS, answer - SCALE_WORDS
+  return not (g and a and g != a)
 
 
 def _check_finite(v) -> None:

@@ -2,12 +2,16 @@
 
 from tapo_jax.tapo.advantages import decoupled_advantages, overlong_penalty
 from tapo_jax.tapo.batch import (
+  Layout,
   Rollouts,
   TrainBatch,
   concat_rollouts,
+  pack,
   pack_rollouts,
+  pack_rows,
   pad_rows,
   response_ids,
+  segment_sum,
   take_rows,
 )
 from tapo_jax.tapo.construct import TokenTables, select, token_tables
@@ -15,6 +19,7 @@ from tapo_jax.tapo.dcs import Candidates, select_candidates
 from tapo_jax.tapo.divergence import diagnosis_tokens, divergence_rows
 from tapo_jax.tapo.loss import (
   LossConfig,
+  logprobs_and_entropy,
   policy_loss,
   prepare_batch,
   sequence_logprobs,
@@ -35,6 +40,7 @@ from tapo_jax.tapo.synthesis import (
 __all__ = [
   "SYNTHESIS_TEMPLATE",
   "Candidates",
+  "Layout",
   "LossConfig",
   "Rollouts",
   "Spliced",
@@ -48,14 +54,18 @@ __all__ = [
   "diagnosis_tokens",
   "divergence_rows",
   "encode_template",
+  "logprobs_and_entropy",
   "overlong_penalty",
+  "pack",
   "pack_rollouts",
+  "pack_rows",
   "pad_rows",
   "parse_construction",
   "policy_loss",
   "prepare_batch",
   "response_ids",
   "select",
+  "segment_sum",
   "select_candidates",
   "sequence_logprobs",
   "splice",

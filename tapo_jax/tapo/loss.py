@@ -4,7 +4,12 @@ Legend: R rows, T tokens, D model, V vocab, C vocabulary chunk.
 
 Alignment: logprobs and entropies are token-aligned like the sampler's, lp[:, t] =
 log p(tokens[t] | tokens[<t]) (predicted from hidden[:, t-1]), H[:, t] the entropy of that same
-distribution, and lp[:, 0] = H[:, 0] = 0.
+distribution, and lp = H = 0 at the first token of every sequence (column 0, and in packed rows
+every segment start: `segment_ids`).
+
+Layout: the loss reads a `TrainBatch`, whose fields are all per token, so it is the same function
+on prepare_batch's padded rows and on packed rows (several sequences per row). The one
+per-sequence quantity, seq-mask's geometric mean, is a segment sum (`batch.segment_sum`).
 
 `prepare_batch` runs once over the whole step's rows (rewards -> advantages, masks, per-row loss
 scales) and returns a `TrainBatch`; `tapo_loss` on any micro-batch of it then returns that
@@ -38,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from tapo_jax.tapo import advantages as adv_lib
-from tapo_jax.tapo.batch import Rollouts, TrainBatch
+from tapo_jax.tapo.batch import Rollouts, TrainBatch, segment_sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +143,19 @@ def token_logprobs_and_entropy(
 
 
 def sequence_logprobs(
-  hidden_BTD: jax.Array, lm_head_DV: jax.Array, tokens_BT: jax.Array, chunk: int
+  hidden_BTD: jax.Array,
+  lm_head_DV: jax.Array,
+  tokens_BT: jax.Array,
+  chunk: int,
+  segment_ids_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Token-aligned (logprobs, entropies) [B, T] of `tokens` under the model's hidden states."""
+  """Token-aligned (logprobs, entropies) [B, T] of `tokens` under the model's hidden states; 0 at
+  column 0 and, given segment ids, at each segment's first token (it has no context) and on
+  padding (segment 0)."""
   lp, ent = token_logprobs_and_entropy(hidden_BTD[:, :-1], lm_head_DV, tokens_BT[:, 1:], chunk)
+  if segment_ids_BT is not None:  # token t continues token t - 1's sequence
+    cont = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] > 0)
+    lp, ent = jnp.where(cont, lp, 0.0), jnp.where(cont, ent, 0.0)
   pad = jnp.zeros((tokens_BT.shape[0], 1), jnp.float32)
   return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
 
@@ -153,7 +167,9 @@ def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[st
   grpo ignores constructed rows. The overlong penalty applies to originals only (constructions
   are not bounded by max_new_tokens). Zero-variance groups (originals' and G_ref alike) and, with
   mask_truncated, truncated rows keep their place in the statistics but leave the loss.
-  `old_logprobs` is left at 0: the loop fills it with the step's starting params.
+  `old_logprobs` is left at 0: the loop fills it with the step's starting params. The TrainBatch
+  is in the padded layout: one sequence per row (segment id 1 on its tokens, 0 on padding), each
+  sequence's values on all T tokens of its row.
   """
   constructed = batch.is_constructed
   rows = batch.valid & (~constructed if cfg.algorithm == "grpo" else True)
@@ -195,6 +211,9 @@ def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[st
   n_sampled = sampled.sum(axis=1).astype(jnp.float32)
   is_in = jnp.where(constructed, total(n_sampled, constructed), total(n_sampled, ~constructed))
   ref_rows = rows & constructed
+  per_token = lambda x: jnp.broadcast_to(x[:, None], batch.tokens.shape)  # noqa: E731
+  t = jnp.arange(batch.tokens.shape[1])[None]
+  real = t < (batch.prompt_lens + batch.response_lens)[:, None]
   metrics = {
     "loss/rows_trained": trained.sum().astype(jnp.float32),
     "loss/zero_variance_rows": zero_var.sum().astype(jnp.float32),
@@ -204,15 +223,16 @@ def prepare_batch(batch: Rollouts, cfg: LossConfig) -> tuple[TrainBatch, dict[st
   train = TrainBatch(
     tokens=batch.tokens,
     positions=batch.positions,
+    segment_ids=real.astype(jnp.int32),
     loss_mask=loss_mask,
-    advantages=advantages,
-    loss_scale=scale,
-    token_scale=1.0 / tokens_in,
-    is_constructed=constructed,
+    advantages=per_token(advantages),
+    loss_scale=per_token(scale),
+    token_scale=per_token(1.0 / tokens_in),
+    is_constructed=per_token(constructed),
     old_logprobs=jnp.zeros(batch.tokens.shape, jnp.float32),
     sampler_logprobs=jnp.where(sampled, batch.sampler_logprobs, 0.0),
     sampled=sampled,
-    is_scale=1.0 / is_in,
+    is_scale=per_token(1.0 / is_in),
   )
   return train, metrics
 
@@ -233,21 +253,21 @@ def rollout_correction(
   u = jnp.exp(jnp.minimum(log_u, 80.0))
   rho = jnp.ones_like(u)
   lo, hi = cfg.rollout_is_band
-  n = sampled.sum(axis=1)
-  geo = jnp.exp(log_u.sum(axis=1) / jnp.maximum(n, 1))
-  row_out = (n > 0) & ((geo < lo) | (geo > hi))
+  n = segment_sum(sampled.astype(jnp.float32), batch.segment_ids)  # the sequence's, per token
+  geo = jnp.exp(segment_sum(log_u, batch.segment_ids) / jnp.maximum(n, 1.0))
+  seq_out = (n > 0) & ((geo < lo) | (geo > hi))
   if cfg.rollout_is == "token-tis":
     rho = jnp.where(sampled, jnp.minimum(u, cfg.rollout_is_cap), 1.0)
   elif cfg.rollout_is == "seq-mask":
-    rho = jnp.where(row_out[:, None], 0.0, rho)
-  constructed = batch.is_constructed[:, None]
-  mean = batch.is_scale[:, None] * sampled  # sums to 1 over each part's sampled tokens (step)
+    rho = jnp.where(seq_out, 0.0, rho)
+  constructed = batch.is_constructed
+  mean = batch.is_scale * sampled  # sums to 1 over each part's sampled tokens (step)
   metrics = {}
   for part, where in (("orig", mean * ~constructed), ("ref", mean * constructed)):
     metrics[f"rollout_is/{part}_ratio_mean"] = jnp.sum(u * where)
     metrics[f"rollout_is/{part}_ratio_max"] = jnp.max(jnp.where(where > 0, u, 0.0))
     metrics[f"rollout_is/{part}_capped_frac"] = jnp.sum((u > cfg.rollout_is_cap) * where)
-    metrics[f"rollout_is/{part}_masked_frac"] = jnp.sum(row_out[:, None] * where)
+    metrics[f"rollout_is/{part}_masked_frac"] = jnp.sum(seq_out * where)
   return jax.lax.stop_gradient(rho), metrics
 
 
@@ -257,10 +277,10 @@ def policy_loss(
   """The summed, scaled PPO-clip (+ OTS, + rollout correction) loss of `batch` (a micro-batch)
   and its metrics (additive over micro-batches; names ending in _max combine by max)."""
   mask = batch.loss_mask
-  constructed = batch.is_constructed[:, None]
+  constructed = batch.is_constructed
   log_ratio = jnp.where(mask, logprobs_RT - batch.old_logprobs, 0.0)
   ratio = jnp.exp(log_ratio)
-  a = batch.advantages[:, None]
+  a = batch.advantages
   pg_unclipped = -a * ratio
   pg_clipped = -a * jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
   pg = jnp.maximum(pg_unclipped, pg_clipped)
@@ -269,12 +289,12 @@ def policy_loss(
     w = jnp.where(constructed, ots_weights(logprobs_RT, entropy_RT, cfg.ots_min, cfg.ots_max), 1.0)
   rho, is_metrics = rollout_correction(batch, cfg)
   per_token = rho * w * pg
-  scale = batch.loss_scale[:, None] * mask
+  scale = batch.loss_scale * mask
   l_orig = jnp.sum(per_token * scale * ~constructed)
   l_ref = jnp.sum(per_token * scale * constructed)
   loss = l_orig + cfg.lam * l_ref if cfg.algorithm == "tapo" else l_orig
 
-  mean = batch.token_scale[:, None] * mask  # sums to 1 over each part's tokens (whole step)
+  mean = batch.token_scale * mask  # sums to 1 over each part's tokens (whole step)
   orig, ref = mean * ~constructed, mean * constructed
   clipped = (pg_clipped > pg_unclipped).astype(jnp.float32)
   ent = jax.lax.stop_gradient(entropy_RT)
@@ -292,15 +312,24 @@ def policy_loss(
 
 
 def tapo_loss(model, batch: TrainBatch, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, metrics) of a prepared (micro-)batch under `model` (anything with .hidden/.lm_head)."""
-  hidden = model.hidden(batch.tokens, batch.positions)
-  head = model.lm_head() if cfg.temperature == 1.0 else model.lm_head() / cfg.temperature
-  lp, ent = sequence_logprobs(hidden, head, batch.tokens, cfg.vocab_chunk)
+  """(loss, metrics) of a prepared (micro-)batch, padded or packed, under `model` (anything with
+  .hidden(tokens, positions, segment_ids) and .lm_head())."""
+  lp, ent = logprobs_and_entropy(
+    model, batch.tokens, batch.positions, batch.segment_ids, cfg.vocab_chunk, cfg.temperature
+  )
   return policy_loss(lp, ent, batch, cfg)
 
 
-def logprobs(model, tokens, positions, chunk: int, temperature: float = 1.0) -> jax.Array:
-  """[R, T] token-aligned logprobs of `tokens` under `model` at `temperature` (π_old)."""
+def logprobs_and_entropy(
+  model, tokens, positions, segment_ids, chunk: int, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+  """[R, T] token-aligned (logprobs, entropies) of `tokens` under `model` at `temperature`, on
+  padded or packed rows (segment_ids None: one sequence per row)."""
   head = model.lm_head() if temperature == 1.0 else model.lm_head() / temperature
-  lp, _ = sequence_logprobs(model.hidden(tokens, positions), head, tokens, chunk)
-  return lp
+  hidden = model.hidden(tokens, positions, segment_ids)
+  return sequence_logprobs(hidden, head, tokens, chunk, segment_ids)
+
+
+def logprobs(model, tokens, positions, chunk: int, temperature: float = 1.0, segment_ids=None):
+  """[R, T] token-aligned logprobs of `tokens` under `model` at `temperature` (π_old)."""
+  return logprobs_and_entropy(model, tokens, positions, segment_ids, chunk, temperature)[0]

@@ -44,7 +44,10 @@ def train_problems(name: str, seed: int, n: int = TRAIN_PROBLEMS) -> list[Proble
     toy = arith.make_problems(n, seed=seed + 12345)
   else:
     toy = _module(name).make_split("train", n, seed=seed)
-  return [Problem(id=f"{name}-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)]
+  return [
+    Problem(id=f"{name}-{i}", problem=p.problem, answer=p.answer, solution=p.solution)
+    for i, p in enumerate(toy)
+  ]  # the worked solution: OPSD's reference solution
 
 
 def eval_problems(name: str, seed: int, n: int = EVAL_PROBLEMS) -> list[Problem]:

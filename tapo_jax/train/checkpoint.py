@@ -12,7 +12,8 @@ Restore is checked, newest step first:
      (a mismatch is another model or optimizer: `CheckpointError`, no fallback);
   2. the arrays must read (truncated data, a broken manifest or a missing `state/` fail here);
   3. the checksum saved with the step must match the restored arrays (bit rot, a bad copy) and
-     the params must be finite (a poisoned update that was saved).
+     the params must be finite (a poisoned update that was saved); a step without its checksum
+     or its data-iterator state (an edited `extra`) is unverified and counts as broken.
 A step failing 2 or 3 is renamed `<step>.broken` with a one-line warning and the previous step is
 tried; when none is left, `CheckpointError` names the directory to remove.
 
@@ -192,6 +193,8 @@ class Checkpointer:
       ),
     )
     state, extra = out["state"], out["extra"]
+    if not isinstance(extra, dict) or not isinstance(extra.get("data"), dict):
+      raise ValueError("its extra metadata holds no data-iterator state")
     verify(state, extra)
     return state, extra
 
@@ -243,15 +246,28 @@ class Checkpointer:
   def resume(self, state, state_sharding, iterator) -> tuple:
     """(state, start step, extra): the newest intact checkpoint's, with the iterator moved to
     its position; (state, 0, {}) when the workdir has none."""
+    from tapo_jax.data import DataError
+
     found = self.restore_newest(state_sharding, state)
     if found is None:
       return state, 0, {}
     start, state, extra = found
-    iterator.restore(extra["data"])
+    try:
+      iterator.restore(extra["data"])
+    except DataError:
+      raise
+    except (KeyError, TypeError, ValueError) as e:
+      where = os.path.join(self.directory, str(start), "extra")
+      raise CheckpointError(
+        f"{where}: damaged data-iterator state ({type(e).__name__}: {e}); restore it or remove "
+        f"{os.path.join(self.directory, str(start))}"
+      ) from None
     print(f"resumed from {self.directory} at step {start}", file=sys.stderr)
     return state, start, extra
 
   def wait(self):
+    """Waits for the save in flight; raises its error when it failed (the loops call this before
+    each update, so no step trains past a checkpoint that could not be written)."""
     self.manager.wait_until_finished()
 
   def close(self):
@@ -260,16 +276,17 @@ class Checkpointer:
 
 
 def verify(state, extra: dict) -> None:
-  """Raises ValueError when `state` differs from the checksum saved with it or has a non-finite
-  parameter. Checkpoints written before checksums were saved only get the finiteness check."""
+  """Raises ValueError when `state` has a non-finite parameter, differs from the checksum saved
+  with it, or has no checksum (unverified: the key was removed, or another tool wrote it)."""
   ours, non_finite = inspect_state(state)
-  saved = extra.get("checksum") if isinstance(extra, dict) else None
-  if saved:
-    bad = sorted(k for k in saved if ours.get(k) != saved[k])
-    if bad or set(ours) != set(saved):
-      raise ValueError(f"checksum mismatch in {bad[0] if bad else 'the array list'}")
   if non_finite:
     raise ValueError(f"non-finite values in {non_finite}")
+  saved = extra.get("checksum") if isinstance(extra, dict) else None
+  if not isinstance(saved, dict) or not saved:
+    raise ValueError("no checksum saved with it: unverified")
+  bad = sorted(k for k in saved if ours.get(k) != saved[k])
+  if bad or set(ours) != set(saved):
+    raise ValueError(f"checksum mismatch in {bad[0] if bad else 'the array list'}")
 
 
 def steps(workdir: str) -> list[int]:

@@ -127,8 +127,7 @@ def read_progress(path: str, fp: dict, output: str) -> dict:
       )
     counts = dict.fromkeys(COUNTERS, 0)
     return dict(chunks_done=0, bytes=0, counts=counts, hist=[0] * HIST_BINS, fingerprint=fp)
-  with open(path) as f:
-    progress = json.load(f)
+  progress = _load_progress(path)
   for key, value in fp.items():
     if progress["fingerprint"].get(key) != value:
       old = progress["fingerprint"].get(key)
@@ -137,6 +136,67 @@ def read_progress(path: str, fp: dict, output: str) -> dict:
         "same settings or use a new workdir"
       )
   return progress
+
+
+def _load_progress(path: str) -> dict:
+  """The progress file, checked field by field: a hand-edited one is a BuildError naming it."""
+  try:
+    with open(path, "rb") as f:
+      progress = json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise BuildError(f"{path}: not a progress file ({e}); {_START_OVER}") from None
+  count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+  shape = {
+    "chunks_done": count,
+    "bytes": count,
+    "counts": lambda v: isinstance(v, dict) and all(count(v.get(k)) for k in COUNTERS),
+    "hist": lambda v: isinstance(v, list) and len(v) == HIST_BINS and all(map(count, v)),
+    "fingerprint": lambda v: isinstance(v, dict),
+  }
+  if not isinstance(progress, dict):
+    raise BuildError(f"{path}: not a progress file (a JSON object expected); {_START_OVER}")
+  for key, ok in shape.items():
+    if not ok(progress.get(key)):
+      raise BuildError(f"{path}: damaged field {key!r}: {progress.get(key)!r}; {_START_OVER}")
+  return progress
+
+
+_START_OVER = "restore it, or start over in a new workdir with a new coldstart.output"
+
+
+class OutputLock:
+  """An exclusive flock on the output while a build appends to it: a second build with another
+  workdir and the same coldstart.output is refused (BuildError) instead of writing every row
+  again. A fresh build (no progress) also needs the output empty once it holds the lock."""
+
+  def __init__(self, output: str, fresh: bool):
+    self.output, self.fresh, self.fd = output, fresh, None
+
+  def __enter__(self) -> OutputLock:
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(self.output)), exist_ok=True)
+    fd = os.open(self.output, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      os.close(fd)
+      raise BuildError(
+        f"{self.output}: another build is writing it (coldstart.output); wait for it, or give "
+        "this build its own coldstart.output"
+      ) from None
+    self.fd = fd
+    if self.fresh and os.fstat(fd).st_size:
+      self.__exit__()
+      raise BuildError(
+        f"{self.output}: another build wrote it meanwhile; give this build its own coldstart.output"
+      )
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.fd is not None:
+      os.close(self.fd)  # releases the flock
+      self.fd = None
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -155,9 +215,21 @@ def committed_rows(path: str, size: int) -> set[str]:
     raise BuildError(f"{path}: {have} bytes, but {size} were committed: the file was changed")
   if not os.path.exists(path):
     return set()
+  with open(path, "rb") as f:
+    committed = f.read(size)
+  ids = set()
+  for n, line in enumerate(committed.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      ids.add(json.loads(line.decode("utf-8"))["id"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+      raise BuildError(
+        f"{path}: line {n}: not a row of this build (a committed line was changed); {_START_OVER}"
+      ) from None
   with open(path, "r+b") as f:
     f.truncate(size)
-    return {json.loads(line)["id"] for line in f.read().splitlines() if line.strip()}
+  return ids
 
 
 def summarize(progress: dict, total: int, output: str, complete: bool) -> dict:
@@ -241,17 +313,24 @@ def append_rows(out, rows, counts: dict, targets: dict, seen: set[str]) -> None:
 
 def run(cfg, workdir: str) -> dict:
   """Builds (or continues) the cold-start SFT set; returns the summary it writes."""
-  cs, k = cfg.coldstart, cfg.rollout.n
+  cs = cfg.coldstart
   output = cs.output or os.path.join(workdir, "coldstart.jsonl")
   progress_path = os.path.join(workdir, "coldstart_progress.json")
   template = cfg.tapo.synthesis_template or synthesis.SYNTHESIS_TEMPLATE
   problems = problems_lib.training_problems(cfg)
   total = cs.passes * math.ceil(len(problems) / cs.chunk_problems)
   progress = read_progress(progress_path, fingerprint(cfg), output)
+  fresh = not os.path.exists(progress_path)
+  with OutputLock(output, fresh):
+    return _build(cfg, workdir, output, progress_path, template, problems, total, progress)
+
+
+def _build(cfg, workdir, output, progress_path, template, problems, total, progress) -> dict:
+  """run() once it holds the output."""
+  cs, k = cfg.coldstart, cfg.rollout.n
   counts, targets = progress["counts"], dict(constructions=cs.constructions, solutions=cs.solutions)
   seen = committed_rows(output, progress["bytes"])
-  for directory in (workdir, os.path.dirname(os.path.abspath(output))):
-    os.makedirs(directory, exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)
   start = progress["chunks_done"]
   stop = min(total, start + cs.max_chunks) if cs.max_chunks else total
 

@@ -97,7 +97,7 @@ def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engi
   if template is not None:
     synth = synthesis_engine(cfg, model, mesh, template.literal_tokens)
   evaluator = None
-  if cfg.train.eval_every:
+  if cfg.train.eval_every or cfg.train.eval_at_start:
     same = cfg.eval.max_new_tokens == cfg.rollout.max_new_tokens
     evaluator = rollout if same else eval_engine(cfg, model, mesh)
   return Engines(rollout=rollout, synthesis=synth, eval=evaluator)

@@ -21,7 +21,7 @@ from tapo_jax.train import state as state_lib
 def run(cfg, workdir: str) -> dict[str, float]:
   """Evaluates the configured model; writes eval/<set>.jsonl, metrics.jsonl and a summary."""
   mesh, model, tokenizer = state_lib.load_policy(cfg)
-  sets = problems_lib.eval_sets(cfg)
+  sets = problems_lib.checked_eval_sets(cfg, tokenizer)
   engine = engines_lib.eval_engine(cfg, model, mesh)
   os.makedirs(workdir, exist_ok=True)
   pool = rewards_lib.VerifierPool(

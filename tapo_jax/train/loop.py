@@ -2,8 +2,13 @@
 
   data -> rollouts (rollout engine) -> rewards (verifier pool) -> DCS -> constructions (the
   divergence rules, or synthesis prompts -> synthesis engine -> anchoring) -> rewards of the
-  constructions (same pool, same decoding) -> DAE + masks (prepare_batch) -> π_old ->
-  minibatch updates -> metrics -> periodic eval (eval engine) -> checkpoint.
+  constructions (same pool, same decoding) -> DAE + masks (prepare_batch) -> packed minibatches,
+  put on the mesh once -> π_old -> minibatch updates -> metrics -> periodic eval (eval engine)
+  -> checkpoint.
+
+algorithm=opsd replaces construct/advantages/loss with on-policy self-distillation: each rollout
+gets a teacher row (the policy shown a privileged solution) and the update minimizes a per-token
+divergence to it (`tapo_jax.opsd.Distiller`, called in stages 4-5).
 
 Rollouts come from `train.rollouts`: sampled at the start of the step, with dynamic sampling
 when configured, or one step ahead in a background thread (rollout.async_steps = 1).
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -36,6 +40,7 @@ from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import check_prompt_lengths
+from tapo_jax.opsd import Distiller
 from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
@@ -92,11 +97,17 @@ def run(cfg, workdir: str) -> None:
     problems, cfg.data.prompt_template, tokenizer, cfg.data.max_prompt_tokens,
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
+  periodic = cfg.train.eval_every or cfg.train.eval_at_start
+  held_out = problems_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
   if cfg.data.pass_rate_window:
     params = engines.sync(nnx.state(model, nnx.Param))
     problems = problems_lib.filter_by_difficulty(
       cfg, engines.rollout, params, tokenizer, pool, problems, workdir
     )
+  distiller = None  # algorithm=opsd: on-policy self-distillation (tapo_jax/opsd)
+  if cfg.algorithm == "opsd":
+    distiller = Distiller(cfg, tokenizer, eos, problems, model.cfg.max_position_embeddings)
+    print(distiller.describe(), file=sys.stderr)
   it = BatchIterator(problems, q, seed=cfg.seed, shuffle=cfg.data.shuffle)
 
   updates_per_step = cfg.optim.ppo_epochs * cfg.optim.minibatches
@@ -124,15 +135,16 @@ def run(cfg, workdir: str) -> None:
     train_step = step_lib.make_train_step(
       graphdef,
       optimizer,
-      functools.partial(loss_lib.tapo_loss, cfg=loss_cfg),
+      distiller.loss_fn() if distiller else functools.partial(loss_lib.tapo_loss, cfg=loss_cfg),
       ssh,
       max_update_ratio=cfg.optim.max_update_ratio,
     )
-  old_logprobs = step_lib.make_old_logprobs(
-    graphdef, cfg.loss.vocab_chunk, cfg.optim.micro_batch, loss_cfg.temperature
+  old_logprobs = step_lib.make_old_logprobs(graphdef, cfg.loss.vocab_chunk, loss_cfg.temperature)
+  relayout = step_lib.make_relayout(mesh)
+  n_mb, width = cfg.optim.minibatches, cfg.tapo.max_len
+  rows_per_micro = step_lib.rows_per_micro_batch(
+    config_lib.micro_batch_tokens(cfg, width), width, sharding.data_parallel_size(mesh)
   )
-  row_multiple = math.lcm(cfg.optim.micro_batch, sharding.data_parallel_size(mesh))
-  row_multiple *= cfg.optim.minibatches
   stop = checkpoint.PreemptionGuard()
   writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
   logging.info("setup took %.1fs", time.time() - t_setup)
@@ -144,7 +156,7 @@ def run(cfg, workdir: str) -> None:
       engines.eval,
       params,
       tokenizer,
-      problems_lib.eval_sets(cfg),
+      held_out,
       out_dir=os.path.join(workdir, "eval", f"step_{at}") if distributed.is_main() else None,
       grade_fn=grade_fn,
       **eval_lib.eval_kwargs(cfg),
@@ -203,27 +215,57 @@ def run(cfg, workdir: str) -> None:
       if cfg.train.dump_rollouts_every and (step + 1) % cfg.train.dump_rollouts_every == 0:
         _dump_rollouts(workdir, step + 1, batch_problems, tokenizer, batch, eos)  # process 0
 
-      # 4. Decoupled advantages, masks and loss scales over the whole step; π_old. The batch
-      #    is the same on every process; on the mesh its rows are split over the data axes.
-      train, prep_metrics = loss_lib.prepare_batch(
-        batch_lib.pad_rows(batch, row_multiple), loss_cfg
-      )
+      # 4. Decoupled advantages, masks and loss scales over the whole step; the sequences
+      #    with a loss token dealt to minibatches and packed into rows (micro-batches of
+      #    rows_per_micro x max_len tokens), put on the mesh once (the same on every process;
+      #    rows split over the data axes); π_old computed where they lie.
+      train, prep_metrics = loss_lib.prepare_batch(batch, loss_cfg)
       train = sharding.to_host(train)
-      rows = sharding.put_global(train, sharding.batch_shardings(train, mesh))
-      old = old_logprobs(state.params, rows.tokens, rows.positions)
-      train = train.replace(old_logprobs=sharding.to_host(old))
+      if distiller:  # OPSD: each rollout's teacher row; padded rows, one sequence each
+        train, prep_metrics = distiller.add_teacher(
+          train, prep_metrics, originals, batch_problems, step
+        )
+        if distiller.needs_old_logprobs:
+          whole = step_lib.padded_minibatches(train, key, 1, rows_per_micro, mesh)[0]
+          with jax.set_mesh(mesh):
+            old = sharding.to_host(old_logprobs(state.params, whole))
+          old = old.reshape(-1, old.shape[-1])[: train.num_rows]  # (1 minibatch: rows in order)
+          train = train.replace(old_logprobs=old)
+        real_tokens = float((train.segment_ids > 0).sum())
+        processed = float(train.segment_ids.size)
+        micro_batches = -(-train.num_rows // rows_per_micro)
+      else:
+        num_micro = step_lib.micro_batches_bound(train.num_rows, n_mb, rows_per_micro)
+        seqs = (
+          train.segment_ids.sum(axis=1),
+          train.loss_mask.any(axis=1),
+          train.is_constructed[:, 0],
+        )
+        deal = functools.partial(
+          step_lib.layout_minibatches, *seqs, n=n_mb, m=rows_per_micro, width=width,
+          num_micro=num_micro,
+        )  # fmt: skip
+        layout = deal(jax.random.fold_in(key, 2))
+        parts = step_lib.packed_minibatches(train, layout, mesh)
+        with jax.set_mesh(mesh):
+          parts = [p.replace(old_logprobs=old_logprobs(state.params, p)) for p in parts]
+        jax.block_until_ready(parts)  # π_old's time in time/advantage, not the update's
+        real_tokens, processed = layout.tokens()
+        micro_batches = layout.micro_batches_used()
       t_advantage = time.time()
 
-      # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch.
+      # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch (dealt
+      #    anew each epoch, on the mesh; with one minibatch the dealing changes nothing). The
+      #    last checkpoint's asynchronous save (it overlapped the rollouts) must have succeeded.
+      ckpt.wait()
       step_metrics = []
       for epoch in range(cfg.optim.ppo_epochs):
-        parts = step_lib.minibatches(
-          train,
-          jax.random.fold_in(key, 2 + epoch),
-          cfg.optim.minibatches,
-          cfg.optim.micro_batch,
-          mesh,
-        )
+        if distiller:
+          ep_key = jax.random.fold_in(key, 2 + epoch)
+          parts = step_lib.padded_minibatches(train, ep_key, n_mb, rows_per_micro, mesh)
+        elif epoch and n_mb > 1:
+          new = deal(jax.random.fold_in(key, 2 + epoch))
+          parts, layout = relayout(parts, new, layout), new
         for part in parts:
           with jax.set_mesh(mesh):
             state, m = train_step(state, part)
@@ -245,9 +287,13 @@ def run(cfg, workdir: str) -> None:
           "time/step": time.time() - t0,
           "perf/rollout_tokens_per_s": r.stats["perf/rollout_tokens"]
           / max(r.stats["time/rollout"], 1e-9),
-          "perf/train_tokens_per_s": float(np.asarray(train.loss_mask).sum())
+          # real (prompt + response) tokens of the trained sequences per second of update
+          "perf/train_tokens_per_s": real_tokens
           * cfg.optim.ppo_epochs
           / max(t_update - t_advantage, 1e-9),
+          # padding / processed tokens of π_old and the updates (the same layout)
+          "perf/pad_fraction": 1.0 - real_tokens / max(processed, 1),
+          "perf/micro_batches": float(micro_batches),
         }
       )
       syncs = engines.syncs
@@ -271,15 +317,15 @@ def run(cfg, workdir: str) -> None:
     hf_dir = os.path.join(workdir, "hf")
     export.export_model(policy, tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
     if distributed.is_main():
-      plot.plot_run(workdir)
+      plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
       if len(evals) > 1:
         print(eval_lib.describe_change(evals), file=sys.stderr)
   finally:
     compiles.close()
     producer.close()
-    ckpt.close()
     writer.close()
     pool.close()
+    ckpt.close()  # last: it raises a failed save's error again
 
 
 def _extra(it, producer) -> dict:

@@ -10,6 +10,7 @@ import sys
 from tapo_jax import distributed, toy
 from tapo_jax import eval as eval_lib
 from tapo_jax.data import DataError, Problem, filter_by_pass_rate, load_problems
+from tapo_jax.data.prompts import check_prompt_lengths
 
 
 def training_problems(cfg) -> list[Problem]:
@@ -24,6 +25,18 @@ def eval_sets(cfg) -> dict[str, list[Problem]]:
   if cfg.eval.paths:
     return eval_lib.load_eval_sets(cfg.eval.paths)
   return {cfg.model.toy: toy.eval_problems(cfg.model.toy, cfg.seed)}
+
+
+def checked_eval_sets(cfg, tokenizer) -> dict[str, list[Problem]]:
+  """eval_sets, loaded once before any work: a prompt longer than the largest prefill bucket
+  (what the eval engine can take) is a DataError naming its file and row."""
+  sets = eval_sets(cfg)
+  for problems in sets.values():
+    check_prompt_lengths(
+      problems, cfg.data.prompt_template, tokenizer, max(cfg.rollout.prefill_buckets),
+      cfg.data.use_chat_template, limit_key="max(rollout.prefill_buckets)",
+    )  # fmt: skip
+  return sets
 
 
 def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir) -> list[Problem]:

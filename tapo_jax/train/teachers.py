@@ -11,12 +11,11 @@ The reply is text only; nothing in it is executed.
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
 import json
-import time
-import urllib.error
-import urllib.request
+import socket
+import threading
+import urllib.parse
 
 import jax
 import jax.numpy as jnp
@@ -75,26 +74,93 @@ class LocalTeacher:
 
 
 class HttpTeacher:
-  """An OpenAI-compatible chat server: one request per prompt, teacher_workers at a time."""
+  """An OpenAI-compatible chat server: one request per prompt, teacher_workers at a time.
+
+  Every request is bounded: coldstart.teacher_timeout_s covers a whole attempt (connect, headers
+  and body, however slowly the server sends them) and a reply is at most MAX_REPLY_BYTES. The
+  requests run on daemon threads; when one fails for good, or Ctrl-C interrupts the wait, the
+  others are aborted (their sockets shut down) and nothing waits for them."""
 
   def __init__(self, cfg):
     self.cs, self.max_new_tokens = cfg.coldstart, config_lib.synthesis_max_new_tokens(cfg)
 
   def write(self, prompts: list[str], seed: int) -> list[str | None]:
-    cs = self.cs
+    cs, session = self.cs, Session()
+    out: list[str | None] = [None] * len(prompts)
+    errors: list[BaseException] = []
+    todo = iter(range(len(prompts)))
+    lock, finished = threading.Lock(), threading.Event()
+    remaining = [len(prompts)]
 
-    def one(i: int) -> str:
-      return chat_completion(
-        cs.teacher_url, cs.teacher_model, prompts[i], temperature=cs.teacher_temperature,
-        top_p=cs.teacher_top_p, max_tokens=self.max_new_tokens, seed=seed + i,
-        timeout_s=cs.teacher_timeout_s, retries=cs.teacher_retries,
-      )  # fmt: skip
+    def worker():
+      while not session.stopped.is_set():
+        with lock:
+          i = next(todo, None)
+        if i is None:
+          return
+        try:
+          out[i] = chat_completion(
+            cs.teacher_url, cs.teacher_model, prompts[i], temperature=cs.teacher_temperature,
+            top_p=cs.teacher_top_p, max_tokens=self.max_new_tokens, seed=seed + i,
+            timeout_s=cs.teacher_timeout_s, retries=cs.teacher_retries, session=session,
+          )  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+          with lock:
+            errors.append(e)
+          finished.set()
+          return
+        with lock:
+          remaining[0] -= 1
+          if not remaining[0]:
+            finished.set()
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=cs.teacher_workers)
+    if not prompts:
+      return out
+    for _ in range(min(cs.teacher_workers, len(prompts))):
+      threading.Thread(target=worker, daemon=True, name="teacher").start()
     try:
-      return list(pool.map(one, range(len(prompts))))
+      while not finished.wait(0.2):  # a timed wait: Ctrl-C reaches this thread
+        pass
     finally:
-      pool.shutdown(wait=False, cancel_futures=True)
+      if errors or remaining[0]:
+        session.abort()  # the requests still in flight end now; nobody joins their threads
+    if errors:
+      raise errors[0]
+    return out
+
+
+class Session:
+  """The open sockets of one batch of requests: `abort` shuts them all down (a blocked read
+  returns at once) and stops the retries."""
+
+  def __init__(self):
+    self.stopped, self._lock, self._open = threading.Event(), threading.Lock(), set()
+
+  def open(self, sock) -> None:
+    with self._lock:
+      self._open.add(sock)
+      if not self.stopped.is_set():
+        return
+    _shutdown(sock)  # aborted while it connected
+
+  def close(self, sock) -> None:
+    with self._lock:
+      self._open.discard(sock)
+
+  def abort(self) -> None:
+    with self._lock:
+      self.stopped.set()
+      socks = list(self._open)
+    for sock in socks:
+      _shutdown(sock)
+
+
+def _shutdown(sock) -> None:
+  """Ends `sock` from another thread: shutdown() wakes a recv blocked on it (close() may not)."""
+  try:
+    sock.shutdown(socket.SHUT_RDWR)
+  except OSError:
+    pass
 
 
 def make_teacher(cfg, template: str, mesh, policy, policy_tokenizer):
@@ -104,9 +170,69 @@ def make_teacher(cfg, template: str, mesh, policy, policy_tokenizer):
   return LocalTeacher(cfg, template, mesh, policy, policy_tokenizer)
 
 
+MAX_REPLY_BYTES = 16 << 20  # a reply (or error body) larger than this is an error, not read on
+
+
 def _one_line(text, limit: int = 200) -> str:
+  """`text` (bytes or anything) as one printable line: whitespace runs become one space, other
+  control characters are escaped (a teacher's bytes never reach the terminal raw)."""
   text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-  return " ".join(text.split())[:limit]
+  text = " ".join(text.split())[:limit]
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Timeout(OSError):
+  """An attempt that did not complete within teacher_timeout_s."""
+
+
+def _post(endpoint: str, data: bytes, timeout_s: float, session: Session) -> tuple[int, bytes]:
+  """(HTTP status, body) of one POST that ends within `timeout_s` in all (a server sending a byte
+  at a time is cut off at the deadline) and reads at most MAX_REPLY_BYTES."""
+  url = urllib.parse.urlsplit(endpoint)
+  cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+  conn = cls(url.hostname, url.port, timeout=timeout_s)
+  timed_out, sock = threading.Event(), []
+
+  def expire():
+    timed_out.set()
+    if sock:
+      _shutdown(sock[0])
+
+  if session.stopped.is_set():
+    raise TeacherError(f"teacher {endpoint}: aborted")
+  timer = threading.Timer(timeout_s, expire)
+  timer.daemon = True
+  timer.start()
+  try:
+    conn.connect()  # its own timeout bounds it; the response may drop conn.sock, so keep it
+    sock.append(conn.sock)
+    session.open(conn.sock)
+    if timed_out.is_set():
+      _shutdown(conn.sock)
+    path = url.path + (f"?{url.query}" if url.query else "")
+    conn.request("POST", path, data, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    body = bytearray()
+    while chunk := response.read1(1 << 16):
+      body += chunk
+      if len(body) > MAX_REPLY_BYTES:
+        raise TeacherError(
+          f"teacher {endpoint}: a reply larger than {MAX_REPLY_BYTES >> 20} MiB; not read on"
+        )
+    if timed_out.is_set() or session.stopped.is_set():
+      raise _Timeout("cut off")
+    return response.status, bytes(body)
+  except (OSError, http.client.HTTPException) as e:
+    if session.stopped.is_set():
+      raise TeacherError(f"teacher {endpoint}: aborted") from None
+    if timed_out.is_set():
+      raise _Timeout(f"no complete reply within {timeout_s:g} s") from None
+    raise e
+  finally:
+    timer.cancel()
+    if sock:
+      session.close(sock[0])
+    conn.close()
 
 
 def chat_completion(
@@ -120,9 +246,12 @@ def chat_completion(
   seed: int,
   timeout_s: float,
   retries: int,
+  session: Session | None = None,
 ) -> str:
-  """The first choice's text from {url}/v1/chat/completions. Connection errors, timeouts and HTTP
-  429 / 5xx are retried after 1, 2, 4 ... s (at most 30); anything else is a TeacherError."""
+  """The first choice's text from {url}/v1/chat/completions. Connection errors, timeouts (each
+  attempt ends within `timeout_s`, headers and body included) and HTTP 429 / 5xx are retried
+  after 1, 2, 4 ... s (at most 30); anything else is a TeacherError."""
+  session = session or Session()
   base = url.rstrip("/")
   endpoint = base + ("" if base.endswith("/v1") else "/v1") + "/chat/completions"
   body = dict(
@@ -131,23 +260,26 @@ def chat_completion(
   )  # fmt: skip
   data = json.dumps(body).encode()
   for attempt in range(retries + 1):
-    request = urllib.request.Request(endpoint, data, {"Content-Type": "application/json"})
     try:
-      with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        raw = response.read()
-      break
-    except urllib.error.HTTPError as e:
-      why = f"HTTP {e.code}: {_one_line(e.read())}"
-      if e.code != 429 and e.code < 500:
-        raise TeacherError(f"teacher {endpoint}: {why}") from None
+      status, raw = _post(endpoint, data, timeout_s, session)
+      if status < 300:
+        break
+      why = f"HTTP {status}: {_one_line(raw)}"
+      if status != 429 and status < 500:
+        raise TeacherError(f"teacher {endpoint}: {why}")
     except (OSError, http.client.HTTPException) as e:  # refused, DNS, reset, timeout, cut short
-      why = _one_line(getattr(e, "reason", None) or e)
-    if attempt < retries:
-      time.sleep(min(2.0**attempt, 30.0))
+      why = _one_line(getattr(e, "reason", None) or str(e) or type(e).__name__)
+    if attempt < retries and session.stopped.wait(min(2.0**attempt, 30.0)):
+      raise TeacherError(f"teacher {endpoint}: aborted")
   else:
     raise TeacherError(f"teacher {endpoint}: {why} (after {retries + 1} attempts)")
   try:
     content = json.loads(raw)["choices"][0]["message"]["content"]
   except (ValueError, KeyError, IndexError, TypeError):
     raise TeacherError(f"teacher {endpoint}: not a chat completion: {_one_line(raw)}") from None
+  if content is not None and not isinstance(content, str):
+    raise TeacherError(
+      f"teacher {endpoint}: not a chat completion: message.content is a "
+      f"{type(content).__name__}, not text: {_one_line(raw)}"
+    )
   return content or ""

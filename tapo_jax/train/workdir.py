@@ -156,11 +156,26 @@ def read_config(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, CONFIG_NAME)
   if not os.path.exists(path):
     return None
+  record, why = _read_record(path)
+  if why:
+    raise ResumeError(f"{path}: unreadable ({why}); remove it to record this run's config")
+  return record["config"]
+
+
+def _read_record(path: str) -> tuple[dict | None, str | None]:
+  """(the record in config.json, None) or (None, why it is not one): not UTF-8, not JSON, or not
+  {"config": {...}, "data": {path: {...}}}."""
   try:
-    with open(path) as f:
-      return json.load(f)["config"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ResumeError(f"{path}: unreadable ({e}); remove it to record this run's config") from None
+    with open(path, "rb") as f:
+      record = json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    return None, str(e)
+  if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    return None, 'not {"config": {...}, "data": {...}}'
+  data = record.setdefault("data", {})
+  if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    return None, '"data" is not {path: fingerprint}'
+  return record, None
 
 
 def _format(value: Any) -> str:
@@ -177,11 +192,14 @@ def record_config(workdir: str, cfg, *, warn=None) -> dict[str, tuple[Any, Any]]
   new = config_dict(cfg)
   stored = None
   if os.path.exists(path):
-    try:
-      with open(path) as f:
-        stored = json.load(f)
-    except json.JSONDecodeError:
-      stored = None  # a torn file cannot exist (atomic writes), but a hand-edited one can
+    # A torn file cannot exist (atomic writes), but a hand-edited one can: beside checkpoints it
+    # is the only record of their config, so it is not silently replaced.
+    stored, why = _read_record(path)
+    if why and has_checkpoints(workdir):
+      raise ResumeError(
+        f"{path}: unreadable ({why}); it records the config of the checkpoints in {workdir}: "
+        "restore it, or remove it to resume without the config check"
+      )
   resuming = stored is not None and has_checkpoints(workdir)
   known = stored.get("data", {}) if resuming else {}
   data = {}
