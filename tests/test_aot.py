@@ -223,7 +223,7 @@ def test_cli_prints_collectives_memory_and_the_decode_step_bound():
   text = out.stdout
   assert "topology v5p:2x2x2: 8 chips" in text and "decode layout data=4 x tensor=2" in text
   for program in ("weight sync", "rollout prefill 16x64", "rollout decode window 112 /step",
-                  "pi_old 48x160", "update 3x16x160"):  # fmt: skip
+                  "pi_old 3x16x160", "update 3x16x160"):  # fmt: skip
     assert f"\n  {program}" in text, program
   assert "error" not in text
   bounds = text[text.index("decode step lower bound") :].splitlines()[2:]

@@ -17,8 +17,8 @@ Programs, built as the RL loop builds them (`train.engines.build_engines`, `trai
   <engine> decode   the engine's generate at window S (the cache length: where long rollouts spend
                     their steps) and at the largest window below S (its window copy); one per
                     engine the loop builds (rollout, synthesis, eval); --windows=all: every window
-  pi_old            the π_old pass over the step's R rows (the loop calls it outside the mesh)
-  update            one jitted update: a minibatch of M micro-batches, scanned
+  pi_old            π_old of one minibatch: M micro-batches of m packed rows of W tokens
+  update            one jitted update of such a minibatch (its micro-batches scanned)
 The synthesis engine is sized for a 512-token template, as the planner sizes it. Pallas kernels
 (splash attention) are traced as on a TPU (`tpu_kernels`).
 
@@ -39,7 +39,7 @@ its tiled-layout padding): args, out, alias (outputs that reuse donated inputs),
 phase total = live + out - alias + temp, where live is every array on the chip when it starts,
 its arguments among them, from exact shapes and shardings: the train state; the decode copy of
 the weights (the loop keeps it through the step); the decode state (it lives through a generate
-call's prefills); the step's batch beside π_old and all its minibatches beside an update. The
+call's prefills); the step's minibatches beside π_old and the update. The
 planner's total of the same phase (`tapo_jax.plan`: weight sync, <engine> prefill, <engine>
 decode, logprobs, update) is printed next to it.
 
@@ -582,53 +582,57 @@ def engine_programs(s: Setup, windows: str = "peak", only=None) -> dict[str, Pro
   return out
 
 
-def train_batch(s: Setup):
-  """The step's TrainBatch as the loop places it (rows over the data axes), abstract, and the
-  minibatch the update takes ([M, micro_batch, ...])."""
+def minibatch(s: Setup):
+  """(one minibatch as the loop places it: a TrainBatch [M, m, W] of packed rows over the data
+  axes, abstract; how many the step holds). Sized for the most sequences a step can have,
+  R = Q·(K + m_max) (tapo), every one a row of its own (`micro_batches_bound`)."""
   import numpy as np
 
+  from tapo_jax import config as config_lib
   from tapo_jax import sharding
   from tapo_jax.tapo import batch as batch_lib
   from tapo_jax.tapo import loss as loss_lib
+  from tapo_jax.train import step as step_lib
 
   cfg = s.cfg
+  if cfg.algorithm not in ("tapo", "grpo"):
+    raise ValueError(f"bench aot: algorithm={cfg.algorithm!r} is not built here (tapo, grpo)")
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
-  multiple = math.lcm(cfg.optim.micro_batch, sharding.data_parallel_size(s.mesh))
-  multiple *= cfg.optim.minibatches
-  r = -(-cfg.rollout.batch_queries * (cfg.rollout.n + extra) // multiple) * multiple
+  r, n, w = (
+    cfg.rollout.batch_queries * (cfg.rollout.n + extra),
+    cfg.optim.minibatches,
+    cfg.tapo.max_len,
+  )
+  m = step_lib.rows_per_micro_batch(
+    config_lib.micro_batch_tokens(cfg, w), w, sharding.data_parallel_size(s.mesh)
+  )
+  mm = step_lib.micro_batches_bound(r, n, m)
   ones = [[1]] * r
   packed = batch_lib.pack_rollouts(
-    ones, ones, [np.zeros(1, np.float32)] * r, samples_per_prompt=1, max_len=cfg.tapo.max_len,
+    ones, ones, [np.zeros(1, np.float32)] * r, samples_per_prompt=1, max_len=w,
     eos_ids=(0,), max_new_tokens=cfg.rollout.max_new_tokens, rewards=np.zeros(r, np.float32),
   )  # fmt: skip
   loss_cfg = loss_lib.LossConfig.from_config(cfg)
-  batch = jax.eval_shape(lambda b: loss_lib.prepare_batch(b, loss_cfg)[0], packed)
-  batch = _abstract(batch, sharding.batch_shardings(batch, s.mesh))
-  m = r // cfg.optim.minibatches // cfg.optim.micro_batch
-  split = lambda x: jax.ShapeDtypeStruct((m, cfg.optim.micro_batch) + x.shape[1:], x.dtype)  # noqa: E731
-  minibatch = jax.tree.map(split, batch)
-  minibatch = _abstract(minibatch, sharding.batch_shardings(minibatch, s.mesh, row_axis=1))
-  return batch, minibatch
+  train = jax.eval_shape(lambda b: loss_lib.prepare_batch(b, loss_cfg)[0], packed)  # [R, W]
+  part = jax.tree.map(lambda x: jax.ShapeDtypeStruct((mm, m, w), x.dtype), train)
+  return _abstract(part, sharding.batch_shardings(part, s.mesh, row_axis=1)), n
 
 
 def trainer_programs(s: Setup) -> dict[str, Program]:
-  """π_old over the step's rows and one update, as the loop calls them."""
+  """π_old of a minibatch and one update, as the loop calls them (every minibatch on the mesh,
+  the decode copy of the weights held through the step)."""
   from tapo_jax.tapo import loss as loss_lib
   from tapo_jax.train import step as step_lib
 
   cfg = s.cfg
   loss_cfg = loss_lib.LossConfig.from_config(cfg)
-  batch, minibatch = train_batch(s)
-  state_bytes = device_bytes(s.state) + sampler_weight_bytes(s)  # the loop keeps its decode copy
-  old = step_lib.make_old_logprobs(
-    s.graphdef, cfg.loss.vocab_chunk, cfg.optim.micro_batch, loss_cfg.temperature
-  )
-  # the loop calls pi_old outside the mesh context (so does this): no constrain() applies
-  compiled, secs = _timed_compile(old.lower, s.params, batch.tokens, batch.positions)
-  r, t = batch.tokens.shape
-  name = f"pi_old {r}x{t}"
-  out = {name: Program(name, "logprobs", compiled, secs, state_bytes + device_bytes(batch))}
+  part, n = minibatch(s)
+  live = device_bytes(s.state) + sampler_weight_bytes(s) + n * device_bytes(part)
+  shape = "x".join(map(str, part.tokens.shape))
+  old = step_lib.make_old_logprobs(s.graphdef, cfg.loss.vocab_chunk, loss_cfg.temperature)
   with jax.set_mesh(s.mesh):
+    compiled, secs = _timed_compile(old.lower, s.params, part)
+    out = {f"pi_old {shape}": Program(f"pi_old {shape}", "logprobs", compiled, secs, live)}
     step = step_lib.make_train_step(
       s.graphdef,
       s.optimizer,
@@ -636,11 +640,8 @@ def trainer_programs(s: Setup) -> dict[str, Program]:
       s.state_sharding,
       max_update_ratio=cfg.optim.max_update_ratio,
     )
-    compiled, secs = _timed_compile(step.lower, s.state, minibatch)
-  m, mb = minibatch.tokens.shape[:2]
-  name = f"update {m}x{mb}x{t}"
-  live = state_bytes + cfg.optim.minibatches * device_bytes(minibatch)  # the step's minibatches
-  out[name] = Program(name, "update", compiled, secs, live)
+    compiled, secs = _timed_compile(step.lower, s.state, part)
+  out[f"update {shape}"] = Program(f"update {shape}", "update", compiled, secs, live)
   return out
 
 
