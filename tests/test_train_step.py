@@ -337,3 +337,33 @@ def test_gradients_accumulate_in_float32_in_the_params_sharding():
     assert ("f32", shape) in carried, shape  # a float32 accumulator of the shard
   new_state, _ = fn(state, batch)  # and the update still runs, params in their dtype
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new_state.params))
+
+
+def test_old_logprobs_of_a_remat_model_compile_and_equal_the_plain_model():
+  """π_old is forward only: a model built with remat=True (configs/qwen7b.py) must not fail
+  under the skip-empty-micro-batch cond (flax: Param mutated from another trace level)."""
+  import flax.struct
+  from flax import nnx as nnx_
+
+  from tapo_jax.models.qwen import Qwen as Qwen_
+  from tapo_jax.models.qwen import QwenConfig as QwenConfig_
+  from tapo_jax.train import step as step_
+
+  @flax.struct.dataclass
+  class Rows:
+    tokens: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+
+  cfg = QwenConfig_(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+  rows = Rows(
+    tokens=jnp.arange(32, dtype=jnp.int32).reshape(1, 2, 16) % 96,
+    positions=jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, 2, 16)),
+    segment_ids=jnp.ones((1, 2, 16), jnp.int32),
+  )
+  out = []
+  for remat in (True, False):
+    graphdef, params = nnx_.split(Qwen_(cfg, remat=remat, rngs=nnx_.Rngs(0)), nnx_.Param)
+    out.append(np.asarray(step_.make_old_logprobs(graphdef, 32)(params, rows)))
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)

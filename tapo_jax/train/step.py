@@ -267,6 +267,7 @@ def make_old_logprobs(graphdef, chunk: int, temperature: float = 1.0):
 
       def run(_):
         model = nnx.merge(graphdef, params)
+        model.remat = False  # forward only: nothing to rematerialize (nnx.remat under cond fails)
         return loss_lib.logprobs(model, tokens, positions, chunk, temperature, segment_ids)
 
       empty = lambda _: jnp.zeros(tokens.shape, jnp.float32)  # noqa: E731
