@@ -24,11 +24,15 @@ Failing together: a process that raises reports the error through the coordinati
 key-value store before exiting; every process watches that key (and the coordinator itself) and
 exits at once with that error instead of hanging in a collective until a timeout. The first report
 wins: a process whose collective breaks because the failed one exited reports second and shows
-the first process's error, not its own broken connection.
+the first process's error, not its own broken connection. The watchdog is stopped and joined at
+exit before JAX shuts jax.distributed down (atexit runs in reverse order of registration): a daemon
+thread still inside a call into the coordination client when the interpreter finalizes is ended
+by a forced unwind that C++ aborts on ("FATAL: exception not rethrown", exit -6).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -45,6 +49,9 @@ FAILED_KEY = "tapo_jax/failed"
 
 GRACE_S = 0.5  # how long process 0 still listens after the last process joined
 BACKSTOP_S = 5.0  # the start-up watchdog fires this long after distributed_timeout_s
+
+_stop = threading.Event()  # set by stop_watchdog: the failure watchdog returns
+_watchdog: list[threading.Thread] = []  # the running failure watchdog, if any
 
 
 class StartupError(RuntimeError):
@@ -99,7 +106,26 @@ def initialize(cfg) -> None:
     exit_with(f"{where}: {type(e).__name__}: {text[0] if text else ''}")
   started.set()
   if jax.process_count() > 1:
-    threading.Thread(target=_watch, name="tapo-watchdog", daemon=True).start()
+    start_watchdog()
+
+
+def start_watchdog(poll_s: float = 0.5) -> None:
+  """Starts the failure watchdog (`_watch`) and registers `stop_watchdog` at exit. Registered
+  after JAX's own clean-up (jax.distributed.shutdown, registered when jax is imported), it runs
+  before it."""
+  _stop.clear()
+  thread = threading.Thread(target=_watch, args=(poll_s,), name="tapo-watchdog", daemon=True)
+  thread.start()
+  _watchdog.append(thread)
+  atexit.register(stop_watchdog)
+
+
+def stop_watchdog(timeout: float = 10.0) -> None:
+  """Stops the failure watchdog and waits for it to leave its last call into the coordination
+  client (at most `timeout` seconds); a no-op when none runs."""
+  _stop.set()
+  while _watchdog:
+    _watchdog.pop().join(timeout)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -224,8 +250,7 @@ def _watch(poll_s: float = 0.5) -> None:
   """Exits this process as soon as another one has reported a failure or the coordinator is gone."""
   client = _client()
   misses = 0
-  while True:
-    time.sleep(poll_s)
+  while not _stop.wait(poll_s):
     try:
       message = client.key_value_try_get(FAILED_KEY)
       misses = 0
