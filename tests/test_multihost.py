@@ -251,9 +251,13 @@ def test_processes_exit_cleanly_while_the_watchdog_polls():
     port = _port()
     procs = [
       subprocess.Popen(
-        [sys.executable, "-c", _EXIT_WHILE_WATCHED, f"127.0.0.1:{port}", str(i)], cwd=ROOT,
-        env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )  # fmt: skip
+        [sys.executable, "-c", _EXIT_WHILE_WATCHED, f"127.0.0.1:{port}", str(i)],
+        cwd=ROOT,
+        env=_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
       for i in range(2)
     ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
