@@ -1,18 +1,32 @@
-"""The OPSD batch: the student's rows (a TrainBatch) and the teacher's own rows, aligned by index.
+"""The OPSD batch: the student's rows (a TrainBatch) and the teacher's own rows, aligned by index,
+padded (`with_teacher`, one sequence per row) or packed (`layout` + `pack`, several per row).
 
-Legend: R rows, T student row length, U teacher row length, N distilled-token slots per row.
+Legend: R rows, T student row length, U teacher row length, N distilled-token slots per row;
+n minibatches, M micro-batches per minibatch, m rows per micro-batch, W = tapo.max_len.
 
 The same response token sits at different columns in the two rows (the teacher's prompt holds the
 privileged solution), so the loss never assumes a layout: for each distilled token n of row r the
 batch says which column of the student's row predicts it (`student_index`, the hidden state
 before the token), which column of the teacher's row does (`teacher_index`), and which token it
 is (`targets`). The loss gathers both final hidden states at those columns and compares the two
-next-token distributions there. Padded rows (today) fill the index arrays row by row; packed rows
-(several sequences per row) fill them segment by segment: the loss is the same function.
+next-token distributions there.
 
-`distill_scale` is the row's per-token weight in the divergence term, normalized over the whole
+Packing (what the RL loop trains on, as GRPO/TAPO's packed rows): each sequence is a pair, its
+student part (prompt + response, ≤ W) and its teacher part (teacher prompt + the same response,
+≤ U), and the pairs are packed first-fit decreasing into *paired rows* (`tapo.batch.pack_rows` on
+[P, 2] lengths): student row r (W wide) and teacher row r (U wide) hold the same sequences, each
+part at its own column, a row taking a pair only when both parts fit. So a micro-batch's student
+and teacher rows hold the same sequences, the student's layout is as dense as GRPO's (its rows fill
+up to whichever width binds first; U ≈ W + the solution, so both fill), and the distilled slots of
+packed row r are those of its sequences, in turn, with their columns shifted by each part's start:
+N = W in the packed form (a row's distilled tokens are distinct student columns). Sequences with
+no distilled token (and, with opsd.grpo_coef > 0, no loss token) are left out, as GRPO leaves out
+sequences without a loss token.
+
+`distill_scale` is each distilled token's weight in the divergence term, normalized over the whole
 step's distilled tokens (token-mean, as the OPSD code's loss), so micro-batch losses sum to the
-full-batch loss like every other term; `step.minibatches` scales it with `loss_scale`.
+full-batch loss like every other term; `train.step.packed_minibatches` scales it with
+`loss_scale`.
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ import flax.struct
 import jax
 import numpy as np
 
-from tapo_jax.tapo.batch import Rollouts, TrainBatch
+from tapo_jax.tapo import batch as tapo_batch
+from tapo_jax.tapo.batch import Layout, Rollouts, TrainBatch
+from tapo_jax.train import step as step_lib
 
 
 @flax.struct.dataclass
@@ -33,11 +49,12 @@ class OpsdBatch(TrainBatch):
 
   teacher_tokens: jax.Array  # [R, U] int32  teacher prompt then the row's own response, padded
   teacher_positions: jax.Array  # [R, U] int32  0..len-1, 0 on padding
+  teacher_segment_ids: jax.Array  # [R, U] int32  1, 2, ... per sequence of the row, 0 on padding
   student_index: jax.Array  # [R, N] int32  student column whose hidden state predicts token n
   teacher_index: jax.Array  # [R, N] int32  teacher column whose hidden state predicts token n
   targets: jax.Array  # [R, N] int32  the response token n itself
   distill_mask: jax.Array  # [R, N] bool  a distilled token (the row has a privileged solution)
-  distill_scale: jax.Array  # [R] f32  per-token weight of the row's divergence (whole step)
+  distill_scale: jax.Array  # [R, N] f32  the token's weight in the divergence term (whole step)
 
 
 def with_teacher(
@@ -60,6 +77,7 @@ def with_teacher(
   valid = np.asarray(rollouts.valid)
   t_tokens = np.zeros((r, width), np.int32)
   t_positions = np.zeros((r, width), np.int32)
+  t_segments = np.zeros((r, width), np.int32)
   s_index = np.zeros((r, slots), np.int32)
   t_index = np.zeros((r, slots), np.int32)
   targets = np.zeros((r, slots), np.int32)
@@ -74,17 +92,19 @@ def with_teacher(
     t_tokens[i, :tp] = prompt
     t_tokens[i, tp : tp + n] = response
     t_positions[i, : tp + n] = np.arange(tp + n)
+    t_segments[i, : tp + n] = 1
     s_index[i, :n] = np.arange(p - 1, p + n - 1)
     t_index[i, :n] = np.arange(tp - 1, tp + n - 1)
     targets[i, :n] = response
     mask[i, :n] = True
   n_tok = mask.sum(axis=1).astype(np.float32)
-  scale = np.where(n_tok > 0, 1.0 / max(float(n_tok.sum()), 1.0), 0.0).astype(np.float32)
+  scale = np.where(mask, 1.0 / max(float(n_tok.sum()), 1.0), 0.0).astype(np.float32)
   fields = {f.name: np.asarray(getattr(train, f.name)) for f in dataclasses.fields(TrainBatch)}
   batch = OpsdBatch(
     **fields,
     teacher_tokens=t_tokens,
     teacher_positions=t_positions,
+    teacher_segment_ids=t_segments,
     student_index=s_index,
     teacher_index=t_index,
     targets=targets,
@@ -92,3 +112,92 @@ def with_teacher(
     distill_scale=scale,
   )
   return batch, {"opsd/distill_tokens": float(n_tok.sum())}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLayout:
+  """Where each packed sequence's student and teacher parts lie: two Layouts with the same
+  sources and rows ([n, M, m, W] and [n, M, m, U])."""
+
+  student: Layout
+  teacher: Layout
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return self.student.shape
+
+  def micro_batches_used(self) -> int:
+    return self.student.micro_batches_used()
+
+  def tokens(self) -> tuple[int, int]:
+    """(real tokens, processed tokens) of both forwards: the student's and the teacher's."""
+    (a, b), (c, d) = self.student.tokens(), self.teacher.tokens()
+    return a + c, b + d
+
+
+def layout(
+  batch: OpsdBatch, key, *, n: int, m: int, num_micro: int, with_loss_tokens: bool
+) -> PairLayout:
+  """The step's paired layout of the padded `batch` ([n, M = num_micro, m, W] student rows of
+  its T, [n, M, m, U] teacher rows of its U): `train.step.layout_minibatches` on [student,
+  teacher] lengths, over the sequences with a distilled token (or, `with_loss_tokens`: the GRPO
+  term runs, a loss token)."""
+  trained = np.asarray(batch.distill_mask).any(axis=1)
+  if with_loss_tokens:
+    trained |= np.asarray(batch.loss_mask).any(axis=1)
+  seg_s, seg_t = np.asarray(batch.segment_ids), np.asarray(batch.teacher_segment_ids)
+  lengths = np.stack([seg_s.sum(axis=1), seg_t.sum(axis=1)], axis=1)
+  constructed = np.asarray(batch.is_constructed)[:, 0]
+  widths = (seg_s.shape[1], seg_t.shape[1])
+  student, teacher = step_lib.layout_minibatches(
+    lengths, trained, constructed, key, n, m, widths, num_micro
+  )
+  return PairLayout(student, teacher)
+
+
+def pack(batch: OpsdBatch, layout: PairLayout) -> OpsdBatch:
+  """The padded `batch` (host arrays) gathered into `layout`: the TrainBatch fields as
+  `tapo.batch.pack` gathers them, the teacher's rows by the teacher layout, and each packed row's
+  distilled slots (N = W) those of its sequences in turn, their columns shifted to the parts'
+  starts (zeros past the row's last distilled token)."""
+  s, t = layout.student, layout.teacher
+  train = tapo_batch.pack(
+    TrainBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(TrainBatch)}), s
+  )
+  u = np.asarray(batch.teacher_tokens).shape[1]
+  idx = t.index(t.source * u)
+  flat, pad = np.maximum(idx, 0), idx < 0
+
+  def teacher(x):
+    x = np.asarray(x)
+    return np.where(pad, np.zeros((), x.dtype), x.reshape(-1)[flat])
+
+  n, mm, m, w = s.shape
+  rows = n * mm * m
+  s_index, t_index, targets = (np.zeros((rows, w), np.int32) for _ in range(3))
+  mask, scale = np.zeros((rows, w), bool), np.zeros((rows, w), np.float32)
+  src_mask = np.asarray(batch.distill_mask)
+  src_s, src_t = np.asarray(batch.student_index), np.asarray(batch.teacher_index)
+  src_targets, src_scale = np.asarray(batch.targets), np.asarray(batch.distill_scale)
+  fill = np.zeros(rows, np.int64)
+  for src, r, cs, ct in zip(s.source, s.row, s.start, t.start, strict=True):
+    sel = np.flatnonzero(src_mask[src])
+    lo, hi = fill[r], fill[r] + sel.size  # never past W: the slots are distinct student columns
+    s_index[r, lo:hi] = cs + src_s[src, sel]
+    t_index[r, lo:hi] = ct + src_t[src, sel]
+    targets[r, lo:hi] = src_targets[src, sel]
+    scale[r, lo:hi] = src_scale[src, sel]
+    mask[r, lo:hi] = True
+    fill[r] = hi
+  shape = (n, mm, m, w)
+  return OpsdBatch(
+    **{f.name: getattr(train, f.name) for f in dataclasses.fields(TrainBatch)},
+    teacher_tokens=teacher(batch.teacher_tokens),
+    teacher_positions=teacher(batch.teacher_positions),
+    teacher_segment_ids=t.segment_ids(),
+    student_index=s_index.reshape(shape),
+    teacher_index=t_index.reshape(shape),
+    targets=targets.reshape(shape),
+    distill_mask=mask.reshape(shape),
+    distill_scale=scale.reshape(shape),
+  )

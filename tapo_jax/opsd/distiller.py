@@ -1,8 +1,9 @@
 """What the RL loop calls for algorithm=opsd: set-up checks, the step's teacher rows, the loss.
 
 Everything else of the step is GRPO's: the same rollouts, grading, `prepare_batch` (whose
-advantages and masks only the optional GRPO term reads), minibatches, update, eval and
-checkpoint. The teacher is the current policy, so a checkpoint holds nothing more than GRPO's and
+advantages and masks only the optional GRPO term reads), packed minibatches (the student's and
+the teacher's rows paired: `layout`, `minibatches`; micro-batches of the student's token budget,
+each with its teacher rows beside it), π_old, update, eval and checkpoint. The teacher is the current policy, so a checkpoint holds nothing more than GRPO's and
 a resumed run rebuilds the same teacher rows (the solution draw is seeded by (seed, step)).
 """
 
@@ -14,12 +15,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tapo_jax import sharding
 from tapo_jax.data import DataError, Problem
 from tapo_jax.opsd import batch as batch_lib
 from tapo_jax.opsd import loss as loss_lib
 from tapo_jax.opsd import teacher as teacher_lib
 from tapo_jax.tapo import batch as rollouts_lib
 from tapo_jax.train import metrics as metrics_lib
+from tapo_jax.train import step as step_lib
 
 
 def max_solution_tokens(cfg) -> int:
@@ -83,6 +86,24 @@ class Distiller:
   def loss_fn(self):
     """The train step's `loss_fn(model, micro_batch)`."""
     return functools.partial(loss_lib.opsd_loss, cfg=self.loss_cfg)
+
+  def layout(self, train, key, n: int, m: int, num_micro: int) -> batch_lib.PairLayout:
+    """The step's paired layout (`opsd.batch.layout`)."""
+    grpo = bool(self.cfg.opsd.grpo_coef)
+    return batch_lib.layout(train, key, n=n, m=m, num_micro=num_micro, with_loss_tokens=grpo)
+
+  def minibatches(self, train, layout: batch_lib.PairLayout, mesh) -> list:
+    """`train` (the padded OpsdBatch, host arrays) packed into `layout` and put on `mesh`."""
+    return step_lib.packed_minibatches(train, layout, mesh, pack=batch_lib.pack)
+
+  def relayout(self, train, parts, layout, old, mesh) -> list:
+    """The step's sequences packed anew into `layout` (another epoch's dealing), π_old (when the
+    GRPO term reads it) taken from `parts`, laid out by `old`."""
+    if self.needs_old_logprobs:
+      lp = np.stack([np.asarray(sharding.to_host(p.old_logprobs)) for p in parts])
+      t = np.asarray(train.tokens).shape[1]
+      train = train.replace(old_logprobs=rollouts_lib.unpack(lp, old.student, train.num_rows, t))
+    return self.minibatches(train, layout, mesh)
 
   def add_teacher(
     self,

@@ -2,6 +2,9 @@
 distributions on the student's own tokens, over the full vocabulary, in vocabulary chunks.
 
 Legend: R rows, T / U student / teacher row length, N distilled-token slots, D model, V vocab.
+The rows may be padded (one sequence each) or packed (several, told apart by segment ids, the
+teacher's rows in the same pairing as the students': tapo_jax/opsd/batch.py); the loss reads both
+through the index arrays, so it is the same function of the sequences either way.
 
 Student: the policy on its own rows (prompt, response). Teacher: the same policy under
 `stop_gradient` on the teacher's rows (the prompt with the privileged solution, the same
@@ -157,7 +160,7 @@ def distillation(
   out = token_divergence(
     hs, head_s_DV, ht, head_t_DV, batch.targets, cfg.beta, cfg.loss.vocab_chunk
   )
-  weight = batch.distill_scale[:, None] * batch.distill_mask
+  weight = batch.distill_scale * batch.distill_mask
   loss = jnp.sum(out["divergence"] * weight)
   w = jax.lax.stop_gradient(weight)
   gap = out["teacher_logprob"] - out["student_logprob"]
@@ -183,14 +186,18 @@ def opsd_loss(model, batch: OpsdBatch, cfg: OpsdConfig) -> tuple[jax.Array, dict
   params, so it keeps no activations for the backward pass and gets no gradient."""
   temp = cfg.loss.temperature
   teacher = frozen(model)
-  hidden = model.hidden(batch.tokens, batch.positions)
-  hidden_t = teacher.hidden(batch.teacher_tokens, batch.teacher_positions)
+  hidden = model.hidden(batch.tokens, batch.positions, batch.segment_ids)
+  hidden_t = teacher.hidden(
+    batch.teacher_tokens, batch.teacher_positions, batch.teacher_segment_ids
+  )
   head, head_t = model.lm_head(), teacher.lm_head()
   if temp != 1.0:
     head, head_t = head / temp, head_t / temp
   loss, metrics = distillation(hidden, head, hidden_t, head_t, batch, cfg)
   if cfg.grpo_coef:
-    lp, ent = loss_lib.sequence_logprobs(hidden, head, batch.tokens, cfg.loss.vocab_chunk)
+    lp, ent = loss_lib.sequence_logprobs(
+      hidden, head, batch.tokens, cfg.loss.vocab_chunk, batch.segment_ids
+    )
     l_grpo, grpo_metrics = loss_lib.policy_loss(lp, ent, batch, cfg.loss)
     loss = loss + cfg.grpo_coef * l_grpo
     metrics.update(grpo_metrics)

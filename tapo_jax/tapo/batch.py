@@ -185,25 +185,36 @@ def response_ids(batch: Rollouts, eos_ids: Sequence[int] = ()) -> list[list[int]
 # ---- packing -----------------------------------------------------------------------------------
 
 
-def pack_rows(lengths: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray, int]:
+def pack_rows(lengths, width) -> tuple[np.ndarray, np.ndarray, int]:
   """First-fit decreasing: (row [N], start column [N], rows used) placing sequences of `lengths`
   (each <= width) into rows of `width` tokens; ties keep the input order, so the result is a
-  function of the lengths and their order alone."""
+  function of the lengths and their order alone.
+
+  Pairs (algorithm=opsd: a student row and a teacher row per sequence): `lengths` [N, D] and
+  `width` D ints place item i in row[i] of each of D row sets at start[i, d] (start is [N, D]),
+  a row taking an item only where all D of its parts fit; items are taken in decreasing order of
+  their largest part relative to its width (for D = 1, decreasing length)."""
   lengths = np.asarray(lengths, np.int64)
-  if lengths.size and lengths.max() > width:
-    raise ValueError(f"a sequence of {lengths.max()} tokens does not fit a row of {width}")
-  row = np.zeros(lengths.size, np.int64)
-  start = np.zeros(lengths.size, np.int64)
-  free = np.zeros(0, np.int64)  # tokens left in each open row
-  for i in np.argsort(-lengths, kind="stable"):
-    fits = np.flatnonzero(free >= lengths[i])
+  one = lengths.ndim == 1
+  if one:
+    lengths = lengths[:, None]
+  width = np.broadcast_to(np.asarray(width, np.int64), lengths.shape[1:])
+  over = lengths > width
+  if over.any():
+    i, d = np.argwhere(over)[0]
+    raise ValueError(f"a sequence of {lengths[i, d]} tokens does not fit a row of {width[d]}")
+  row = np.zeros(lengths.shape[0], np.int64)
+  start = np.zeros(lengths.shape, np.int64)
+  free = np.zeros((0, lengths.shape[1]), np.int64)  # tokens left in each open row
+  for i in np.argsort(-(lengths / width).max(axis=1, initial=0.0), kind="stable"):
+    fits = np.flatnonzero((free >= lengths[i]).all(axis=1))
     if fits.size:
       r = fits[0]
     else:
-      r, free = free.size, np.append(free, width)
+      r, free = free.shape[0], np.concatenate([free, width[None]])
     row[i], start[i] = r, width - free[r]
     free[r] -= lengths[i]
-  return row, start, int(free.size)
+  return row, start[:, 0] if one else start, int(free.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,3 +281,13 @@ def pack(batch, layout: Layout):
   if out.loss_mask.sum() != np.asarray(batch.loss_mask)[layout.source].sum():
     raise ValueError("a loss token lies beyond its sequence's length (prompt + response)")
   return out.replace(segment_ids=layout.segment_ids())
+
+
+def unpack(packed: np.ndarray, layout: Layout, rows: int, width: int) -> np.ndarray:
+  """The inverse of `pack` for one leaf: [n, M, m, W] host array -> [rows, width], each packed
+  sequence's tokens back in its source row (zeros where no packed sequence lies)."""
+  idx = layout.index(layout.source * width).reshape(-1)
+  packed = np.asarray(packed).reshape(-1)
+  out = np.zeros(rows * width, packed.dtype)
+  out[idx[idx >= 0]] = packed[idx >= 0]
+  return out.reshape(rows, width)

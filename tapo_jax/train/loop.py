@@ -221,21 +221,17 @@ def run(cfg, workdir: str) -> None:
       #    rows split over the data axes); π_old computed where they lie.
       train, prep_metrics = loss_lib.prepare_batch(batch, loss_cfg)
       train = sharding.to_host(train)
-      if distiller:  # OPSD: each rollout's teacher row; padded rows, one sequence each
+      num_micro = step_lib.micro_batches_bound(train.num_rows, n_mb, rows_per_micro)
+      if distiller:  # OPSD: each rollout's teacher row, packed in pairs with its student row
         train, prep_metrics = distiller.add_teacher(
           train, prep_metrics, originals, batch_problems, step
         )
-        if distiller.needs_old_logprobs:
-          whole = step_lib.padded_minibatches(train, key, 1, rows_per_micro, mesh)[0]
-          with jax.set_mesh(mesh):
-            old = sharding.to_host(old_logprobs(state.params, whole))
-          old = old.reshape(-1, old.shape[-1])[: train.num_rows]  # (1 minibatch: rows in order)
-          train = train.replace(old_logprobs=old)
-        real_tokens = float((train.segment_ids > 0).sum())
-        processed = float(train.segment_ids.size)
-        micro_batches = -(-train.num_rows // rows_per_micro)
+        deal = functools.partial(
+          distiller.layout, train, n=n_mb, m=rows_per_micro, num_micro=num_micro
+        )
+        layout = deal(jax.random.fold_in(key, 2))
+        parts = distiller.minibatches(train, layout, mesh)
       else:
-        num_micro = step_lib.micro_batches_bound(train.num_rows, n_mb, rows_per_micro)
         seqs = (
           train.segment_ids.sum(axis=1),
           train.loss_mask.any(axis=1),
@@ -247,11 +243,12 @@ def run(cfg, workdir: str) -> None:
         )  # fmt: skip
         layout = deal(jax.random.fold_in(key, 2))
         parts = step_lib.packed_minibatches(train, layout, mesh)
+      if not distiller or distiller.needs_old_logprobs:
         with jax.set_mesh(mesh):
           parts = [p.replace(old_logprobs=old_logprobs(state.params, p)) for p in parts]
-        jax.block_until_ready(parts)  # π_old's time in time/advantage, not the update's
-        real_tokens, processed = layout.tokens()
-        micro_batches = layout.micro_batches_used()
+      jax.block_until_ready(parts)  # π_old's time in time/advantage, not the update's
+      real_tokens, processed = layout.tokens()  # (OPSD: the student's and the teacher's)
+      micro_batches = layout.micro_batches_used()
       t_advantage = time.time()
 
       # 5. Updates: ppo_epochs passes over `minibatches` shuffled parts of the batch (dealt
@@ -260,12 +257,12 @@ def run(cfg, workdir: str) -> None:
       ckpt.wait()
       step_metrics = []
       for epoch in range(cfg.optim.ppo_epochs):
-        if distiller:
-          ep_key = jax.random.fold_in(key, 2 + epoch)
-          parts = step_lib.padded_minibatches(train, ep_key, n_mb, rows_per_micro, mesh)
-        elif epoch and n_mb > 1:
+        if epoch and n_mb > 1:
           new = deal(jax.random.fold_in(key, 2 + epoch))
-          parts, layout = relayout(parts, new, layout), new
+          if distiller:  # its distilled slots are row-relative: packed anew on the host
+            parts, layout = distiller.relayout(train, parts, new, layout, mesh), new
+          else:
+            parts, layout = relayout(parts, new, layout), new
         for part in parts:
           with jax.set_mesh(mesh):
             state, m = train_step(state, part)

@@ -84,12 +84,15 @@ def deal(constructed: np.ndarray, key: jax.Array, n: int, keep=None) -> list[np.
 
 
 def layout_minibatches(
-  lengths, trained, constructed, key: jax.Array, n: int, m: int, width: int, num_micro: int
-) -> batch_lib.Layout:
+  lengths, trained, constructed, key: jax.Array, n: int, m: int, width, num_micro: int
+):
   """The step's packed layout [n, M = num_micro, m, W = width]: the trained sequences (those with a
   loss token; the others change no loss term or metric and are left out) dealt to `n`
   minibatches (`deal`), each minibatch's packed into rows (`pack_rows`), rows filling its
-  micro-batches in order."""
+  micro-batches in order.
+
+  Pairs (algorithm=opsd): `lengths` [N, D] and `width` D ints give D layouts (a tuple) with the
+  same sources and rows, row r of each holding the same sequences (`pack_rows` on pairs)."""
   lengths = np.asarray(lengths)
   source, row, start = [], [], []
   for i, src in enumerate(deal(constructed, key, n, keep=trained)):
@@ -98,39 +101,27 @@ def layout_minibatches(
       raise ValueError(f"minibatch {i}: {used} packed rows do not fit {num_micro} x {m}")
     source.append(src), row.append(r + i * num_micro * m), start.append(c)
   source, row, start = (np.concatenate(x).astype(np.int64) for x in (source, row, start))
-  return batch_lib.Layout(source, row, start, lengths[source], (n, num_micro, m, width))
+  if lengths.ndim == 1:
+    return batch_lib.Layout(source, row, start, lengths[source], (n, num_micro, m, width))
+  return tuple(
+    batch_lib.Layout(source, row, start[:, d], lengths[source, d], (n, num_micro, m, w))
+    for d, w in enumerate(width)
+  )
 
 
-def packed_minibatches(train, layout: batch_lib.Layout, mesh) -> list:
+def packed_minibatches(train, layout, mesh, pack=batch_lib.pack) -> list:
   """`train` (a padded TrainBatch, host arrays, the same on every process) gathered into the
-  layout and put on `mesh` once: `n` minibatches [M, m, W] (rows over the data axes), the loss
-  scaled by n so each update has the whole step's weight."""
+  layout by `pack` (algorithm=opsd: `opsd.batch.pack`, a PairLayout) and put on `mesh` once: `n`
+  minibatches [M, m, W] (rows over the data axes), the loss terms scaled by n so each update has
+  the whole step's weight."""
   n = layout.shape[0]
-  packed = batch_lib.pack(train, layout)
+  packed = pack(train, layout)
   packed = packed.replace(loss_scale=packed.loss_scale * n)
+  if hasattr(packed, "distill_scale"):  # the divergence term (tapo_jax/opsd)
+    packed = packed.replace(distill_scale=packed.distill_scale * n)
   out = []
   for i in range(n):
     part = jax.tree.map(lambda x, i=i: x[i], packed)
-    out.append(sharding.put_global(part, sharding.batch_shardings(part, mesh, row_axis=1)))
-  return out
-
-
-def padded_minibatches(batch, key: jax.Array, n: int, m: int, mesh) -> list:
-  """algorithm=opsd (its teacher rows are not packed): the step's padded rows (host arrays, one
-  sequence per row, the same on every process) dealt like `deal` into `n` minibatches
-  [M, m, T] on `mesh`, zero rows filling each minibatch's last micro-batch, loss terms scaled by
-  n so each update has the whole step's weight. n = 1 keeps the rows in order."""
-  out = []
-  for idx in deal(np.asarray(batch.is_constructed)[:, 0], key, n):
-    pad = -len(idx) % m
-    part = jax.tree.map(
-      lambda x, idx=idx, pad=pad: np.concatenate([x[idx], np.zeros((pad, *x.shape[1:]), x.dtype)]),
-      batch,
-    )
-    part = part.replace(loss_scale=part.loss_scale * n)
-    if hasattr(part, "distill_scale"):  # the divergence term (tapo_jax/opsd)
-      part = part.replace(distill_scale=part.distill_scale * n)
-    part = split_micro_batches(part, m)
     out.append(sharding.put_global(part, sharding.batch_shardings(part, mesh, row_axis=1)))
   return out
 
@@ -171,9 +162,11 @@ def _combine(name: str):
 
 
 def is_empty(micro) -> jax.Array:
-  """A micro-batch with no loss token (a TrainBatch or an SFT batch): the update skips it."""
+  """A micro-batch with no loss token (a TrainBatch or an SFT batch) and no distilled token (an
+  OPSD batch, whose divergence term reads no loss mask): the update skips it."""
   mask = micro["loss_mask"] if isinstance(micro, dict) else micro.loss_mask
-  return ~jnp.any(mask)
+  distill = getattr(micro, "distill_mask", None)
+  return ~jnp.any(mask) if distill is None else ~(jnp.any(mask) | jnp.any(distill))
 
 
 def make_train_step(
