@@ -63,6 +63,15 @@ moments 2P in the param dtype, optax's default) plus:
     no remat: L·a + a_bwd + head          remat: L·b·T·D·e + a + a_bwd + head
         a_bwd = b·T·(2D + 2f + 2nH)·e + A_peak - A_saved  (the cotangents of the layer in backward)
         head  = b·T·(D·(e + 4) + 3·C·4 + ⌈V/C⌉·16)  (final norm, chunked logprob scan, its carries)
+  opsd      (algorithm=opsd) the update's loss also runs the teacher, forward only (stop-gradient
+            params: nothing kept for the backward), on the micro-batch's m teacher rows of U tokens
+            (`opsd.distiller.teacher_width`: opsd.max_len, or a 128-token template estimate +
+            data.max_prompt_tokens + the solution + rollout.max_new_tokens, rounded up to 64):
+            b·U·D·e (its final hidden states) + one forward layer + the segment mask, and its side
+            of the divergence scan b·T·(D·e + 2·C·4) (the gathered hidden states, N = T slots a
+            row, and its logits chunk); the batch adds the teacher rows (12 bytes a token) and the
+            distilled slots (17 bytes each, T a row); the logprobs phase runs only with
+            opsd.grpo_coef > 0 (π_old is the GRPO term's).
   attention per layer (A_saved kept for the backward, A_peak live while it runs), by attention_impl:
     "" / xla   A_saved = b·n·T²·(8 + e, or 8 in f32)  A_peak = A_saved + 3·b·n·T²·4
                (scores and probabilities in f32, the probabilities again in the compute dtype)
@@ -514,6 +523,25 @@ def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[T
   return terms, notes
 
 
+def opsd_width(cfg, mc: QwenConfig) -> int:
+  """U: the OPSD teacher rows' width as the Distiller sizes them, the template estimated."""
+  from tapo_jax.opsd import distiller
+
+  return distiller.teacher_width(cfg, distiller.OVERHEAD_ESTIMATE, mc.max_position_embeddings)
+
+
+def teacher_terms(g: Geometry, cfg, mb: int, t: int, u: int) -> list[Term]:
+  """algorithm=opsd: the teacher's forward in the update's loss (forward only) on the
+  micro-batch's mb teacher rows of u tokens, and its side of the divergence scan."""
+  b, d, c = g.rows(mb), g.cfg.hidden_size, cfg.loss.vocab_chunk
+  fwd = b * u * d * g.e + g.forward_layer(b, u, g.impl) + segment_mask_bytes(g.impl, b, u, g.e)
+  fix = "a smaller opsd.max_len or optim.micro_batch_tokens"
+  return [
+    Term(f"OPSD teacher forward, {b} packed rows x {u} (no gradient)", fwd, fix),
+    Term("OPSD teacher side of the divergence scan", b * t * (d * g.e + 2 * c * 4), fix),
+  ]
+
+
 def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
   """The per-device memory report of `cfg` (config.plan.mode: rl or sft) on `device` x `chips`
   (default: config.plan.device and config.plan.chips)."""
@@ -594,15 +622,21 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
   from tapo_jax.train import step as step_lib
 
   t = cfg.tapo.max_len
+  opsd = cfg.algorithm == "opsd"
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
   r = cfg.rollout.batch_queries * (cfg.rollout.n + extra)
   n, m = cfg.optim.minibatches, micro_batch_rows(cfg, g, t)
   mm = step_lib.micro_batches_bound(r, n, m)
   # Rollouts' [R, T] fields (14 bytes a token) on one device; the packed TrainBatch (12 fields,
   # 39 bytes a token) as n minibatches of [M, m, T] on the mesh, rows over data x fsdp
+  batch_bytes = r * t * 14 + n * mm * g.rows(m) * t * 39
+  if opsd:  # + the teacher rows [M, m, U] (3 int32 fields) and the distilled slots [M, m, T]
+    u = opsd_width(cfg, mc)
+    batch_bytes += n * mm * g.rows(m) * (u * 12 + t * 17)
+    notes.append(f"opsd: teacher rows of {u} tokens beside the {t}-token student rows")
   batch = Term(
     f"rollout batch + packed minibatches ({n} x {mm} x {m} x {t})",
-    r * t * 14 + n * mm * g.rows(m) * t * 39,
+    batch_bytes,
     "fewer rollout.batch_queries or a shorter tapo.max_len",
   )
   br = g.rows(m)  # the loop's pi_old pass: one micro-batch at a time
@@ -615,8 +649,11 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
     "a smaller optim.micro_batch_tokens",
   )
   # the loop keeps the step's decode copy of the weights through pi_old and the update
-  phases["logprobs"] = state + sampler_weights(sampler) + [batch, old, gathered, head]
+  if not opsd or cfg.opsd.grpo_coef:  # OPSD's π_old is its GRPO term's
+    phases["logprobs"] = state + sampler_weights(sampler) + [batch, old, gathered, head]
   terms, more_notes = update_terms(g, cfg, params, m, t)
+  if opsd:
+    terms += teacher_terms(g, cfg, m, t, u)
   phases["update"] = state + sampler_weights(sampler) + [gathered, head, batch] + terms
   return _report(sl, sizes, source, num_params, phases, cfg, notes + more_notes)
 

@@ -135,6 +135,28 @@ def test_small_config_per_device_numbers_by_hand(small_cfg):
   assert report.fits
 
 
+def test_opsd_counts_the_teacher_forward_by_hand(small_cfg):
+  """algorithm=opsd: the update holds the teacher's forward (m = 4 rows of U = 64, 2 a device)
+  and its side of the divergence scan; the batch its rows and slots; no π_old without GRPO."""
+  tapo_update = _terms(plan_lib.plan(small_cfg), "update")
+  small_cfg.algorithm, small_cfg.opsd.max_len = "opsd", 64
+  report = plan_lib.plan(small_cfg)
+  update = _terms(report, "update")
+  # b = 2, U = 64, D = 16, n = 2, k = 1, f = 16, H = 4, e = 4, blockwise with β = min(512, 64)
+  a_peak = 2 * 2 * 64 * (4 + 16) + 2 * 2 * 1 * 64 * 4 * 4 + 5 * 2 * 2 * 64 * 64 * 4
+  layer = 2 * 64 * ((3 * 16 + 2 * 2 * 4 + 2 * 1 * 4 + 3 * 16) * 4 + 4 * 16) + a_peak
+  assert update["OPSD teacher forward"] == 2 * 64 * 16 * 4 + layer == 414720
+  assert update["OPSD teacher side of the divergence scan"] == 2 * 32 * (16 * 4 + 2 * 16 * 4)
+  # R = Q·K = 4 sequences: M = 1 micro-batch of 4 rows; + teacher rows 12 bytes a token and the
+  # T = 32 distilled slots of a row, 17 bytes each
+  batch = 4 * 32 * 14 + 2 * 32 * 39 + 2 * (64 * 12 + 32 * 17)
+  assert update["rollout batch + packed minibatches"] == batch == 6912
+  assert update["activations"] == tapo_update["activations"]  # the student's: the same rows
+  assert "logprobs" not in report.phases  # pure distillation reads no π_old
+  small_cfg.opsd.grpo_coef = 0.5
+  assert "logprobs" in plan_lib.plan(small_cfg).phases
+
+
 def test_params_and_kv_cache_match_the_real_shardings():
   """The planner's per-device bytes equal the shards the train state and the engine really hold
   on 8 devices (toy model, trainer data 2 x fsdp 2 x tensor 2; the engine's decode layout data 4

@@ -30,6 +30,20 @@ def max_solution_tokens(cfg) -> int:
   return int(cfg.opsd.max_solution_tokens) or int(cfg.rollout.max_new_tokens)
 
 
+# The teacher template's tokens when no tokenizer is at hand (the planner, `bench aot`): the
+# built-in template is ~70 Qwen tokens, chat markup ~20 more.
+OVERHEAD_ESTIMATE = 128
+
+
+def teacher_width(cfg, overhead: int, max_positions: int | None = None) -> int:
+  """U, the teacher rows' width: opsd.max_len, or template (`overhead` tokens) + problem +
+  solution + response rounded up to a multiple of 64, within the model's positions (a longer
+  solution is cut to fit)."""
+  need = overhead + cfg.data.max_prompt_tokens + max_solution_tokens(cfg)
+  need += int(cfg.rollout.max_new_tokens)
+  return int(cfg.opsd.max_len) or min(64 * math.ceil(need / 64), max_positions or need)
+
+
 class Distiller:
   """The OPSD side of one run (host state: the tokenizer, the template, the row widths)."""
 
@@ -52,10 +66,7 @@ class Distiller:
     )
     overhead = self.prompts.overhead()
     self.slots = int(cfg.rollout.max_new_tokens)  # a response never has more tokens
-    # template + problem + solution + response, rounded up to a multiple of 64, within the
-    # model's positions (a longer solution is cut to fit)
-    need = overhead + cfg.data.max_prompt_tokens + max_solution_tokens(cfg) + self.slots
-    self.width = int(cfg.opsd.max_len) or min(64 * math.ceil(need / 64), max_positions or need)
+    self.width = teacher_width(cfg, overhead, max_positions)
     least = overhead + cfg.data.max_prompt_tokens + self.slots  # an empty solution
     if self.width < least:
       raise DataError(
