@@ -18,7 +18,11 @@ Programs, built as the RL loop builds them (`train.engines.build_engines`, `trai
                     their steps) and at the largest window below S (its window copy); one per
                     engine the loop builds (rollout, synthesis, eval); --windows=all: every window
   pi_old            π_old of one minibatch: M micro-batches of m packed rows of W tokens
-  update            one jitted update of such a minibatch (its micro-batches scanned)
+                    (algorithm=opsd: only with opsd.grpo_coef > 0, its GRPO term reads it)
+  update            one jitted update of such a minibatch (its micro-batches scanned); with
+                    algorithm=opsd an OpsdBatch, each micro-batch's m student rows with their m
+                    teacher rows of U tokens (the planner's U: `plan.opsd_width`), the loss the
+                    OPSD loss (the teacher's forward inside it, without gradient)
 The synthesis engine is sized for a 512-token template, as the planner sizes it. Pallas kernels
 (splash attention) are traced as on a TPU (`tpu_kernels`).
 
@@ -595,8 +599,8 @@ def minibatch(s: Setup):
   from tapo_jax.train import step as step_lib
 
   cfg = s.cfg
-  if cfg.algorithm not in ("tapo", "grpo"):
-    raise ValueError(f"bench aot: algorithm={cfg.algorithm!r} is not built here (tapo, grpo)")
+  if cfg.algorithm not in ("tapo", "grpo", "opsd"):
+    raise ValueError(f"bench aot: algorithm={cfg.algorithm!r} is not built here")
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
   r, n, w = (
     cfg.rollout.batch_queries * (cfg.rollout.n + extra),
@@ -615,6 +619,19 @@ def minibatch(s: Setup):
   loss_cfg = loss_lib.LossConfig.from_config(cfg)
   train = jax.eval_shape(lambda b: loss_lib.prepare_batch(b, loss_cfg)[0], packed)  # [R, W]
   part = jax.tree.map(lambda x: jax.ShapeDtypeStruct((mm, m, w), x.dtype), train)
+  if cfg.algorithm == "opsd":  # + the teacher rows [M, m, U] and the distilled slots [M, m, W]
+    from tapo_jax import plan as plan_lib
+    from tapo_jax.opsd import OpsdBatch
+
+    u = plan_lib.opsd_width(cfg, plan_lib.model_config(cfg)[0])
+    row = lambda width, dtype: jax.ShapeDtypeStruct((mm, m, width), dtype)  # noqa: E731
+    i32 = jnp.int32
+    part = OpsdBatch(
+      **{f.name: getattr(part, f.name) for f in dataclasses.fields(part)},
+      teacher_tokens=row(u, i32), teacher_positions=row(u, i32), teacher_segment_ids=row(u, i32),
+      student_index=row(w, i32), teacher_index=row(w, i32), targets=row(w, i32),
+      distill_mask=row(w, jnp.bool_), distill_scale=row(w, jnp.float32),
+    )  # fmt: skip
   return _abstract(part, sharding.batch_shardings(part, s.mesh, row_axis=1)), n
 
 
@@ -630,13 +647,20 @@ def trainer_programs(s: Setup) -> dict[str, Program]:
   live = device_bytes(s.state) + sampler_weight_bytes(s) + n * device_bytes(part)
   shape = "x".join(map(str, part.tokens.shape))
   old = step_lib.make_old_logprobs(s.graphdef, cfg.loss.vocab_chunk, loss_cfg.temperature)
+  loss_fn = functools.partial(loss_lib.tapo_loss, cfg=loss_cfg)
+  out = {}
+  if cfg.algorithm == "opsd":
+    from tapo_jax.opsd import loss as opsd_loss
+
+    loss_fn = functools.partial(opsd_loss.opsd_loss, cfg=opsd_loss.OpsdConfig.from_config(cfg))
   with jax.set_mesh(s.mesh):
-    compiled, secs = _timed_compile(old.lower, s.params, part)
-    out = {f"pi_old {shape}": Program(f"pi_old {shape}", "logprobs", compiled, secs, live)}
+    if cfg.algorithm != "opsd" or cfg.opsd.grpo_coef:  # OPSD's π_old is its GRPO term's
+      compiled, secs = _timed_compile(old.lower, s.params, part)
+      out[f"pi_old {shape}"] = Program(f"pi_old {shape}", "logprobs", compiled, secs, live)
     step = step_lib.make_train_step(
       s.graphdef,
       s.optimizer,
-      functools.partial(loss_lib.tapo_loss, cfg=loss_cfg),
+      loss_fn,
       s.state_sharding,
       max_update_ratio=cfg.optim.max_update_ratio,
     )
