@@ -67,13 +67,15 @@ moments 2P in the param dtype, optax's default) plus:
             params: nothing kept for the backward), on the micro-batch's m teacher rows of U tokens
             (`opsd.distiller.teacher_width`: opsd.max_len, or a 128-token template estimate +
             data.max_prompt_tokens + the solution + rollout.max_new_tokens, rounded up to 64):
-            b·U·D·e (its final hidden states) + one forward layer + the segment mask, over the
-            student's kept activations: it adds what it holds beyond a_bwd + head (the
-            student's backward runs after it); and its side of the divergence scan, kept through
-            the backward, b·T·(D·e + 2·C·4) (its gathered hidden states, N = T slots a row, and
-            its logits chunks in the rematerialized scan); the batch adds the teacher rows (12 bytes a token) and the
-            distilled slots (17 bytes each, T a row); the logprobs phase runs only with
-            opsd.grpo_coef > 0 (π_old is the GRPO term's).
+            b·U·D·e (its final hidden states) + one forward layer + the segment mask; it reads
+            no student activation and the compiler runs it first, so it adds only what it holds
+            beyond the student's activations (`bench aot`, v5p, tests/test_aot.py's model with
+            U = 1920 and 4096: the update grows by about the scan term alone); and its side of
+            the divergence scan, kept through the backward, b·T·(D·e + 2·C·4) (its gathered
+            hidden states, N = T slots a row, and its logits chunks in the rematerialized scan).
+            The batch adds the teacher rows (12 bytes a token) and the distilled slots (17 bytes
+            each, T a row); the logprobs phase runs only with opsd.grpo_coef > 0 (π_old is the
+            GRPO term's).
   attention per layer (A_saved kept for the backward, A_peak live while it runs), by attention_impl:
     "" / xla   A_saved = b·n·T²·(8 + e, or 8 in f32)  A_peak = A_saved + 3·b·n·T²·4
                (scores and probabilities in f32, the probabilities again in the compute dtype)
@@ -340,23 +342,16 @@ class Geometry:
     d, v = self.cfg.hidden_size, self.cfg.vocab_size
     return b * t * (d * (self.e + 4) + 3 * chunk * 4 + -(-v // chunk) * 16)
 
-  def backward_transient(self, b: int, t: int, chunk: int) -> int:
-    """a_bwd + head: what the backward holds beyond the activations kept for it."""
-    c, e = self.cfg, self.e
-    a_saved, a_peak = attention_bytes(self.impl, b, self.n, self.k, t, c.head_dim, e)
-    layer_bwd = b * t * (2 * c.hidden_size + 2 * self.f + 2 * self.n * c.head_dim) * e
-    return layer_bwd + a_peak - a_saved + self.head(b, t, chunk)
-
   def activations(self, b: int, t: int, chunk: int, remat: bool) -> tuple[int, int]:
     """(bytes of one micro-batch's forward + backward, of which the attention terms)."""
     c, e, n, k, f = self.cfg, self.e, self.n, self.k, self.f
     d, h, layers = c.hidden_size, c.head_dim, c.num_hidden_layers
     a_saved, a_peak = attention_bytes(self.impl, b, n, k, t, h, e)
     layer = b * t * ((4 * d + 3 * n * h + 3 * k * h + 3 * f) * e + 8 * d) + a_saved
-    bwd = self.backward_transient(b, t, chunk)
+    layer_bwd = b * t * (2 * d + 2 * f + 2 * n * h) * e + a_peak - a_saved
     if remat:
-      return layers * b * t * d * e + layer + bwd, a_peak
-    return layers * layer + bwd, a_peak + (layers - 1) * a_saved
+      return layers * b * t * d * e + layer + layer_bwd + self.head(b, t, chunk), a_peak
+    return layers * layer + layer_bwd + self.head(b, t, chunk), a_peak + (layers - 1) * a_saved
 
 
 def _geometry(mc: QwenConfig, mesh, e: int, impl: str) -> Geometry:
@@ -541,15 +536,16 @@ def opsd_width(cfg, mc: QwenConfig) -> int:
 
 def teacher_terms(g: Geometry, cfg, mb: int, t: int, u: int) -> tuple[list[Term], str]:
   """(terms, note) of algorithm=opsd's teacher in the update's loss: its forward on the
-  micro-batch's mb teacher rows of u tokens (forward only, over the student's kept activations,
-  so it adds only what it holds beyond the student's backward transient), and its side of the
-  divergence scan (kept through the backward)."""
+  micro-batch's mb teacher rows of u tokens (forward only; it depends on no student activation,
+  so the compiler runs it before the student's forward: it adds only what it holds beyond the
+  student's activations), and its side of the divergence scan (kept through the backward)."""
   b, d, c = g.rows(mb), g.cfg.hidden_size, cfg.loss.vocab_chunk
   fwd = b * u * d * g.e + g.forward_layer(b, u, g.impl) + segment_mask_bytes(g.impl, b, u, g.e)
-  beyond = max(0, fwd - g.backward_transient(b, t, c))
+  student = g.activations(b, t, c, bool(cfg.model.remat))[0] + segment_mask_bytes(g.impl, b, t, g.e)
+  beyond = max(0, fwd - student)
   fix = "a smaller opsd.max_len or optim.micro_batch_tokens"
   terms = [
-    Term(f"OPSD teacher forward, {b} packed rows x {u} (beyond the backward's)", beyond, fix),
+    Term(f"OPSD teacher forward, {b} packed rows x {u} (beyond the student's)", beyond, fix),
     Term("OPSD teacher side of the divergence scan", b * t * (d * g.e + 2 * c * 4), fix),
   ]
   return terms, f"opsd: the teacher's forward holds {fwd / GiB:.2f} GiB while it runs"

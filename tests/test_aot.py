@@ -213,6 +213,25 @@ def test_planner_within_15_percent_of_the_compiled_sampler_phases(run, request):
 
 
 @needs_libtpu
+def test_opsd_update_compiles_and_the_planner_counts_its_teacher(tmp_path):
+  """algorithm=opsd: the update of an OpsdBatch minibatch (8 student rows of 1024 tokens, each
+  with a teacher row of U = 4096) compiles for v5p:2x2x2, π_old is not built without the GRPO
+  term, and the planner's update phase is within 10% of the compiler's (measured 0.98; the
+  teacher's whole forward planned on top of the student's activations would be 1.45)."""
+  cfg = small_config(tmp_path)
+  cfg.algorithm, cfg.opsd.max_len, cfg.tapo.construction = "opsd", 4096, "divergence"
+  cfg.rollout.batch_queries, cfg.train.eval_every = 2, 0
+  s = aot.setup(cfg, "v5p:2x2x2")
+  with aot.tpu_kernels():
+    progs = aot.trainer_programs(s)
+  (update,) = progs.values()
+  assert update.name == "update 2x8x1024" and not update.error, update.error
+  report = plan_lib.plan(cfg, device="v5p", chips=8)
+  assert "OPSD teacher side of the divergence scan" in {t.name for t in report.phases["update"]}
+  assert 0.9 <= report.total("update") / update.total <= 1.1, (report.total("update"), update.total)
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_cli_prints_collectives_memory_and_the_decode_step_bound():
   env = dict(os.environ, PYTHONPATH=REPO)

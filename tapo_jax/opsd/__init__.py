@@ -5,7 +5,8 @@ without gradient, given a privileged solution in its prompt: a correct response 
 else the problem's reference solution (`teacher`). The loss is a per-token divergence between the
 student's and the teacher's next-token distributions on the student's own tokens, over the full
 vocabulary, computed in vocabulary chunks (`loss`), on a batch that aligns the two rows by index
-(`batch`). `Distiller` is what the RL loop calls. Choices and their sources: docs/recipe.md.
+(`batch`: packed like GRPO's rows, student row r and teacher row r holding the same sequences).
+`Distiller` is what the RL loop calls. Choices and their sources: docs/recipe.md.
 """
 
 from tapo_jax.opsd.batch import OpsdBatch, with_teacher

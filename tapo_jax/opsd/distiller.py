@@ -3,8 +3,9 @@
 Everything else of the step is GRPO's: the same rollouts, grading, `prepare_batch` (whose
 advantages and masks only the optional GRPO term reads), packed minibatches (the student's and
 the teacher's rows paired: `layout`, `minibatches`; micro-batches of the student's token budget,
-each with its teacher rows beside it), π_old, update, eval and checkpoint. The teacher is the current policy, so a checkpoint holds nothing more than GRPO's and
-a resumed run rebuilds the same teacher rows (the solution draw is seeded by (seed, step)).
+each with its teacher rows beside it), π_old, update, eval and checkpoint. The teacher is the
+current policy, so a checkpoint holds nothing more than GRPO's and a resumed run rebuilds the same
+teacher rows (the solution draw is seeded by (seed, step)).
 """
 
 from __future__ import annotations
