@@ -325,6 +325,30 @@ def test_pairs_share_rows_and_each_distilled_token_keeps_its_columns():
   np.testing.assert_allclose(scales, 2 / 18)
 
 
+def test_unpack_returns_pi_old_to_the_padded_rows_for_another_epochs_layout():
+  """ppo_epochs > 1 with minibatches > 1: π_old, computed on one epoch's packed rows, goes back
+  to the padded rows (`Distiller.relayout`) to be packed into the next epoch's layout."""
+  batch, _ = _batch(_cfg(), width=32, max_len=20)
+  old = np.random.default_rng(1).normal(size=batch.old_logprobs.shape).astype(np.float32)
+  batch = batch.replace(old_logprobs=old)
+  num_micro = step_lib.micro_batches_bound(batch.num_rows, 2, 1)
+  layouts = [
+    opsd_batch_lib.layout(
+      batch, jax.random.key(k), n=2, m=1, num_micro=num_micro, with_loss_tokens=False
+    )
+    for k in (0, 3)
+  ]
+  where = [dict(zip(x.student.source, x.student.row, strict=True)) for x in layouts]
+  assert where[0] != where[1]  # other pairs share rows
+  packed = opsd_batch_lib.pack(batch, layouts[0])
+  back = batch_lib.unpack(packed.old_logprobs, layouts[0].student, batch.num_rows, 20)
+  np.testing.assert_array_equal(back, np.where(np.asarray(batch.segment_ids) > 0, old, 0.0))
+  again = opsd_batch_lib.pack(batch.replace(old_logprobs=back), layouts[1])
+  np.testing.assert_array_equal(
+    again.old_logprobs, opsd_batch_lib.pack(batch, layouts[1]).old_logprobs
+  )
+
+
 @pytest.mark.parametrize("grpo_coef, n, m", [(0.0, 1, 2), (0.7, 1, 1), (0.7, 2, 2)])
 def test_packed_loss_equals_the_padded_loss(grpo_coef, n, m):
   """The micro-batch losses and gradients of the packed minibatches add up to n x the padded
