@@ -15,11 +15,14 @@ Packing (what the RL loop trains on, as GRPO/TAPO's packed rows): each sequence 
 student part (prompt + response, ≤ W) and its teacher part (teacher prompt + the same response,
 ≤ U), and the pairs are packed first-fit decreasing into *paired rows* (`tapo.batch.pack_rows` on
 [P, 2] lengths): student row r (W wide) and teacher row r (U wide) hold the same sequences, each
-part at its own column, a row taking a pair only when both parts fit. So a micro-batch's student
-and teacher rows hold the same sequences, the student's layout is as dense as GRPO's (its rows fill
-up to whichever width binds first; U ≈ W + the solution, so both fill), and the distilled slots of
-packed row r are those of its sequences, in turn, with their columns shifted by each part's start:
-N = W in the packed form (a row's distilled tokens are distinct student columns). Sequences with
+part at its own column, a row taking a pair only when both parts fit. A micro-batch's student
+and teacher rows hold the same sequences and are split over the data axes together, so a token's
+two hidden states lie on one device and the loss's gathers stay row-local. A row fills up to
+whichever side binds first: as densely as GRPO's rows when U / W is the teacher / student length
+ratio (configs/qwen7b_opsd.py: 1.7 for ~2), less where the teacher binds early (the smoke toy: 1.2
+for ~1.9; a larger opsd.max_len balances it). The distilled slots of packed row r are those of its
+sequences, in turn, their columns shifted by each part's start: N = W in the packed form (a row's
+distilled tokens are distinct student columns). Sequences with
 no distilled token (and, with opsd.grpo_coef > 0, no loss token) are left out, as GRPO leaves out
 sequences without a loss token.
 
