@@ -2,7 +2,7 @@
 
 Legend: T tokens per row, C construction rows, Q queries, W synthesis prompt width.
 
-Three pure steps around one generation the loop runs itself:
+Two pure halves around one generation the loop runs itself: `requests` (1.) and `rows` (3.).
   1. `synthesis_prompts` (jitted): for each candidate pair, the template's literal pieces spliced
      on device with the query, y⁻ and y⁺ (responses without EOS); `prompt_lists` hands the valid
      ones to the sampler as token lists.
@@ -17,6 +17,7 @@ Three pure steps around one generation the loop runs itself:
      fewer than `min_anchor` x |y⁻| tokens, is a full reconstruction and is dropped
      (`anchor_prefix=False` is the ablation that keeps them all and anchors nothing).
      `anchored_rows` (jitted) splices query prompt + y⁻'s prefix + the rest + EOS into rows.
+  4. The loop grades the rows like its rollouts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tapo_jax.tapo import dcs
-from tapo_jax.tapo.batch import Rollouts
+from tapo_jax.tapo.batch import Rollouts, response_ids, take_rows
 from tapo_jax.tapo.construct import (
   body_ends,
   constructed_rows,
@@ -299,3 +300,64 @@ def anchored_rows(
     out_len=batch.tokens.shape[1],
   )
   return constructed_rows(sp, plen, group, ok & valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requests:
+  """What the loop samples for a step's constructions, and what `rows` needs back."""
+
+  todo: np.ndarray  # [P] int  the construction slots that have a synthesis prompt
+  prompts: list[list[int]]  # P synthesis prompts (token ids), one completion each
+  negatives: list[list[int]]  # C  y⁻ of every slot: response ids without EOS
+
+
+def requests(
+  batch: Rollouts,
+  cands: dcs.Candidates,
+  queries: Sequence[str],
+  tokenizer,
+  is_eos: jax.Array,
+  *,
+  k: int,
+  template: Template,
+  eos_ids: Sequence[int],
+) -> Requests:
+  """The first half: the step's synthesis prompts (`synthesis_prompts` on the eligible pairs of
+  `cands`). `queries`: the Q problem texts; `is_eos` [V]: construct.token_tables' EOS table."""
+  query_tokens, query_lens = encode_queries(tokenizer, queries)
+  sp = synthesis_prompts(batch, cands, query_tokens, query_lens, is_eos, k=k, template=template)
+  neg, _, _, valid = pair_rows(batch, cands, k)
+  todo, prompts = prompt_lists(sp, valid)
+  negatives = response_ids(take_rows(batch, neg), eos_ids)
+  return Requests(todo, prompts, negatives)
+
+
+def rows(
+  tokenizer,
+  req: Requests,
+  outputs: Sequence[Sequence[int]],
+  batch: Rollouts,
+  cands: dcs.Candidates,
+  *,
+  k: int,
+  eos_ids: Sequence[int],
+  min_anchor: float,
+  anchor_prefix: bool,
+) -> tuple[Rollouts, np.ndarray, dict[str, float]]:
+  """The second half: the sampled `outputs` (one per request) parsed, anchored to y⁻ and spliced
+  into rows. Returns (rows [C], y⁻ tokens kept per slot [C], parse metrics)."""
+  anchored = anchor(
+    tokenizer,
+    req.todo,
+    outputs,
+    req.negatives,
+    slots=len(req.negatives),
+    width=batch.tokens.shape[1],
+    eos_ids=eos_ids,
+    min_anchor=min_anchor,
+    anchor_prefix=anchor_prefix,
+  )
+  out = anchored_rows(
+    batch, cands, anchored.prefix_lens, anchored.rest, anchored.rest_lens, anchored.ok, k=k
+  )
+  return out, anchored.prefix_lens, anchored.metrics(len(req.todo))

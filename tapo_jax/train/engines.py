@@ -49,30 +49,28 @@ def decode_layout(cfg) -> dict:
   return dict(weight_dtype=cfg.rollout.weight_dtype, tensor=int(cfg.rollout.decode_tensor))
 
 
-def eval_engine(cfg, model, mesh) -> QwenEngine:
-  """The engine that evaluation samples with (eval.max_new_tokens past the prompt buckets)."""
-  buckets = tuple(sorted(cfg.rollout.prefill_buckets))
+def _engine(cfg, model, mesh, buckets, max_new_tokens: int) -> QwenEngine:
+  """An engine over `mesh` in the decode layout: prompts up to the largest of `buckets`, then
+  `max_new_tokens` past it."""
+  buckets = tuple(sorted(buckets))
   return QwenEngine(
     model,
     slots=cfg.rollout.slots,
-    max_len=buckets[-1] + cfg.eval.max_new_tokens,
+    max_len=buckets[-1] + max_new_tokens,
     prefill_buckets=buckets,
     mesh=mesh,
     **decode_layout(cfg),
   )
+
+
+def eval_engine(cfg, model, mesh) -> QwenEngine:
+  """The engine that evaluation samples with (eval.max_new_tokens past the prompt buckets)."""
+  return _engine(cfg, model, mesh, cfg.rollout.prefill_buckets, cfg.eval.max_new_tokens)
 
 
 def rollout_engine(cfg, model, mesh) -> QwenEngine:
   """The engine rollouts sample with (rollout.max_new_tokens past the prompt buckets)."""
-  buckets = tuple(sorted(cfg.rollout.prefill_buckets))
-  return QwenEngine(
-    model,
-    slots=cfg.rollout.slots,
-    max_len=buckets[-1] + cfg.rollout.max_new_tokens,
-    prefill_buckets=buckets,
-    mesh=mesh,
-    **decode_layout(cfg),
-  )
+  return _engine(cfg, model, mesh, cfg.rollout.prefill_buckets, cfg.rollout.max_new_tokens)
 
 
 def synthesis_engine(cfg, model, mesh, literal_tokens: int) -> QwenEngine:
@@ -80,14 +78,7 @@ def synthesis_engine(cfg, model, mesh, literal_tokens: int) -> QwenEngine:
   the template's `literal_tokens` + a query + y⁻ + y⁺ (bodies of rollouts)."""
   longest = literal_tokens + cfg.data.max_prompt_tokens + 2 * cfg.rollout.max_new_tokens
   buckets = synthesis.prompt_buckets(longest)
-  return QwenEngine(
-    model,
-    slots=cfg.rollout.slots,
-    max_len=buckets[-1] + config.synthesis_max_new_tokens(cfg),
-    prefill_buckets=buckets,
-    mesh=mesh,
-    **decode_layout(cfg),
-  )
+  return _engine(cfg, model, mesh, buckets, config.synthesis_max_new_tokens(cfg))
 
 
 def build_engines(cfg, model, mesh, template: synthesis.Template | None) -> Engines:
