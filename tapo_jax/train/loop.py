@@ -179,6 +179,8 @@ def setup(cfg, workdir: str):
     cfg.tapo.max_len,
     sharding.data_parallel_size(mesh),
   )
+  stop = checkpoint.PreemptionGuard()  # before the writer: its metrics.jsonl says "guarded"
+  writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
   run = Run(
     cfg=cfg,
     workdir=workdir,
@@ -205,9 +207,9 @@ def setup(cfg, workdir: str):
     old_logprobs=step_lib.make_old_logprobs(graphdef, cfg.loss.vocab_chunk, loss_cfg.temperature),
     relayout=step_lib.make_relayout(mesh),
     rows_per_micro=rows_per_micro,
-    writer=metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start),
+    writer=writer,
     compiles=compiles,
-    stop=checkpoint.PreemptionGuard(),
+    stop=stop,
     copy=bool(cfg.rollout.async_steps),
     syncs=engines.syncs,
   )
