@@ -71,6 +71,7 @@ class Phase:
   data_seed: int  # problems and y⁻ errors
   order_seed: int  # order of the length blocks
   seed: int = 0  # the SFT run's config.seed
+  scrambled_share: float = 0.0  # of the synthesis examples: of teacher.scramble'd solutions
 
 
 # The shipped checkpoint's schedule, as it was run (docs/toy.md): arithmetic on WIDE, arithmetic
@@ -80,6 +81,9 @@ CHAIN_PHASES = (
   Phase(500, 64, 2e-3, 20, 0.0, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 1e-3, 20, 0.5, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 2e-3, 20, 0.8, chain.SPEC, data_seed=101, order_seed=2, seed=1),
+  Phase(
+    500, 32, 2e-3, 20, 0.9, chain.SPEC, data_seed=102, order_seed=3, seed=2, scrambled_share=0.5
+  ),
 )
 
 
@@ -174,7 +178,7 @@ def build_chain(
     for i, ph in enumerate(phases[first:], start=first):
       # 1.5x the rows a phase needs, so that every length block fills up after regrouping.
       rows = teacher.cold_start_rows(
-        int(1.5 * ph.steps * ph.batch), ph.synth_share, seed=ph.data_seed, spec=ph.spec
+        int(1.5 * ph.steps * ph.batch), ph.synth_share, ph.data_seed, ph.spec, ph.scrambled_share
       )
       lengths = _lengths(rows, tokenizer)
       rows = _in_length_blocks(rows, lengths, ph.batch, ph.order_seed)[: ph.steps * ph.batch]

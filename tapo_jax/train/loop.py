@@ -376,7 +376,10 @@ def _synthesize(
   rows = synthesis.anchored_rows(
     originals, cands, anchored.prefix_lens, anchored.rest, anchored.rest_lens, anchored.ok, k=k
   )
-  return rows, anchored.prefix_lens, anchored.metrics(len(todo))
+  # the share of y⁻ the anchored prefix keeps, over the attempted constructions (0 if not built)
+  kept = sum(anchored.prefix_lens[i] / max(len(negatives[i]), 1) for i in todo if anchored.ok[i])
+  synth_metrics = {**anchored.metrics(len(todo)), "tapo/kept_fraction": kept / max(len(todo), 1)}
+  return rows, anchored.prefix_lens, synth_metrics
 
 
 def _step_metrics(step_metrics, prep_metrics, tapo_metrics, r) -> dict[str, float]:
