@@ -36,7 +36,7 @@ from tapo_jax.rewards import grade
 from tapo_jax.toy import chain, teacher
 
 ROLLOUT_MAX_NEW_TOKENS = 112  # a solution is <= 96 tokens + EOS
-SYNTHESIS_MAX_NEW_TOKENS = 320  # configs/tiny.py's tapo.synthesis_max_new_tokens
+SYNTHESIS_MAX_NEW_TOKENS = 192  # a teacher construction is <= ~145 tokens (tiny.py allows 320)
 
 
 @dataclasses.dataclass(frozen=True)

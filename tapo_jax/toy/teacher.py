@@ -190,13 +190,19 @@ def cold_start_rows(
   seed: int = 0,
   spec: chain.Spec = chain.SPEC,
   scrambled_share: float = 0.0,
+  copy_share: float = 0.0,
 ) -> list[dict[str, str]]:
   """`n` SFT rows {prompt, response} of training problems: a `synth_share` of synthesis examples
   (y⁻ from `corrupt`, y⁺ the worked solution; a `scrambled_share` of them of a `scramble`d
-  solution, to be copied), the rest worked solutions."""
+  solution, to be copied), the rest worked solutions; a `copy_share` of all rows are instead
+  "Copy:" + a scrambled solution, answered by that solution."""
   rng = random.Random(f"cold-start-{seed}")
   rows = []
   for p in chain.make_split("train", n, seed=seed, spec=spec):
+    if copy_share and rng.random() < copy_share:
+      s = scramble(p, rng).solution
+      rows.append({"prompt": f"Copy:\n{s}", "response": s})
+      continue
     if rng.random() < synth_share:
       if scrambled_share and rng.random() < scrambled_share:
         p = scramble(p, rng)
