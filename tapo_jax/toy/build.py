@@ -90,8 +90,8 @@ CHAIN_PHASES = (
 
 # Tried after the shipped schedule (--tried appends them; docs/toy.md "Open"), not shipped: a
 # phase with half the synthesis examples of scramble'd solutions (random results, so only
-# copying predicts them) left the constructions where they were (kept 20-22% of y⁻, 22-23% gold)
-# and cost accuracy; the next, with half the rows pure "Copy:" rows, was stopped at step 7 (time).
+# copying predicts them) left the constructions where they were and cost accuracy; pure "Copy:"
+# rows of scrambled solutions do teach copying (their loss 1.5 -> 0.14 in 200 steps).
 TRIED_PHASES = (
   Phase(
     500, 32, 2e-3, 20, 0.9, chain.SPEC, data_seed=102, order_seed=3, seed=2, scrambled_share=0.5
