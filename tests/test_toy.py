@@ -259,3 +259,20 @@ def test_cold_start_rows_mix(tok):
   for r in synth[:20]:
     assert synthesis.parse_construction(r["response"]) is not None
   assert rows == teacher.cold_start_rows(200, 0.5, seed=0)
+
+
+def test_scrambled_rows_are_copies():
+  # a scrambled solution keeps the query's operators and operands and chains its random results;
+  # its construction is y⁻'s lines then y⁺'s, like any other
+  rng = random.Random(3)
+  for p in chain.make_split("train", 20, seed=7):
+    s = teacher.scramble(p, rng)
+    assert [(x.op, x.b) for x in s.steps] == [(x.op, x.b) for x in p.steps]
+    assert s.steps[0].a == p.steps[0].a
+    assert all(b.a == a.c for a, b in zip(s.steps, s.steps[1:]))
+    assert s.answer == str(s.steps[-1].c) and s.solution.endswith(chain.boxed(s.answer))
+    neg = teacher.corrupt(s, rng)
+    _, recon = synthesis.parse_construction(teacher.construction(neg, s.solution))
+    assert grade(recon, s.answer) == 1.0
+  rows = teacher.cold_start_rows(200, 0.5, seed=0, scrambled_share=0.5)
+  assert len(rows) == 200 and rows != teacher.cold_start_rows(200, 0.5, seed=0)

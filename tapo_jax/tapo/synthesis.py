@@ -360,4 +360,9 @@ def rows(
   out = anchored_rows(
     batch, cands, anchored.prefix_lens, anchored.rest, anchored.rest_lens, anchored.ok, k=k
   )
-  return out, anchored.prefix_lens, anchored.metrics(len(req.todo))
+  # the share of y⁻ the anchored prefix keeps, over the attempted constructions (0 if not built)
+  kept = sum(
+    anchored.prefix_lens[i] / max(len(req.negatives[i]), 1) for i in req.todo if anchored.ok[i]
+  )
+  metrics = {**anchored.metrics(len(req.todo)), "tapo/kept_fraction": kept / max(len(req.todo), 1)}
+  return out, anchored.prefix_lens, metrics

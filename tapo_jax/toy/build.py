@@ -9,7 +9,8 @@ chain: + - * chains over 0..99 (tapo_jax.toy.chain), cold-started by the SFT pha
   mix of worked solutions and synthesis examples (tapo_jax.toy.teacher: synthesis prompt with a
   wrong and a right solution -> <analysis>...</analysis><reconstruction>...</reconstruction>),
   rendered with the chat template exactly as the RL loop renders its synthesis prompts. ~55 min
-  on 2 CPU cores; --init=DIR --first=N resumes from a saved phase's output.
+  on 2 CPU cores; --init=DIR --first=N resumes from a saved phase's output; --tried appends
+  TRIED_PHASES (copying curricula tried after the shipped schedule, not shipped).
 Both are undertrained on purpose: the model should solve some problems and fail others, so that RL
 has groups with both correct and incorrect samples.
 """
@@ -33,6 +34,9 @@ _STEPS = flags.DEFINE_integer("steps", None, "arith: SFT steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Init, data and data-order seed.")
 _INIT = flags.DEFINE_string("init", None, "chain: start from this HF directory (with --first).")
 _FIRST = flags.DEFINE_integer("first", 0, "chain: the first phase to run (0-based).")
+_TRIED = flags.DEFINE_bool(
+  "tried", False, "chain: append TRIED_PHASES (e.g. --init=tapo_jax/toy/chain --first=4)."
+)
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: the shipped checkpoint dir).")
 
 MODEL = dict(
@@ -71,6 +75,8 @@ class Phase:
   data_seed: int  # problems and y⁻ errors
   order_seed: int  # order of the length blocks
   seed: int = 0  # the SFT run's config.seed
+  scrambled_share: float = 0.0  # of the synthesis examples: of teacher.scramble'd solutions
+  copy_share: float = 0.0  # of all rows: "Copy:" + a scrambled solution -> that solution
 
 
 # The shipped checkpoint's schedule, as it was run (docs/toy.md): arithmetic on WIDE, arithmetic
@@ -80,6 +86,21 @@ CHAIN_PHASES = (
   Phase(500, 64, 2e-3, 20, 0.0, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 1e-3, 20, 0.5, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 2e-3, 20, 0.8, chain.SPEC, data_seed=101, order_seed=2, seed=1),
+)
+
+# Tried after the shipped schedule (--tried appends them; docs/toy.md "Open"), not shipped: a
+# phase with half the synthesis examples of scramble'd solutions (random results, so only
+# copying predicts them) left the constructions where they were and cost accuracy; pure "Copy:"
+# rows of scrambled solutions do teach copying (their loss 1.5 -> 0.14 in 200 steps).
+TRIED_PHASES = (
+  Phase(
+    500, 32, 2e-3, 20, 0.9, chain.SPEC, data_seed=102, order_seed=3, seed=2, scrambled_share=0.5
+  ),
+  # pure copy rows, from the shipped checkpoint (run by a script that wrote steps x batch rows in
+  # order, without length blocks: all copy rows are ~150 tokens)
+  Phase(200, 64, 2e-3, 10, 0.0, chain.SPEC, data_seed=104, order_seed=0, seed=4, copy_share=1.0),
+  # then back to synthesis examples and worked solutions, with some copy rows
+  Phase(150, 32, 1e-3, 10, 0.7, chain.SPEC, data_seed=105, order_seed=5, seed=5, copy_share=0.2),
 )
 
 
@@ -174,8 +195,9 @@ def build_chain(
     for i, ph in enumerate(phases[first:], start=first):
       # 1.5x the rows a phase needs, so that every length block fills up after regrouping.
       rows = teacher.cold_start_rows(
-        int(1.5 * ph.steps * ph.batch), ph.synth_share, seed=ph.data_seed, spec=ph.spec
-      )
+        int(1.5 * ph.steps * ph.batch), ph.synth_share, ph.data_seed, ph.spec,
+        ph.scrambled_share, ph.copy_share,
+      )  # fmt: skip
       lengths = _lengths(rows, tokenizer)
       rows = _in_length_blocks(rows, lengths, ph.batch, ph.order_seed)[: ph.steps * ph.batch]
       data = os.path.join(tmp, f"phase{i + 1}.jsonl")
@@ -208,7 +230,8 @@ def main(argv) -> None:
     build_arith(out, _STEPS.value or 1100, _SEED.value)
   else:
     out = _OUT.value or str(chain.CHECKPOINT_DIR)
-    build_chain(out, CHAIN_PHASES, _SEED.value, _INIT.value, _FIRST.value)
+    phases = CHAIN_PHASES + (TRIED_PHASES if _TRIED.value else ())
+    build_chain(out, phases, _SEED.value, _INIT.value, _FIRST.value)
   print(f"wrote {out}", file=sys.stderr)
 
 

@@ -12,9 +12,14 @@ python -m tapo_jax.toy.measure [--model=tapo_jax/toy/chain] [--n=128] [--k=8] [-
    carry-like result slip, other result, previous result miscopied, operand, answer line,
    malformed line, unfinished): the errors the model itself makes.
 
-The constructions the model writes for synthesis prompts built from its own mixed groups are
-measured by the project's own pipeline: `mode=coldstart` with the toy as policy and teacher
-(parse / anchored / correct rates, docs/toy.md), and the RL loop's construction metrics.
+4. With --constructions, the `policy` construction (tapo.construction=policy) as the RL loop
+   makes it, by the loop's own functions: DCS over the k samples (n_pos=2, n_neg=4, m_max=4),
+   the synthesis prompts spliced from the chat-formatted SYNTHESIS_TEMPLATE with the model's own
+   y⁻ and y⁺, one completion each at T=1 (the rollout temperature), parsed and anchored to y⁻
+   (`synthesis.anchor`), graded against the gold. Reported over the attempted constructions:
+   parse rate, kept share of y⁻ (anchored prefix / |y⁻|, 0 when unparsed) and the share that
+   reaches the gold answer; the same on teacher-made pairs (y⁻ from `teacher.corrupt`, y⁺ the
+   worked solution, one per problem).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from tapo_jax.rewards import grade
 from tapo_jax.toy import chain, teacher
 
 ROLLOUT_MAX_NEW_TOKENS = 112  # a solution is <= 96 tokens + EOS
+SYNTHESIS_MAX_NEW_TOKENS = 192  # a teacher construction is <= ~145 tokens (tiny.py allows 320)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +116,11 @@ def error_kind(response: str, gold_solution: str) -> str:
   return "result"
 
 
-def measure(model_dir: str, n: int = 128, k: int = 8, seed: int = 0) -> dict:
-  """Accuracy, DCS eligibility and first-error kinds on `n` held-out problems."""
+def measure(
+  model_dir: str, n: int = 128, k: int = 8, seed: int = 0, constructions: bool = False
+) -> dict:
+  """Accuracy, DCS eligibility and first-error kinds on `n` held-out problems (and with
+  `constructions`, the `policy` construction rates: in the loop's way, and on teacher pairs)."""
   model, tokenizer, eos = load(model_dir)
   problems = chain.make_split("heldout", n, seed=seed)
   groups = sample_groups(model, tokenizer, eos, problems, k=k, seed=seed)
@@ -124,12 +133,107 @@ def measure(model_dir: str, n: int = 128, k: int = 8, seed: int = 0) -> dict:
     if not groups.correct.reshape(-1)[i]
   )
   out["error_kinds"] = dict(kinds.most_common())
+  if constructions:
+    out["loop"] = loop_constructions(model, tokenizer, eos, problems, groups, seed)
+    out["teacher"] = teacher_constructions(model, tokenizer, eos, problems, seed)
   return out
+
+
+def _anchored_stats(tokenizer, eos, todo, outputs, negatives, golds) -> dict[str, float]:
+  """Parse / kept / gold rates of `outputs` (one per attempted pair) anchored to `negatives`."""
+  from tapo_jax.tapo import synthesis
+
+  slots = len(negatives)
+  width = max(map(len, negatives)) + SYNTHESIS_MAX_NEW_TOKENS + 2
+  a = synthesis.anchor(
+    tokenizer, todo, outputs, negatives, slots=slots, width=width, eos_ids=eos, min_anchor=0.0
+  )
+  kept, gold = np.zeros(slots), np.zeros(slots, bool)
+  for i in todo:
+    if a.ok[i]:
+      kept[i] = a.prefix_lens[i] / max(len(negatives[i]), 1)
+      rest = [int(x) for x in a.rest[i, : a.rest_lens[i]] if int(x) not in set(eos)]
+      text = tokenizer.decode(list(negatives[i][: a.prefix_lens[i]]) + rest)
+      gold[i] = grade(text, golds[i]) > 0.5
+  n = max(len(todo), 1)
+  return {
+    "attempted": int(len(todo)),
+    "parse": float(a.parsed[todo].sum()) / n,
+    "kept": float(kept[todo].sum()) / n,  # mean over attempted, 0 when not built
+    "gold": float(gold[todo].sum()) / n,
+  }
+
+
+def loop_constructions(model, tokenizer, eos, problems, groups: Groups, seed: int = 0) -> dict:
+  """The RL loop's `policy` constructions from `groups` (the model's own samples)."""
+  import jax
+
+  from tapo_jax.sampling import Sampling, sample_from
+  from tapo_jax.tapo import batch as batch_lib
+  from tapo_jax.tapo import construct, synthesis
+
+  k = groups.k
+  originals = batch_lib.pack_rollouts(
+    groups.prompts,
+    groups.completions,
+    None,
+    samples_per_prompt=k,
+    max_len=384,
+    eos_ids=eos,
+    max_new_tokens=ROLLOUT_MAX_NEW_TOKENS,
+    rewards=groups.correct.reshape(-1).astype(np.float32),
+  )
+  cands = construct.select(originals, jax.random.key(seed), k=k, n_pos=2, n_neg=4, m_max=4)
+  template = synthesis.encode_template(tokenizer, teacher.SYNTHESIS_TEMPLATE, chat=True)
+  tables = construct.token_tables(tokenizer, model.cfg.vocab_size, eos)
+  q_tokens, q_lens = synthesis.encode_queries(tokenizer, [p.problem for p in problems])
+  sp = synthesis.synthesis_prompts(
+    originals, cands, q_tokens, q_lens, tables.is_eos, k=k, template=template
+  )
+  neg, _, _, valid = construct.pair_rows(originals, cands, k)
+  todo, prompts = synthesis.prompt_lists(sp, valid)
+  negatives = batch_lib.response_ids(batch_lib.take_rows(originals, neg), eos)
+  golds = [problems[int(j) // k].answer for j in np.asarray(neg)]
+  sampling = Sampling(1.0, 1.0, 0, tuple(eos))
+  out = sample_from(
+    model, prompts, sampling, n=1, max_new_tokens=SYNTHESIS_MAX_NEW_TOKENS, seed=seed + 7919,
+    prefill_buckets=synthesis.prompt_buckets(max(map(len, prompts), default=64)),
+  )  # fmt: skip
+  return _anchored_stats(tokenizer, eos, todo, out.completions, negatives, golds)
+
+
+def teacher_constructions(model, tokenizer, eos, problems, seed: int = 0) -> dict:
+  """`policy` constructions of teacher-made pairs: y⁻ = teacher.corrupt, y⁺ = the solution."""
+  import random
+
+  from tapo_jax.data.prompts import format_prompt
+  from tapo_jax.sampling import Sampling, sample_from
+  from tapo_jax.tapo import synthesis
+
+  rng = random.Random(f"measure-{seed}")
+  negs = [teacher.corrupt(p, rng) for p in problems]
+  prompts = [
+    format_prompt(teacher.synthesis_prompt(p.problem, n, p.solution), "{problem}", tokenizer, True)
+    for p, n in zip(problems, negs)
+  ]
+  sampling = Sampling(1.0, 1.0, 0, tuple(eos))
+  out = sample_from(
+    model, prompts, sampling, n=1, max_new_tokens=SYNTHESIS_MAX_NEW_TOKENS, seed=seed + 7919,
+    prefill_buckets=synthesis.prompt_buckets(max(map(len, prompts), default=64)),
+  )  # fmt: skip
+  negatives = [tokenizer.encode(n, add_special_tokens=False) for n in negs]
+  todo = np.arange(len(problems))
+  return _anchored_stats(
+    tokenizer, eos, todo, out.completions, negatives, [p.answer for p in problems]
+  )
 
 
 _MODEL = flags.DEFINE_string("model", str(chain.CHECKPOINT_DIR), "Toy checkpoint directory.")
 _N = flags.DEFINE_integer("n", 128, "Held-out problems.")
 _K = flags.DEFINE_integer("k", 8, "Samples per problem.")
+_CONSTRUCTIONS = flags.DEFINE_bool(
+  "constructions", False, "Also measure the `policy` constructions (loop's way, teacher pairs)."
+)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds (each also draws its own problems).")
 
 
@@ -137,7 +241,7 @@ def main(argv) -> None:
   del argv
   runs = []
   for s in map(int, _SEEDS.value):
-    r = measure(_MODEL.value, _N.value, _K.value, s)
+    r = measure(_MODEL.value, _N.value, _K.value, s, _CONSTRUCTIONS.value)
     print(json.dumps({"seed": s, **r}), flush=True)
     runs.append(r)
   if len(runs) > 1:

@@ -170,18 +170,42 @@ def corrupt(problem: chain.ChainProblem, rng: random.Random, kind: str | None = 
   return text
 
 
+def scramble(problem: chain.ChainProblem, rng: random.Random) -> chain.ChainProblem:
+  """`problem` with a random result (0..99) on every line, each next line starting from it: a
+  solution whose digits no arithmetic predicts, so that a construction of it can only be copied
+  (the query's operators and operands are kept)."""
+  steps, a = [], problem.steps[0].a
+  for s in problem.steps:
+    steps.append(chain.Step(a, s.op, s.b, rng.randint(0, 99)))
+    a = steps[-1].c
+  return chain.ChainProblem(problem.problem, str(a), chain.solution_text(steps), tuple(steps))
+
+
 # ------------------------------------------------------------------------------ cold-start data
 
 
 def cold_start_rows(
-  n: int, synth_share: float, seed: int = 0, spec: chain.Spec = chain.SPEC
+  n: int,
+  synth_share: float,
+  seed: int = 0,
+  spec: chain.Spec = chain.SPEC,
+  scrambled_share: float = 0.0,
+  copy_share: float = 0.0,
 ) -> list[dict[str, str]]:
   """`n` SFT rows {prompt, response} of training problems: a `synth_share` of synthesis examples
-  (y⁻ from `corrupt`, y⁺ the worked solution), the rest worked solutions."""
+  (y⁻ from `corrupt`, y⁺ the worked solution; a `scrambled_share` of them of a `scramble`d
+  solution, to be copied), the rest worked solutions; a `copy_share` of all rows are instead
+  "Copy:" + a scrambled solution, answered by that solution."""
   rng = random.Random(f"cold-start-{seed}")
   rows = []
   for p in chain.make_split("train", n, seed=seed, spec=spec):
+    if copy_share and rng.random() < copy_share:
+      s = scramble(p, rng).solution
+      rows.append({"prompt": f"Copy:\n{s}", "response": s})
+      continue
     if rng.random() < synth_share:
+      if scrambled_share and rng.random() < scrambled_share:
+        p = scramble(p, rng)
       neg = corrupt(p, rng)
       rows.append(
         {
