@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 
 from tapo_jax import config as base
 from tapo_jax import plan as plan_lib
@@ -131,11 +132,7 @@ needs_libtpu = pytest.mark.skipif(
 
 # A 4-layer model whose dims are whole TPU tiles (so the compiled sizes carry no layout padding):
 # D 256, 4 q-heads and 2 kv-heads of 128, F 1024, V 8192.
-SMALL = dict(
-  model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=1024,
-  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-  tie_word_embeddings=False,
-)  # fmt: skip
+SMALL = tiny.hf_config("tpu")
 
 
 def small_config(path, **mesh):

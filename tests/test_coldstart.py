@@ -82,24 +82,6 @@ def _check_consistent(workdir, problems, cfg):
   return rows, summary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for this module: every build makes its engines anew (as a restarted
-  process does) and would otherwise compile the same programs again."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {key: getattr(jax.config, key) for key in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0.0)
-  cc.reset_cache()
-  yield
-  for key, value in old.items():
-    jax.config.update(key, value)
-  cc.reset_cache()
-
-
 # ------------------------------------------------------------------ the toy model as the teacher
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 
 from tapo_jax import config as config_lib
@@ -193,13 +194,7 @@ def test_teacher_gets_no_gradient():
 
 
 def _model():
-  from tapo_jax.models.qwen import Qwen, QwenConfig
-
-  qcfg = QwenConfig(
-    vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-  )  # fmt: skip
-  return Qwen(qcfg, rngs=nnx.Rngs(0))
+  return tiny.model(tiny.config("micro", vocab_size=V))
 
 
 def _batch(cfg, teacher_prompts=None, width=24):

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import pytest
+import tiny
 from flax import nnx
 
 from tapo_jax import config as base
@@ -62,10 +63,7 @@ def test_slice_names():
 
 # A qwen2 model small enough to check every per-device number by hand: V=64, D=16, F=32, L=2,
 # N=4, K=2, H=4, untied, float32 everywhere, on 4 chips as data 1 x fsdp 2 x tensor 2.
-SMALL = dict(
-  model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-  num_attention_heads=4, num_key_value_heads=2, head_dim=4, tie_word_embeddings=False,
-)  # fmt: skip
+SMALL = tiny.hf_config("plan")
 
 
 @pytest.fixture
