@@ -46,12 +46,50 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", path)
   for key, value in CACHE_SETTINGS.items():
     jax.config.update(key, value)
+  config.jax_cache_stats = stats = {"compiles": 0, "hits": 0, "saved_s": 0.0}
+
+  def count(event, **_):
+    if event == "/jax/compilation_cache/compile_requests_use_cache":
+      stats["compiles"] += 1
+    elif event == "/jax/compilation_cache/cache_hits":
+      stats["hits"] += 1
+
+  def saved(event, duration, **_):
+    if event == "/jax/compilation_cache/compile_time_saved_sec":
+      stats["saved_s"] += duration
+
+  jax.monitoring.register_event_listener(count)
+  jax.monitoring.register_event_duration_secs_listener(saved)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
   """xdist's controller: every worker shares the controller's cache."""
   node.workerinput["jax_cache"] = node.config.jax_cache
+
+
+def pytest_sessionfinish(session):
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["jax_cache_stats"] = session.config.jax_cache_stats
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  """xdist's controller: adds up the workers' counts."""
+  worker = getattr(node, "workeroutput", {}).get("jax_cache_stats", {})
+  for key, value in worker.items():
+    node.config.jax_cache_stats[key] += value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  """One line: how much of the test processes' compiling the shared cache saved (the processes
+  the tests start use it too; their hits are not counted here)."""
+  s = config.jax_cache_stats
+  entries = sum(f.endswith("-cache") for f in os.listdir(config.jax_cache))
+  terminalreporter.write_line(
+    f"JAX compilation cache {config.jax_cache}: {entries} programs; the test processes read "
+    f"{s['hits']} of their {s['compiles']} compilations from it ({s['saved_s']:.0f} s saved)"
+  )
 
 
 def pytest_unconfigure(config):
