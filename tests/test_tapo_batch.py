@@ -79,7 +79,7 @@ def test_deal_splits_originals_and_constructions_evenly_and_keeps_only_trained()
 
 # ------------------------------------------------------------------------ a step, padded vs packed
 
-QCFG = tiny.config("tiny")
+QCFG = tiny.config("packed")
 T = 40
 Q, K, M_MAX = 3, 4, 2
 
@@ -133,7 +133,7 @@ def loss_config(**over) -> LossConfig:
 
 @functools.cache
 def model_and_params():
-  model = tiny.model("tiny")
+  model = tiny.model("packed")
   return nnx.split(model, nnx.Param)
 
 

@@ -13,6 +13,12 @@ SHAPES = {
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
   ),
+  # A packed update against the padded one (tests/test_tapo_batch.py): its 2e-6 tolerance on the
+  # params after two Adam steps holds at this size (the "tiny" shape's float noise reaches 3e-6).
+  "packed": dict(
+    vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+  ),
   # Parity with transformers at 1e-4 (a Qwen2 config; head_dim is hidden_size / heads = 8): a
   # vocabulary that is no power of two, 6 q-heads on 2 kv-heads.
   "hf": dict(
