@@ -15,6 +15,22 @@ from tapo_jax.bench import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_compilation_cache():
+  """TPU programs compiled here have no TPU client to load them back from the run's shared
+  persistent cache (JAX warns 'PjRtCompiler must be constructed with a Client' and compiles
+  again): this module compiles without it."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  jax.config.update("jax_enable_compilation_cache", False)
+  cc.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  cc.reset_cache()
+
+
 # A decode-like module: an all-gather before the loop; in the loop body an async all-gather
 # (start/done), an all-reduce over 4 of 8 devices, a called computation with a reduce-scatter
 # and an async-wrapped all-to-all; the condition's all-reduce; a collective-permute after it.
