@@ -1,6 +1,9 @@
-"""Eight fake CPU devices for every test; set before JAX is imported anywhere."""
+"""Eight fake CPU devices for every test, set before JAX is imported anywhere; one persistent
+compilation cache for the whole run."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -11,6 +14,89 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+# Every program compiled once per run, not once per test process: the test workers and every
+# process a test starts (`python -m tapo_jax.main`, notebooks; they inherit os.environ) read and
+# write one cache. Small CPU programs too (the thresholds), and a size bound, which makes JAX take
+# a file lock around each read and write: without it a reader can see another process's half-
+# written entry. The cache key holds the XLA flags, so 1- and 8-device processes do not mix.
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+CACHE_SETTINGS = {
+  "jax_persistent_cache_min_compile_time_secs": 0.0,
+  "jax_persistent_cache_min_entry_size_bytes": 0,
+  "jax_compilation_cache_max_size": 8 << 30,
+}
+
+
+def pytest_configure(config):
+  """The controller (or a run without xdist) makes the cache directory; xdist workers get it
+  through workerinput. Set here, before collection imports any test module (and JAX)."""
+  workerinput = getattr(config, "workerinput", None)
+  if workerinput is not None:
+    path = workerinput["jax_cache"]
+  elif os.environ.get(CACHE_ENV):  # the caller's own cache
+    path = os.environ[CACHE_ENV]
+  else:
+    path = config.jax_cache_made = tempfile.mkdtemp(prefix="tapo_jax_test_xla_cache_")
+  config.jax_cache = path
+  os.environ[CACHE_ENV] = path
+  for key, value in CACHE_SETTINGS.items():
+    os.environ[key.upper()] = str(value)
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", path)
+  for key, value in CACHE_SETTINGS.items():
+    jax.config.update(key, value)
+  config.jax_cache_stats = stats = {"compiles": 0, "hits": 0, "saved_s": 0.0}
+
+  def count(event, **_):
+    if event == "/jax/compilation_cache/compile_requests_use_cache":
+      stats["compiles"] += 1
+    elif event == "/jax/compilation_cache/cache_hits":
+      stats["hits"] += 1
+
+  def saved(event, duration, **_):
+    if event == "/jax/compilation_cache/compile_time_saved_sec":
+      stats["saved_s"] += duration
+
+  jax.monitoring.register_event_listener(count)
+  jax.monitoring.register_event_duration_secs_listener(saved)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """xdist's controller: every worker shares the controller's cache."""
+  node.workerinput["jax_cache"] = node.config.jax_cache
+
+
+def pytest_sessionfinish(session):
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["jax_cache_stats"] = session.config.jax_cache_stats
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  """xdist's controller: adds up the workers' counts."""
+  worker = getattr(node, "workeroutput", {}).get("jax_cache_stats", {})
+  for key, value in worker.items():
+    node.config.jax_cache_stats[key] += value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  """One line: how much of the test processes' compiling the shared cache saved (the processes
+  the tests start use it too; their hits are not counted here)."""
+  s = config.jax_cache_stats
+  entries = sum(f.endswith("-cache") for f in os.listdir(config.jax_cache))
+  terminalreporter.write_line(
+    f"JAX compilation cache {config.jax_cache}: {entries} programs; the test processes read "
+    f"{s['hits']} of their {s['compiles']} compilations from it ({s['saved_s']:.0f} s saved)"
+  )
+
+
+def pytest_unconfigure(config):
+  made = getattr(config, "jax_cache_made", None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
@@ -18,16 +104,3 @@ def qwen_tokenizer():
   from qwen_tokenizer import qwen2_tokenizer
 
   return qwen2_tokenizer()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_compilation_cache_per_worker(tmp_path_factory):
-  """Every `python -m tapo_jax.main` (or notebook) a test starts inherits, through os.environ, one
-  persistent compilation cache per test worker: the many CLI runs of the smoke config compile each
-  program once per worker instead of once per test. This process's JAX read its configuration at
-  import (during collection) and keeps its in-memory caches only."""
-  os.environ.update(
-    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )

@@ -7,12 +7,29 @@ import subprocess
 import sys
 
 import pytest
+import tiny
 
 from tapo_jax import config as base
 from tapo_jax import plan as plan_lib
 from tapo_jax.bench import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_compilation_cache():
+  """TPU programs compiled here have no TPU client to load them back from the run's shared
+  persistent cache (JAX warns 'PjRtCompiler must be constructed with a Client' and compiles
+  again): this module compiles without it."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  jax.config.update("jax_enable_compilation_cache", False)
+  cc.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  cc.reset_cache()
+
 
 # A decode-like module: an all-gather before the loop; in the loop body an async all-gather
 # (start/done), an all-reduce over 4 of 8 devices, a called computation with a reduce-scatter
@@ -131,11 +148,7 @@ needs_libtpu = pytest.mark.skipif(
 
 # A 4-layer model whose dims are whole TPU tiles (so the compiled sizes carry no layout padding):
 # D 256, 4 q-heads and 2 kv-heads of 128, F 1024, V 8192.
-SMALL = dict(
-  model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=1024,
-  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-  tie_word_embeddings=False,
-)  # fmt: skip
+SMALL = tiny.hf_config("tpu")
 
 
 def small_config(path, **mesh):

@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tapo_jax.models import Qwen, QwenConfig, attention
+from tapo_jax.models import attention
 from tapo_jax.sharding import make_mesh
 
 TOL = 2e-5
@@ -103,26 +104,17 @@ def test_blockwise_never_holds_the_score_matrix():
 
 
 def test_unknown_impl_is_rejected():
-  cfg = QwenConfig(97, 48, 80, 1, 4, 2, 12)
   with pytest.raises(ValueError, match="attention_impl='flash'"):
-    Qwen(cfg, attention_impl="flash", rngs=nnx.Rngs(0))
+    tiny.model("tiny", attention_impl="flash")
 
 
 # ---- through the model -------------------------------------------------------------------------
 
-CFG = QwenConfig(
-  vocab_size=97,
-  hidden_size=48,
-  intermediate_size=80,
-  num_hidden_layers=1,
-  num_attention_heads=6,
-  num_key_value_heads=2,
-  head_dim=16,
-)
+CFG = tiny.config("hf", num_hidden_layers=1, head_dim=16)
 
 
 def _model(impl, remat=False):
-  return Qwen(CFG, remat=remat, attention_impl=impl, rngs=nnx.Rngs(0))
+  return tiny.model(CFG, remat=remat, attention_impl=impl)
 
 
 def _loss_and_grads(model, tokens, mask):

@@ -17,32 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapo_jax import config as base
 from tapo_jax import sharding
-from tapo_jax.models import CheckpointError, Qwen, QwenConfig
+from tapo_jax.models import CheckpointError
 from tapo_jax.train import checkpoint
 from tapo_jax.train import state as state_lib
 from tapo_jax.train.iterator import BatchIterator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CFG = QwenConfig(
-  vocab_size=61,
-  hidden_size=32,
-  intermediate_size=48,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=8,
-)
 
 
 def make_state(seed=0, grad_clip=1.0):
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  model = Qwen(CFG, rngs=nnx.Rngs(seed))
+  model = tiny.model("tiny", seed=seed)
   optim = base.base_config().optim
   optim.grad_clip = grad_clip
   return state_lib.create(model, mesh, state_lib.make_optimizer(optim, 10))
@@ -261,15 +252,12 @@ CHILD = textwrap.dedent(
   """
   import sys, time
   import jax, jax.numpy as jnp
-  from flax import nnx
+  import tiny
   from tapo_jax import config as base, sharding
-  from tapo_jax.models import Qwen, QwenConfig
   from tapo_jax.train import checkpoint, state as state_lib
 
-  cfg = QwenConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  _, state, _ = state_lib.create(Qwen(cfg, rngs=nnx.Rngs(0)), mesh,
+  _, state, _ = state_lib.create(tiny.model("wide"), mesh,
                                  state_lib.make_optimizer(base.base_config().optim, 10))
   ck = checkpoint.Checkpointer(sys.argv[1], 1, 100)
   for step in range(1, 200):
@@ -282,19 +270,11 @@ CHILD = textwrap.dedent(
   ck.close()
   """
 )
-CHILD_CFG = QwenConfig(
-  vocab_size=512,
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=16,
-)
 
 
 def _start_child(workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
   env.pop("XLA_FLAGS", None)
   return subprocess.Popen(
     [sys.executable, "-c", CHILD, str(workdir)],
@@ -312,7 +292,7 @@ def _read_until(proc, line):
 
 def _assert_every_finished_step_restores(workdir):
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  model = Qwen(CHILD_CFG, rngs=nnx.Rngs(0))
+  model = tiny.model("wide")
   _, state, ssh = state_lib.create(
     model, mesh, state_lib.make_optimizer(base.base_config().optim, 10)
   )

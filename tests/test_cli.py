@@ -1,4 +1,6 @@
-"""The real CLI in subprocesses: bad configs, a run, a clean resume, kill -9 and exact resume."""
+"""The real CLI: bad configs (in this process, and once in a subprocess), then in subprocesses a
+run, a clean resume, kill -9 and exact resume. The runs use the CI config (tests/ci_config.py);
+every subprocess shares the run's persistent compilation cache (tests/conftest.py)."""
 
 import contextlib
 import json
@@ -6,48 +8,13 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
+import cli
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small enough for CI; every subprocess shares one persistent compilation cache (tests/conftest.py).
-FAST = [
-  "--config.rollout.batch_queries=2",
-  "--config.rollout.n=4",
-  "--config.rollout.slots=8",
-  "--config.rollout.max_new_tokens=40",
-  "--config.tapo.n_pos=1",
-  "--config.tapo.n_neg=1",
-  "--config.tapo.m_max=2",
-  "--config.optim.micro_batch=4",
-  "--config.train.checkpoint_every=1",
-]
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
-  env.update(
-    JAX_PLATFORMS="cpu",
-    TF_CPP_MIN_LOG_LEVEL="3",
-  )
-  return env
-
-
-def _cmd(workdir, *extra):
-  return [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-    *FAST, *extra,
-  ]  # fmt: skip
-
-
-def _run(env, workdir, *extra, timeout=600):
-  return subprocess.run(
-    _cmd(workdir, *extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-  )
+ROOT = cli.ROOT
 
 
 def _final_params(workdir, step):
@@ -112,15 +79,31 @@ BAD = [
 ]
 
 
+def _one_error_line(out, status=2):
+  """The run ended with `status`, its last stderr line an error and no traceback; that line."""
+  assert out.returncode == status, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") or "FATAL" in last or "Error" in last, last
+  return last
+
+
 @pytest.mark.parametrize("flags,message", BAD, ids=[m[:60] for _, m in BAD])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, flags, message):
+  """main() in this process, on 8 devices: everything here ends before any work."""
   workdir = tmp_path / "wd"
-  out = _run(_env(), workdir, *flags, timeout=120)
-  assert out.returncode == 2, out.stderr[-2000:]
-  last = out.stderr.strip().splitlines()[-1]
-  assert message in last, out.stderr[-2000:]
-  assert last.startswith("error:") or "FATAL" in last or "Error" in last
-  assert "Traceback" not in out.stderr
+  out = cli.main_in_process(f"--config={cli.CI}", f"--workdir={workdir}", *flags)
+  assert message in _one_error_line(out), out.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def test_bad_config_in_a_real_process_exits_2_with_one_line(tmp_path):
+  """The same through `python -m tapo_jax.main` on one device (absl's app.run around main)."""
+  workdir = tmp_path / "wd"
+  out = cli.run(workdir, "--config.rollout.n=1", "--config.optim.lr=nan", timeout=120)
+  assert (
+    _one_error_line(out) == "error: config.rollout.n=1: GRPO/TAPO need K >= 2 samples per query"
+  )
   assert not workdir.exists()
 
 
@@ -128,7 +111,7 @@ def test_bad_data_is_one_line_and_leaves_no_workdir(tmp_path):
   data = tmp_path / "train.jsonl"
   data.write_text('{"problem": "1+1", "answer": 2}\n{"problem": "0/0", "answer": NaN}\n')
   workdir = tmp_path / "wd"
-  out = _run(_env(), workdir, f"--config.data.train_path={data}", timeout=300)
+  out = cli.run(workdir, f"--config.data.train_path={data}", timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: {data}: line 2: field 'answer'") and "NaN" in last
@@ -144,8 +127,7 @@ def test_a_config_file_that_cannot_load_is_one_line(tmp_path):
     str(tmp_path / "raises.py"): "NameError: name 'undefined_name' is not defined",
   }
   for config, message in cases.items():
-    cmd = [sys.executable, "-m", "tapo_jax.main", f"--config={config}", f"--workdir={tmp_path}/w"]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    out = cli.main_in_process(f"--config={config}", f"--workdir={tmp_path}/w")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
   assert not (tmp_path / "w").exists()
@@ -153,7 +135,7 @@ def test_a_config_file_that_cannot_load_is_one_line(tmp_path):
 
 def test_zero_steps_ends_cleanly(tmp_path):
   """Issue 24.7: train.steps=0 exported the model and then died plotting an empty metrics.jsonl."""
-  out = _run(_env(), tmp_path / "wd", "--config.train.steps=0", timeout=300)
+  out = cli.run(tmp_path / "wd", "--config.train.steps=0", timeout=300)
   assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert (tmp_path / "wd" / "hf" / "model.safetensors").exists()
 
@@ -163,7 +145,7 @@ def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
 
   workdir = tmp_path / "wd"
   with workdir_lib.hold(str(workdir)):
-    out = _run(_env(), workdir, timeout=120)
+    out = cli.run(workdir, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last == (
@@ -176,7 +158,7 @@ def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
 def test_unwritable_workdir_is_one_line_exit_1(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  out = _run(_env(), blocker / "wd", timeout=120)  # a path under a regular file
+  out = cli.main_in_process(f"--config={cli.CI}", f"--workdir={blocker / 'wd'}")  # under a file
   assert out.returncode == 1, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
   assert lines[-1] == f"error: {blocker / 'wd'}: Not a directory"
@@ -208,7 +190,7 @@ def full_disk(tmp_path):
 
 def test_full_disk_is_one_line_exit_1(full_disk):
   workdir = full_disk / "wd"
-  out = _run(_env(), workdir, timeout=120)
+  out = cli.run(workdir, timeout=120)
   assert out.returncode == 1, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "No space left on device; free some space" in last
@@ -238,7 +220,7 @@ def test_a_failed_save_stops_the_run_before_another_update(full_disk, tmp_path):
   workdir.mkdir()
   (full_disk / "ckpts").mkdir()
   (workdir / "checkpoints").symlink_to(full_disk / "ckpts")
-  out = _run(_env(), workdir, "--config.train.steps=3", timeout=300)
+  out = cli.run(workdir, "--config.train.steps=3", timeout=300)
   assert out.returncode == 1, out.stderr[-2000:]
   assert "No space left on device" in out.stderr.strip().splitlines()[-1], out.stderr[-3000:]
   assert _steps_logged(workdir) == [1]
@@ -248,8 +230,8 @@ def test_a_failed_save_stops_the_run_before_another_update(full_disk, tmp_path):
 def test_ctrl_c_checkpoints_the_current_step_and_exits_0(tmp_path):
   workdir = tmp_path / "wd"
   proc = subprocess.Popen(
-    _cmd(workdir, "--config.train.steps=40", "--config.train.checkpoint_every=100"),
-    cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    cli.command(workdir, "--config.train.steps=40", "--config.train.checkpoint_every=100"),
+    cwd=ROOT, env=cli.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
   deadline = time.time() + 600
   while not (workdir / "metrics.jsonl").exists() or not _steps_logged(workdir):
@@ -276,15 +258,14 @@ def _wait_for_checkpoint(proc, workdir, step, deadline_s=600):
 
 @pytest.mark.slow
 def test_run_resume_and_kill9_are_bit_identical(tmp_path):
-  env = _env()
+  env = cli.env()
   straight, chain = tmp_path / "straight", tmp_path / "chain"
   # An uninterrupted 3-step run (also warms the compilation cache for the rest), with an eval
   # before the first step and a periodic one at step 2 (greedy too), which must not perturb
   # training; dynamic sampling draws extra queries from the data iterator, which resume must
   # replay exactly.
   dynamic = "--config.rollout.dynamic=True"
-  out = _run(
-    env,
+  out = cli.run(
     straight,
     dynamic,
     "--config.train.steps=3",
@@ -310,7 +291,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
 
   def start():
     return subprocess.Popen(
-      _cmd(chain, dynamic, "--config.train.steps=3"),
+      cli.command(chain, dynamic, "--config.train.steps=3"),
       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -332,7 +313,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   biggest = max(data, key=lambda p: p.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
   # ... and resumed again to the end.
-  out = _run(env, chain, dynamic, "--config.train.steps=3")
+  out = cli.run(chain, dynamic, "--config.train.steps=3")
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"warning: checkpoint step {newest} does not restore" in out.stderr
   assert (chain / "checkpoints" / f"{newest}.broken").is_dir()
@@ -347,7 +328,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   assert _steps_logged(chain) == [1, 2, 3]  # rows logged after a checkpoint were dropped on resume
 
   # A finished workdir given more steps resumes where it stopped.
-  out = _run(env, straight, dynamic, "--config.train.steps=4")
+  out = cli.run(straight, dynamic, "--config.train.steps=4")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr and "at step 3" in out.stderr
   assert _steps_logged(straight) == [0, 1, 2, 2, 3, 4]
@@ -387,8 +368,8 @@ def test_eval_mode_reads_every_layout(tmp_path):
       path.write_text("".join(json.dumps(r) + "\n" for r in content))
     paths.append(str(path))
   workdir = tmp_path / "wd"
-  out = _run(
-    _env(), workdir, "--config.mode=eval", f"--config.eval.paths={','.join(paths)}",
+  out = cli.run(
+    workdir, "--config.mode=eval", f"--config.eval.paths={','.join(paths)}",
     "--config.eval.k=2", "--config.eval.pass_ks=1,2",
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
@@ -417,8 +398,8 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
                           {"role": "assistant", "content": "1+1=2\n\\boxed{2}"}]}  # fmt: skip
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   workdir = tmp_path / "wd"
-  out = _run(
-    _env(), workdir, "--config.mode=sft", f"--config.sft.path={data}",
+  out = cli.run(
+    workdir, "--config.mode=sft", f"--config.sft.path={data}",
     "--config.sft.steps=2", "--config.sft.batch_size=4", "--config.optim.micro_batch=2",
     "--config.sft.max_len=64",
   )  # fmt: skip
@@ -445,16 +426,16 @@ def test_difficulty_filter_measures_once_and_keeps_the_window(tmp_path):
     {"id": f"p{i}", "problem": p.problem, "answer": p.answer} for i, p in enumerate(easy + hard)
   ]
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  env, workdir = _env(), tmp_path / "wd"
+  workdir = tmp_path / "wd"
   flags = [f"--config.data.train_path={data}", "--config.data.pass_rate_window=(0.1, 1.0)"]
-  out = _run(env, workdir, *flags, "--config.train.steps=1")
+  out = cli.run(workdir, *flags, "--config.train.steps=1")
   assert out.returncode == 0, out.stderr[-3000:]
   rates = json.loads((workdir / "pass_rates.json").read_text())
   assert sorted(rates) == [f"p{i}" for i in range(6)]
   assert rates["p4"] == rates["p5"] == 0.0
   kept = sum(0.1 <= r <= 1.0 for r in rates.values())
   assert f"kept {kept} of 6 problems" in out.stderr and kept >= 1
-  out = _run(env, workdir, *flags, "--config.train.steps=2")  # resumes on the cached rates
+  out = cli.run(workdir, *flags, "--config.train.steps=2")  # resumes on the cached rates
   assert out.returncode == 0, out.stderr[-3000:]
   assert "measuring pass rates" not in out.stderr and f"kept {kept} of 6" in out.stderr
 
@@ -470,8 +451,8 @@ def test_policy_construction_on_a_step_without_eligible_queries(tmp_path):
     for p in arith.make_problems(8, seed=5):
       f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
   workdir = tmp_path / "wd"
-  out = _run(
-    _env(), workdir, "--config.tapo.construction=policy",
+  out = cli.run(
+    workdir, "--config.tapo.construction=policy",
     "--config.tapo.ref_baseline=group", f"--config.data.train_path={train}",
     "--config.train.steps=1", "--config.tapo.n_pos=4", "--config.tapo.n_neg=4",
     "--config.tapo.synthesis_max_new_tokens=48",  # the arith toy has 256 positions

@@ -3,16 +3,14 @@ HTTP teacher, resumed after a stop and after a crash cut a chunk short, and its 
 by mode=sft in a real CLI process."""
 
 import hashlib
-import http.server
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import threading
 
+import cli
+import local_http
 import pytest
 
 from tapo_jax import main
@@ -25,10 +23,7 @@ TEMPLATE = "{query}|{incorrect}|{correct}|"  # '|' is not in the toy vocabulary:
 
 
 def _config(train, **coldstart_keys):
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "smoke.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = cli.config("smoke")
   c.mode = "coldstart"
   c.data.train_path = str(train)
   c.data.max_prompt_tokens = 32
@@ -80,24 +75,6 @@ def _check_consistent(workdir, problems, cfg):
   assert all(n <= cfg.coldstart.solutions_per_problem for (kind, _), n in per_problem.items()
              if kind == "solution")  # fmt: skip
   return rows, summary
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for this module: every build makes its engines anew (as a restarted
-  process does) and would otherwise compile the same programs again."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {key: getattr(jax.config, key) for key in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0.0)
-  cc.reset_cache()
-  yield
-  for key, value in old.items():
-    jax.config.update(key, value)
-  cc.reset_cache()
 
 
 # ------------------------------------------------------------------ the toy model as the teacher
@@ -155,20 +132,13 @@ def _canned(prompt: str, seed: int) -> tuple[str, str]:
   return kind, f"<analysis>{analysis}</analysis>\n<reconstruction>{recon}</reconstruction>"
 
 
-class _Teacher(http.server.ThreadingHTTPServer):
+class _Teacher(local_http.Server):
   def __init__(self):
-    super().__init__(("127.0.0.1", 0), _Handler)
+    super().__init__(_Handler)
     self.log, self.lock, self.fail_next = [], threading.Lock(), 1  # the first request gets a 503
 
-  @property
-  def url(self):
-    return f"http://127.0.0.1:{self.server_address[1]}"
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  def log_message(self, *args):
-    pass
-
+class _Handler(local_http.Handler):
   def do_POST(self):
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
     with self.server.lock:
@@ -183,12 +153,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       with self.server.lock:
         self.server.log.append((kind, prompt))
       code, reply = 200, {"choices": [{"message": {"role": "assistant", "content": text}}]}
-    data = json.dumps(reply).encode()
-    self.send_response(code)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data)
+    self.send_json(code, json.dumps(reply).encode())
 
 
 def _serve():
@@ -356,14 +321,7 @@ def test_http_teacher_errors_are_one_line():
 
 
 def _cli(workdir, *flags):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, like a user's laptop
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  cmd = [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-    *flags,
-  ]  # fmt: skip
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return cli.run(workdir, *flags, config="configs/smoke.py")
 
 
 def test_sft_trains_on_the_built_file(http_build, tmp_path):

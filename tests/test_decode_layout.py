@@ -9,31 +9,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 from jax._src import array as array_lib
 
 from tapo_jax import config as config_lib
 from tapo_jax import sharding
-from tapo_jax.models.qwen import Qwen, QwenConfig
 from tapo_jax.sampling import QwenEngine, Sampling, generate
 from tapo_jax.sampling.engine import decode_windows
 from tapo_jax.validate import ConfigError, validate_decode_layout
 
-CFG = QwenConfig(
-  vocab_size=96,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=8,
-)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 28))]
 
 
 @pytest.fixture(scope="module")
 def model():
-  return Qwen(CFG, rngs=nnx.Rngs(0))
+  return tiny.model("tiny")
 
 
 def _on(mesh, model):

@@ -260,6 +260,14 @@ def grade_boxed(responses, golds):
   return [float(last_boxed(r) == g) for r, g in zip(responses, golds, strict=True)]
 
 
+def _plain(generate_fn, max_new_tokens):
+  """evaluate()'s keywords for k=2 at T=1 from `generate_fn`, graded on the last \\boxed{}."""
+  return dict(
+    k=2, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, generate_fn=generate_fn,
+    grade_fn=grade_boxed, extract_fn=last_boxed,
+  )  # fmt: skip
+
+
 def run_eval(tok, tmp_path, truncated=(False, False, True, False), **kw):
   sampler = FakeSampler(tok, TEXTS, truncated)
   args = dict(k=2, temperature=0.6, top_p=0.95, max_new_tokens=64, pass_ks=(1, 2))
@@ -321,19 +329,7 @@ def test_evaluate_infers_truncation_when_the_sampler_does_not_say(tok, tmp_path)
     comps = [tok.encode("\\boxed{2}"), tok.encode("ab") + [sampling.eos_ids[0]]] * len(prompts)
     return types.SimpleNamespace(completions=comps)
 
-  out = evaluate(
-    None,
-    None,
-    tok,
-    PROBLEMS,
-    k=2,
-    temperature=1.0,
-    top_p=1.0,
-    max_new_tokens=9,
-    generate_fn=gen,
-    grade_fn=grade_boxed,
-    extract_fn=last_boxed,
-  )
+  out = evaluate(None, None, tok, PROBLEMS, **_plain(gen, max_new_tokens=9))
   assert out["trunc_rate"] == 0.5
   assert out["avg@2"] == 0.25  # only p0's first sample is right
 
@@ -341,19 +337,7 @@ def test_evaluate_infers_truncation_when_the_sampler_does_not_say(tok, tmp_path)
 def test_evaluate_rejects_wrong_completion_count(tok):
   gen = lambda *a, **_: types.SimpleNamespace(completions=[[5]], truncated=[False])
   with pytest.raises(ValueError, match="1 completions, want 4"):
-    evaluate(
-      None,
-      None,
-      tok,
-      PROBLEMS,
-      k=2,
-      temperature=1,
-      top_p=1,
-      max_new_tokens=4,
-      generate_fn=gen,
-      grade_fn=grade_boxed,
-      extract_fn=last_boxed,
-    )
+    evaluate(None, None, tok, PROBLEMS, **_plain(gen, max_new_tokens=4))
 
 
 def test_evaluate_uses_injected_equivalence_for_maj(tok):
@@ -407,19 +391,7 @@ def test_eval_kwargs_from_config_drive_evaluate(tok):
 
 def test_compute_pass_rates_feeds_the_filter(tok):
   sampler = FakeSampler(tok, TEXTS, (False,) * 4)
-  rates = compute_pass_rates(
-    None,
-    None,
-    tok,
-    PROBLEMS,
-    k=2,
-    temperature=1.0,
-    top_p=1.0,
-    max_new_tokens=64,
-    generate_fn=sampler,
-    grade_fn=grade_boxed,
-    extract_fn=last_boxed,
-  )
+  rates = compute_pass_rates(None, None, tok, PROBLEMS, **_plain(sampler, max_new_tokens=64))
   assert rates == {"p0": 0.5, "p1": 1.0}
   assert [p.id for p in filter_by_pass_rate(PROBLEMS, rates, 1 / 8, 7 / 8)] == ["p0"]
 

@@ -4,12 +4,11 @@ step's rollouts and losses do not depend on how the mesh is cut. Both constructi
 difficulty filter and periodic eval are on."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
-import sys
 
+import cli
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,27 +24,20 @@ def _problems(path, n, seed):
 
 
 def _run(tmp_path, name, devices, construction, *mesh):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
   workdir = tmp_path / name
-  cmd = [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-    f"--config.data.train_path={_problems(tmp_path / 'train.jsonl', 8, 1)}",
+  cmd = cli.command(
+    workdir, f"--config.data.train_path={_problems(tmp_path / 'train.jsonl', 8, 1)}",
     f"--config.eval.paths={_problems(tmp_path / 'held.jsonl', 4, 2)}",
     "--config.data.pass_rate_window=(0.0, 1.0)", "--config.train.eval_every=2",
     "--config.eval.k=2", "--config.eval.pass_ks=(1, 2)", "--config.eval.max_new_tokens=32",
-    "--config.rollout.batch_queries=2", "--config.rollout.n=4", "--config.rollout.slots=8",
-    "--config.rollout.max_new_tokens=40", "--config.tapo.n_pos=1", "--config.tapo.n_neg=1",
-    "--config.tapo.m_max=2", "--config.optim.micro_batch=4", "--config.train.steps=2",
+    "--config.train.steps=2",
     "--config.train.checkpoint_every=2", "--config.train.dump_rollouts_every=1",
     f"--config.tapo.construction={construction}",
     "--config.tapo.synthesis_template={query}|{incorrect}|{correct}|",
     "--config.tapo.synthesis_max_new_tokens=48", *mesh,
-  ]  # fmt: skip
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  )  # fmt: skip
+  out = subprocess.run(cmd, cwd=ROOT, env=cli.env(devices), capture_output=True, text=True,
+                       timeout=900)  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   metrics = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   rollouts = (workdir / "rollouts" / "step_1.jsonl").read_text().splitlines()

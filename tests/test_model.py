@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 import torch
 import transformers
 from flax import nnx
@@ -34,7 +35,7 @@ TINY = {
     tie_word_embeddings=False,
   ),
 }
-COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2)
+COMMON = tiny.hf_config("hf")  # each variant sets its own heads
 TOL = 1e-4
 
 
@@ -56,7 +57,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def tiny(request, tmp_path_factory):
   """(name, HF directory, torch model, tokens [2, 12], torch logits [2, 12, V])."""
   kw = dict(TINY[request.param])
-  cfg = hf_config(kw.pop("model_type"), **COMMON, **kw)
+  cfg = hf_config(kw.pop("model_type"), **{**COMMON, **kw})
   hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
   randomize(hf, seed=sorted(TINY).index(request.param))
   path = tmp_path_factory.mktemp(request.param)

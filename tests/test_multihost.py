@@ -3,7 +3,6 @@ through jax.distributed (gloo collectives) into one 8-device mesh, and must do e
 process with 8 devices does. Slow: each test starts several processes that compile."""
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -11,22 +10,16 @@ import subprocess
 import sys
 import time
 
+import cli
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The CI config (tests/ci_config.py) and:
 FAST = [
-  "--config.rollout.batch_queries=2",
-  "--config.rollout.n=4",
-  "--config.rollout.slots=8",
-  "--config.rollout.max_new_tokens=40",
-  "--config.tapo.n_pos=1",
-  "--config.tapo.n_neg=1",
-  "--config.tapo.m_max=2",
   "--config.optim.micro_batch=16",  # one micro-batch: each is a round of gloo collectives
-  "--config.train.checkpoint_every=1",
   "--config.train.steps=3",
   "--config.eval.k=2",
   "--config.eval.pass_ks=(1, 2)",
@@ -40,23 +33,14 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices):
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    JAX_PLATFORMS="cpu",
-  )
-  return env
+_env = cli.env
 
 
 def _start(workdir, processes, *extra, per_process=None):
   """Starts `processes` processes of main (8 devices in all); returns the Popen objects."""
   port, procs = _port(), []
   for i in range(processes):
-    cmd = [
-      sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-      *FAST, *extra, *(per_process[i] if per_process else []),
-    ]  # fmt: skip
+    cmd = cli.command(workdir, *FAST, *extra, *(per_process[i] if per_process else []))
     if processes > 1:
       cmd += [
         "--config.distributed=True", f"--config.distributed_coordinator=127.0.0.1:{port}",

@@ -4,18 +4,18 @@ the student's own prompt, privileged-solution choice and teacher prompts, the co
 2-step run on 8 fake devices that resumes bit-identically."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 import types
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 
 from tapo_jax import config as config_lib
@@ -194,13 +194,7 @@ def test_teacher_gets_no_gradient():
 
 
 def _model():
-  from tapo_jax.models.qwen import Qwen, QwenConfig
-
-  qcfg = QwenConfig(
-    vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-  )  # fmt: skip
-  return Qwen(qcfg, rngs=nnx.Rngs(0))
+  return tiny.model(tiny.config("micro", vocab_size=V))
 
 
 def _batch(cfg, teacher_prompts=None, width=24, max_len=12):
@@ -496,17 +490,8 @@ def test_builtin_teacher_template_has_its_fields():
 
 
 def _valid(**over):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("smoke", ROOT / "configs" / "smoke.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()  # the arith toy: 256 positions
-  c.algorithm = "opsd"
-  for k, v in over.items():
-    section, key = k.split("__")
-    c[section][key] = v
-  return c
+  """configs/smoke.py (the arith toy: 256 positions) with algorithm=opsd; SECTION__KEY=value."""
+  return cli.config("smoke", algorithm="opsd", **{k.replace("__", "."): v for k, v in over.items()})
 
 
 @pytest.mark.parametrize(
@@ -566,22 +551,16 @@ def test_study_has_the_opsd_arm():
 
 
 def _cmd(workdir, data):
-  return [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-    "--config.algorithm=opsd", f"--config.data.train_path={data}", "--config.opsd.grpo_coef=0.5",
-    "--config.opsd.teacher_template={problem}|{solution}", "--config.mesh.fsdp=4",
-    "--config.mesh.tensor=2", "--config.rollout.batch_queries=2", "--config.rollout.n=4",
-    "--config.rollout.slots=8", "--config.rollout.max_new_tokens=40",
-    "--config.optim.micro_batch=4", "--config.optim.minibatches=2", "--config.train.steps=2",
-    "--config.train.checkpoint_every=1",
-  ]  # fmt: skip
+  return cli.command(
+    workdir, "--config.algorithm=opsd", f"--config.data.train_path={data}",
+    "--config.opsd.grpo_coef=0.5", "--config.opsd.teacher_template={problem}|{solution}",
+    "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.optim.minibatches=2",
+    "--config.train.steps=2",
+  )  # fmt: skip
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return cli.env(devices=8)
 
 
 def _run(workdir, data):

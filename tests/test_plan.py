@@ -2,11 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import cli
 import jax
 import pytest
+import tiny
 from flax import nnx
 
 from tapo_jax import config as base
@@ -62,10 +62,7 @@ def test_slice_names():
 
 # A qwen2 model small enough to check every per-device number by hand: V=64, D=16, F=32, L=2,
 # N=4, K=2, H=4, untied, float32 everywhere, on 4 chips as data 1 x fsdp 2 x tensor 2.
-SMALL = dict(
-  model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-  num_attention_heads=4, num_key_value_heads=2, head_dim=4, tie_word_embeddings=False,
-)  # fmt: skip
+SMALL = tiny.hf_config("plan")
 
 
 @pytest.fixture
@@ -217,9 +214,8 @@ def test_bad_plans_are_one_line_errors(small_cfg, capsys):
 
 
 def _main(config, *args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "tapo_jax.main", config, "--config.mode=plan", *args]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  """The CLI's plan mode, in this process (it only computes shapes)."""
+  return cli.main_in_process(config, "--config.mode=plan", *args)
 
 
 def test_cli_qwen7b_on_v5e_64_does_not_fit_and_says_what_to_change():
@@ -253,20 +249,11 @@ def test_cli_validates_the_config_before_planning():
 def test_qwen7b_numbers_documented_in_docs():
   """docs/plan.md quotes the planner's peaks for configs/qwen7b.py: keep them current."""
   text = open(os.path.join(REPO, "docs", "plan.md")).read()
-  cfg = _load_config("configs/qwen7b.py")
+  cfg = cli.config("qwen7b")
   cfg.plan.shape = "qwen2.5-7b"
   for device in ("v5p-32", "v5e-64"):
     report = plan_lib.plan(cfg, device=device)
     assert f"peak    {report.peak_phase}: {report.peak / plan_lib.GiB:.2f} GiB" in text, device
-
-
-def _load_config(path):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def test_qwen3_8b_in_bfloat16_on_8_gpus():

@@ -305,16 +305,6 @@ NOT_EQUAL = [
 ]
 
 
-@pytest.mark.parametrize("gold, answer", EQUAL)
-def test_equal(gold, answer):
-  assert is_equivalent(gold, answer)
-
-
-@pytest.mark.parametrize("gold, answer", NOT_EQUAL)
-def test_not_equal(gold, answer):
-  assert not is_equivalent(gold, answer)
-
-
 # Issue 24.4: units and scale words were dropped on both sides (5 km graded right for 5 cm).
 UNITS_EQUAL = [
   (r"5 \text{ cm}", "5"),  # a unit on one side only: the values decide
@@ -344,13 +334,15 @@ UNITS_NOT_EQUAL = [
 ]
 
 
-@pytest.mark.parametrize("gold, answer", UNITS_EQUAL)
-def test_same_or_one_sided_units_compare_the_values(gold, answer):
+@pytest.mark.parametrize("gold, answer", EQUAL + UNITS_EQUAL)
+def test_equal(gold, answer):
+  """UNITS_EQUAL: the same or one-sided units compare the values."""
   assert is_equivalent(gold, answer)
 
 
-@pytest.mark.parametrize("gold, answer", UNITS_NOT_EQUAL)
-def test_different_units_or_one_sided_scale_words_do_not_match(gold, answer):
+@pytest.mark.parametrize("gold, answer", NOT_EQUAL + UNITS_NOT_EQUAL)
+def test_not_equal(gold, answer):
+  """UNITS_NOT_EQUAL: different units, or a scale word on one side, do not match."""
   assert not is_equivalent(gold, answer)
 
 

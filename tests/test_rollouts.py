@@ -3,13 +3,12 @@ one-step-off overlap samples step t+1 with step t's params on its own devices, r
 after kill -9 (real CLI processes on 8 fake CPU devices: 4 sample, 4 train)."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
+import cli
 import numpy as np
 import pytest
 
@@ -97,35 +96,23 @@ def test_step_rollouts_survive_json_exactly():
 
 # ------------------------------------------------------------------ one-step-off, real processes
 
+# The CI config (tests/ci_config.py) and:
 ASYNC = [
   "--config.rollout.async_steps=1",
   "--config.rollout.sampler_devices=4",
-  "--config.rollout.batch_queries=2",
-  "--config.rollout.n=4",
-  "--config.rollout.slots=8",
-  "--config.rollout.max_new_tokens=40",
-  "--config.tapo.n_pos=1",
-  "--config.tapo.n_neg=1",
-  "--config.tapo.m_max=2",
-  "--config.optim.micro_batch=4",
   "--config.loss.rollout_is=token-tis",
   "--config.optim.lr=1e-4",  # one update moves the confident toy visibly (the lag shows)
   "--config.train.steps=4",
-  "--config.train.checkpoint_every=1",
   "--config.train.keep_checkpoints=10",
   "--config.train.dump_rollouts_every=1",
 ]
 
 
 def _start(workdir):
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    JAX_PLATFORMS="cpu",
-  )
-  cmd = [sys.executable, "-m", "tapo_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}"]
   log = open(f"{workdir}.log", "a")  # noqa: SIM115
-  return subprocess.Popen(cmd + ASYNC, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    cli.command(workdir, *ASYNC), cwd=ROOT, env=cli.env(8), stdout=log, stderr=subprocess.STDOUT
+  )
 
 
 def _params(workdir, step):

@@ -8,23 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 
-from tapo_jax.models.qwen import Qwen, QwenConfig
 from tapo_jax.sampling import QwenEngine, Sampling, generate, sample, sample_from, truncate
 from tapo_jax.sampling.engine import GREEDY
 from tapo_jax.sampling.jetstream_compat import engine_api
 from tapo_jax.sharding import make_mesh
 
-CFG = QwenConfig(
-  vocab_size=96,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=8,
-)
 BUCKETS = (8, 16)
 STEPS = 4  # generate steps per host sync in every test (one compile per sampling setting)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 28)), [3] * 11]  # 8 = a bucket boundary
@@ -32,7 +23,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [11, 12], list(range(20, 28)), [3] * 11]  # 8 = a bu
 
 @pytest.fixture(scope="module")
 def model():
-  return Qwen(CFG, rngs=nnx.Rngs(0))
+  return tiny.model("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +166,7 @@ def test_samples_of_one_prompt_differ_and_seed_reproduces(engine, params):
 def test_new_params_change_output_without_retrace(engine, params, model, greedy_refs):
   run(engine, params, temperature=0.0)  # compiled (the first greedy test may not run)
   traces = dict(engine.traces)
-  other = Qwen(CFG, rngs=nnx.Rngs(1))
+  other = tiny.model("tiny", seed=1)
   g = run(engine, engine.load_params(other), temperature=0.0)
   assert dict(engine.traces) == traces
   assert g.completions != [ref for ref in greedy_refs]

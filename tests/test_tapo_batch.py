@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapo_jax import config as config_lib
 from tapo_jax import sharding
-from tapo_jax.models import Qwen, QwenConfig
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo.batch import Rollouts
 from tapo_jax.tapo.loss import LossConfig, logprobs, prepare_batch, tapo_loss
@@ -79,10 +79,7 @@ def test_deal_splits_originals_and_constructions_evenly_and_keeps_only_trained()
 
 # ------------------------------------------------------------------------ a step, padded vs packed
 
-QCFG = QwenConfig(
-  vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-)  # fmt: skip
+QCFG = tiny.config("packed")
 T = 40
 Q, K, M_MAX = 3, 4, 2
 
@@ -136,7 +133,7 @@ def loss_config(**over) -> LossConfig:
 
 @functools.cache
 def model_and_params():
-  model = Qwen(QCFG, rngs=nnx.Rngs(0))
+  model = tiny.model("packed")
   return nnx.split(model, nnx.Param)
 
 

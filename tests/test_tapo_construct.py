@@ -244,19 +244,19 @@ def graded(rows, golds, q):
   return rows.replace(rewards=jnp.asarray(rewards))
 
 
+def _graded(resp):
+  """Groups of 4 of `resp` to PROMPT, packed and graded against 49."""
+  return pack_rollouts(
+    [TOK.encode(PROMPT)] * (len(resp) // 4), [TOK.encode(r) + [EOS] for r in resp], None,
+    samples_per_prompt=4, max_len=128, eos_ids=[EOS], rewards=grade(resp, ["49"] * len(resp)),
+  )  # fmt: skip
+
+
 def test_divergence_from_dcs_to_metrics():
   # query 0: 2 correct / 2 wrong -> 2 pairs; query 1: all correct -> none
   wrong = ["12+7=19\n19+30=50\n\\boxed{50}", "12+7=18\n18+30=48\n\\boxed{48}"]
   resp = [GOOD, wrong[0], GOOD, wrong[1]] + [GOOD] * 4
-  batch = pack_rollouts(
-    [TOK.encode(PROMPT)] * 2,
-    [TOK.encode(r) + [EOS] for r in resp],
-    None,
-    samples_per_prompt=4,
-    max_len=128,
-    eos_ids=[EOS],
-    rewards=grade(resp, ["49"] * 8),
-  )
+  batch = _graded(resp)
   cands = con.select(batch, jax.random.key(0), k=4, n_pos=1, n_neg=1, m_max=2)
   diag, joiner = divergence.diagnosis_tokens(TOK, DIAG)
   rows, prefix = divergence.divergence_rows(batch, cands, diag, joiner, TABLES, k=4)
@@ -279,15 +279,7 @@ def test_divergence_from_dcs_to_metrics():
 
 def test_policy_from_dcs_to_metrics_with_failed_and_unparsable():
   resp = [GOOD, NEG, GOOD, NEG]
-  batch = pack_rollouts(
-    [TOK.encode(PROMPT)],
-    [TOK.encode(r) + [EOS] for r in resp],
-    None,
-    samples_per_prompt=4,
-    max_len=128,
-    eos_ids=[EOS],
-    rewards=grade(resp, ["49"] * 4),
-  )
+  batch = _graded(resp)
   outputs = [
     "<analysis>a</analysis><reconstruction>12+7=19\nWait, no. \\boxed{48}</reconstruction>",
     "no tags at all",

@@ -360,15 +360,10 @@ def test_prepare_filters_masks_and_penalties():
 
 
 def test_tapo_loss_with_the_qwen_model_matches_full_logits():
+  import tiny
   from flax import nnx
 
-  from tapo_jax.models.qwen import Qwen, QwenConfig
-
-  qcfg = QwenConfig(
-    vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-  )  # fmt: skip
-  model = Qwen(qcfg, rngs=nnx.Rngs(0))
+  model = tiny.model(tiny.config("micro", vocab_size=V))
   batch = make_batch()
   cfg = make_cfg()
 

@@ -4,12 +4,12 @@ Ctrl-C aborts the requests in flight instead of waiting for them, and whatever t
 reaches the error line as one printable line."""
 
 import _thread
-import http.server
 import json
 import socket
 import threading
 import time
 
+import local_http
 import pytest
 
 from tapo_jax import config as base
@@ -18,31 +18,15 @@ from tapo_jax.train import teachers
 PATIENCE = 20.0  # s a hostile handler keeps going before it gives up on the client
 
 
-class _Server(http.server.ThreadingHTTPServer):
-  daemon_threads = True
-
+class _Server(local_http.Server):
   def __init__(self):
-    super().__init__(("127.0.0.1", 0), _Handler)
+    super().__init__(_Handler)
     self.lock, self.hung, self.aborted = threading.Lock(), 0, 0
     self.all_hung = threading.Event()
     self.expect_hung = 0
 
-  @property
-  def url(self):
-    return f"http://127.0.0.1:{self.server_address[1]}"
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  def log_message(self, *args):
-    pass
-
-  def _send(self, code, data: bytes, length=None):
-    self.send_response(code)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(data) if length is None else length))
-    self.end_headers()
-    self.wfile.write(data)
-
+class _Handler(local_http.Handler):
   def _client_gone(self) -> bool:
     """Waits up to PATIENCE for the client to close its end; True when it did."""
     self.connection.settimeout(0.05)
@@ -76,7 +60,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     elif prompt == "big":
       size = 2 * teachers.MAX_REPLY_BYTES
       try:
-        self._send(200, b'{"choices": "' + b"x" * size + b'"}', length=size + 15)
+        self.send_json(200, b'{"choices": "' + b"x" * size + b'"}', length=size + 15)
       except OSError:
         pass
     elif prompt in ("hang", "bad"):
@@ -90,12 +74,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             server.aborted += 1
         return
       server.all_hung.wait(PATIENCE)  # fail only once the others are in flight
-      self._send(400, b'{"error": "bad request"}')
+      self.send_json(400, b'{"error": "bad request"}')
     elif prompt == "ansi":
-      self._send(400, b'{"error": "\x1b[31mred\x1b[0m \x07bell\x00"}')
+      self.send_json(400, b'{"error": "\x1b[31mred\x1b[0m \x07bell\x00"}')
     else:  # "number", "list", "text": message.content of that type
       content = {"number": 5, "list": ["a", "b"], "text": "fine"}[prompt]
-      self._send(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+      self.send_json(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
 
 
 @pytest.fixture

@@ -1,11 +1,9 @@
 """The shipped toy checkpoints: their calibration, and a few real RL steps from the `chain` one."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import cli
 import numpy as np
 import pytest
 
@@ -49,14 +47,11 @@ def test_shipped_arith_model_writes_a_step_a_line_in_the_calibrated_range():
 
 @pytest.mark.slow
 def test_a_few_tiny_steps_train_on_constructions_that_reach_the_gold(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
-  cmd = [
-    sys.executable, "-m", "tapo_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-    "--config.train.steps=2", "--config.train.eval_at_start=False", "--config.train.eval_every=0",
-    "--config.tapo.construction=policy", "--config.tapo.ref_baseline=group",
-  ]  # fmt: skip
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  out = cli.run(
+    tmp_path, "--config.train.steps=2", "--config.train.eval_at_start=False",
+    "--config.train.eval_every=0", "--config.tapo.construction=policy",
+    "--config.tapo.ref_baseline=group", config="configs/tiny.py", timeout=900,
+  )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert [r["step"] for r in rows] == [1, 2]

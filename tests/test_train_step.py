@@ -4,25 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 
 from tapo_jax import config as base
 from tapo_jax import sharding
-from tapo_jax.models import Qwen, QwenConfig
 from tapo_jax.train import sft
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 from tapo_jax.train.iterator import BatchIterator
 
-CFG = QwenConfig(
-  vocab_size=61,
-  hidden_size=32,
-  intermediate_size=48,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  head_dim=8,
-)
+CFG = tiny.config("tiny")
 
 
 def _assert_params_close(a, b, atol):
@@ -66,7 +58,7 @@ def _batch(rows=8, t=12, seed=0):
 
 def _run(dims, micro, batch, steps=2, lr=1e-2, loss_fn=None, devices=None, ratio=1.0):
   mesh = sharding.make_mesh(dims, devices)
-  model = Qwen(CFG, rngs=nnx.Rngs(0))
+  model = tiny.model("tiny")
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.device_put(params, sharding.param_shardings(params, mesh))
   oc = base.base_config().optim
@@ -187,7 +179,7 @@ def test_minibatches_deal_originals_and_constructions_evenly():
 
 def test_sft_loss_counts_response_tokens_only():
   batch = _batch(rows=4)
-  model = Qwen(CFG, rngs=nnx.Rngs(1))
+  model = tiny.model("tiny", seed=1)
   loss, m = sft.sft_loss(model, jax.tree.map(jnp.asarray, batch), chunk=7)
   logp = jax.nn.log_softmax(model(jnp.asarray(batch["tokens"])), axis=-1)
   toks, mask = batch["tokens"], batch["loss_mask"]
@@ -228,7 +220,7 @@ def test_pack_sft_truncates_packs_and_rounds():
 def test_packed_sft_loss_equals_padded():
   """The packed step (4 rows of 24 holding 12 examples) gives the padded loss and gradients."""
   examples = _examples(rows=12, t=12, seed=4)
-  model = Qwen(CFG, rngs=nnx.Rngs(2))
+  model = tiny.model("tiny", seed=2)
   graphdef, params = nnx.split(model, nnx.Param)
   f = jax.jit(jax.value_and_grad(lambda p, b: sft.sft_loss(nnx.merge(graphdef, p), b, chunk=16)[0]))
   want, want_g = f(params, jax.tree.map(jnp.asarray, _padded(examples, 12)))
@@ -262,7 +254,7 @@ def test_batch_iterator_resumes_exactly():
 
 def test_optimizer_state_is_sharded_like_params():
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
-  model = Qwen(CFG, rngs=nnx.Rngs(0))
+  model = tiny.model("tiny")
   _, params = nnx.split(model, nnx.Param)
   psh = sharding.param_shardings(params, mesh)
   tx = state_lib.make_optimizer(base.base_config().optim, 10)
@@ -282,7 +274,7 @@ def test_bf16_compute_keeps_f32_master_weights_and_remat_changes_nothing():
     "f32_remat": dict(remat=True),
     "bf16": dict(dtype=jnp.bfloat16),
   }.items():
-    model = Qwen(CFG, param_dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)
+    model = tiny.model("tiny", param_dtype=jnp.float32, **kw)
     graphdef, params = nnx.split(model, nnx.Param)
     loss_of = lambda p, g=graphdef: sft.sft_loss(nnx.merge(g, p), batch, chunk=16)[0]  # noqa: E731
     loss, grads = jax.jit(jax.value_and_grad(loss_of))(params)
@@ -304,11 +296,8 @@ def test_gradients_accumulate_in_float32_in_the_params_sharding():
   import re
 
   mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
-  cfg = QwenConfig(
-    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-  )  # fmt: skip
-  model = Qwen(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  cfg = tiny.config("wide", vocab_size=64, num_hidden_layers=1)
+  model = tiny.model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   graphdef, params = nnx.split(model, nnx.Param)
   params = jax.device_put(params, sharding.param_shardings(params, mesh))
   tx = state_lib.make_optimizer(base.base_config().optim, 10)
@@ -343,11 +332,6 @@ def test_old_logprobs_of_a_remat_model_compile_and_equal_the_plain_model():
   """π_old is forward only: a model built with remat=True (configs/qwen7b.py) must not fail
   under the skip-empty-micro-batch cond (flax: Param mutated from another trace level)."""
   import flax.struct
-  from flax import nnx as nnx_
-
-  from tapo_jax.models.qwen import Qwen as Qwen_
-  from tapo_jax.models.qwen import QwenConfig as QwenConfig_
-  from tapo_jax.train import step as step_
 
   @flax.struct.dataclass
   class Rows:
@@ -355,8 +339,6 @@ def test_old_logprobs_of_a_remat_model_compile_and_equal_the_plain_model():
     positions: jax.Array
     segment_ids: jax.Array
 
-  cfg = QwenConfig_(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
   rows = Rows(
     tokens=jnp.arange(32, dtype=jnp.int32).reshape(1, 2, 16) % 96,
     positions=jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, 2, 16)),
@@ -364,6 +346,6 @@ def test_old_logprobs_of_a_remat_model_compile_and_equal_the_plain_model():
   )
   out = []
   for remat in (True, False):
-    graphdef, params = nnx_.split(Qwen_(cfg, remat=remat, rngs=nnx_.Rngs(0)), nnx_.Param)
-    out.append(np.asarray(step_.make_old_logprobs(graphdef, 32)(params, rows)))
+    graphdef, params = nnx.split(tiny.model("tiny", remat=remat), nnx.Param)
+    out.append(np.asarray(step_lib.make_old_logprobs(graphdef, 32)(params, rows)))
   np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)

@@ -1,11 +1,11 @@
 """Every config check that runs before any work (tapo_jax.validate, what main() calls first),
 in-process: each bad value is refused with one line naming its key, and the shipped configs pass."""
 
-import importlib.util
 import math
 import os
 import re
 
+import cli
 import pytest
 
 from tapo_jax import toy
@@ -14,18 +14,7 @@ from tapo_jax import validate as validate_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(name="smoke", **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return cfg
+_config = cli.config
 
 
 def _refused(cfg, devices=8) -> str:

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+import tiny
 import torch
 import transformers
 from flax import nnx
@@ -16,14 +17,7 @@ from flax import nnx
 from tapo_jax.models import CheckpointError, load_pretrained, save_pretrained
 from tapo_jax.models.weights import hf_layout, parse_size
 
-CFG = dict(
-  vocab_size=97,
-  hidden_size=48,
-  intermediate_size=80,
-  num_hidden_layers=2,
-  num_attention_heads=6,
-  num_key_value_heads=2,
-)
+CFG = tiny.hf_config("hf")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 
 

@@ -1,0 +1,103 @@
+"""`python -m tapo_jax.main` for the tests: the configs, the command in a process, and the same
+entry point in this process (for what ends before any work: bad flags and configs, the planner).
+
+tests/ci_config.py is the CI config: configs/smoke.py cut to the smallest real RL run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CI = "tests/ci_config.py"
+
+
+def config(name: str = "smoke", **overrides):
+  """configs/NAME.py's get_config() (NAME "ci": tests/ci_config.py) with dotted `overrides`
+  (pass them as a dict: `config("smoke", **{"rollout.n": 2})`)."""
+  path = ROOT / CI if name == "ci" else ROOT / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return cfg
+
+
+def env(devices: int = 1) -> dict:
+  """os.environ for a child on `devices` fake CPU devices (1: like a user's laptop)."""
+  out = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out.pop("XLA_FLAGS", None)
+  if devices > 1:
+    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return out
+
+
+def command(workdir, *flags, config: str = CI) -> list[str]:
+  """The CLI on `config` (a path from the repository root) in `workdir`, then `flags`."""
+  return [
+    sys.executable,
+    "-m",
+    "tapo_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *flags,
+  ]
+
+
+def run(workdir, *flags, config: str = CI, devices: int = 1, timeout: float = 600):
+  """`command` in a child process; the CompletedProcess (text stdout and stderr)."""
+  return subprocess.run(
+    command(workdir, *flags, config=config), cwd=ROOT, env=env(devices), capture_output=True,
+    text=True, timeout=timeout,
+  )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Result:
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+def main_in_process(*args: str) -> Result:
+  """tapo_jax.main's flag parsing and main() in this process, on its 8 devices, as `python -m
+  tapo_jax.main ARGS` from the repository root: the exit status and what was printed. For runs
+  that end before any work; an exception other than SystemExit (a traceback) propagates."""
+  from absl import flags
+  from absl import logging as absl_logging
+
+  from tapo_jax import main as main_lib
+
+  argv = ["tapo_jax.main", *args]
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # the previous call's --config.KEY overrides
+  flags.FLAGS.unparse_flags()
+  out, err = io.StringIO(), io.StringIO()
+  saved = sys.argv, sys.unraisablehook, absl_logging.get_verbosity(), os.getcwd()
+  sys.argv = argv  # config_flags reads the --config.KEY overrides from sys.argv
+  os.chdir(ROOT)
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        main_lib.main(main_lib._parse_flags(argv))
+        status = 0
+      except SystemExit as e:
+        status = 0 if e.code is None else e.code
+  finally:
+    sys.argv, sys.unraisablehook = saved[0], saved[1]
+    absl_logging.set_verbosity(saved[2])
+    os.chdir(saved[3])
+  return Result(status, out.getvalue(), err.getvalue())
