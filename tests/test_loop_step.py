@@ -1,35 +1,33 @@
 """The RL step in-process: `setup` then `rl_step` twice gives the metrics `run` writes for the same
 config and seed (the `policy` construction: select -> requests -> sample -> rows -> grade)."""
 
-import importlib.util
 import json
-import pathlib
 
+import cli
 import jax
 
 from tapo_jax.toy import arith
 from tapo_jax.train import loop
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # timings, and compile counts (the second setup in one process finds programs compiled)
 VARYING = ("time", "perf/compil", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s")
 
 
 def _config(train):
-  spec = importlib.util.spec_from_file_location("smoke", ROOT / "configs" / "smoke.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.data.train_path = str(train)
-  c.rollout.batch_queries, c.rollout.n, c.rollout.slots, c.rollout.max_new_tokens = 2, 4, 8, 40
-  c.tapo.n_pos, c.tapo.n_neg, c.tapo.m_max = 1, 1, 2
-  c.tapo.construction = "policy"
-  c.tapo.synthesis_template = "{query}|{incorrect}|{correct}|"  # fits the toy's 256 positions
-  c.tapo.synthesis_max_new_tokens = 48
-  c.optim.micro_batch = 8
-  c.train.steps, c.train.checkpoint_every = 2, 2
-  c.train.eval_every, c.train.eval_at_start = 0, False
-  return c
+  return cli.config(
+    "ci",
+    **{
+      "data.train_path": str(train),
+      "tapo.construction": "policy",
+      "tapo.synthesis_template": "{query}|{incorrect}|{correct}|",  # fits the toy's 256 positions
+      "tapo.synthesis_max_new_tokens": 48,
+      "optim.micro_batch": 8,
+      "train.steps": 2,
+      "train.checkpoint_every": 2,
+      "train.eval_every": 0,
+      "train.eval_at_start": False,
+    },
+  )
 
 
 def test_setup_and_two_steps_in_process_equal_the_loop(tmp_path):
