@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tapo_jax import metrics as metrics_lib
 from tapo_jax.data import DataError, Problem
 from tapo_jax.opsd import batch as batch_lib
 from tapo_jax.opsd import loss as loss_lib
 from tapo_jax.opsd import teacher as teacher_lib
 from tapo_jax.tapo import batch as rollouts_lib
-from tapo_jax.train import metrics as metrics_lib
 
 
 def max_solution_tokens(cfg) -> int:

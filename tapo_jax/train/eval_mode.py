@@ -9,11 +9,10 @@ import json
 import os
 import sys
 
-from tapo_jax import distributed
+from tapo_jax import distributed, metrics
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.train import engines as engines_lib
-from tapo_jax.train import metrics
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import state as state_lib
 

@@ -35,7 +35,7 @@ from absl import logging
 from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import distributed, export, plot, sampling, sharding
+from tapo_jax import distributed, export, metrics, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.data import text as text_lib
@@ -45,7 +45,7 @@ from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
-from tapo_jax.train import checkpoint, metrics
+from tapo_jax.train import checkpoint
 from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import rollouts as rollouts_lib

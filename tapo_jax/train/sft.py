@@ -24,12 +24,12 @@ import numpy as np
 from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import distributed, sharding
+from tapo_jax import distributed, metrics, sharding
 from tapo_jax.data import load_sft
 from tapo_jax.data.prompts import tokenize_sft
 from tapo_jax.tapo.batch import pack_rows
 from tapo_jax.tapo.loss import sequence_logprobs
-from tapo_jax.train import checkpoint, metrics
+from tapo_jax.train import checkpoint
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 from tapo_jax.train.iterator import BatchIterator
