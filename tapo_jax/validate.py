@@ -136,9 +136,9 @@ def validate(cfg, num_devices: int) -> None:
 def _model_config(cfg) -> tuple[dict, str] | None:
   """(the policy's config.json as a dict, its path), None when unreadable (loading the model
   reports that)."""
-  from tapo_jax import toy
+  from tapo_jax import policy
 
-  directory = cfg.model.path or str(toy.checkpoint_dir(cfg.model.toy))
+  directory = policy.model_dir(cfg)
   path = os.path.join(directory, "config.json")
   try:
     with open(path, "rb") as f:

@@ -219,7 +219,7 @@ def http_build(tmp_path_factory):
 
 
 def test_http_teacher_rows_parse_anchor_to_y_neg_and_reach_the_gold(http_build):
-  from tapo_jax.train.state import load_policy
+  from tapo_jax.policy import load_policy
 
   workdir, problems, log = http_build
   cfg = _http_config(workdir.parent / "train.jsonl", "http://unused")

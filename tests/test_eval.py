@@ -459,12 +459,12 @@ def test_an_eval_prompt_longer_than_the_largest_bucket_is_a_data_error(tmp_path)
 
 def test_eval_at_start_alone_builds_the_eval_engine():
   """train.eval_at_start=True with eval_every=0 built no eval engine: the step-0 eval failed."""
+  from tapo_jax import policy as policy_lib
   from tapo_jax.train import engines as engines_lib
-  from tapo_jax.train import state as state_lib
 
   cfg = config.base_config()
   cfg.model.toy, cfg.rollout.prefill_buckets, cfg.rollout.slots = "arith", (64,), 4
   cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens = 32, 16
   cfg.train.eval_at_start, cfg.train.eval_every = True, 0
-  mesh, model, _ = state_lib.load_policy(cfg)
+  mesh, model, _ = policy_lib.load_policy(cfg)
   assert engines_lib.build_engines(cfg, model, mesh, None).eval is not None

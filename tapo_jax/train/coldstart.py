@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import tqdm
 
+from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.data import Problem
 from tapo_jax.data import text as text_lib
@@ -46,7 +47,6 @@ from tapo_jax.sampling import stage
 from tapo_jax.tapo import dcs, synthesis
 from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
-from tapo_jax.train import state as state_lib
 from tapo_jax.train import teachers
 from tapo_jax.train.teachers import TeacherError  # noqa: F401 (main catches it from here)
 
@@ -339,7 +339,7 @@ def _build(cfg, workdir, output, progress_path, template, problems, total, progr
 
   t0 = time.time()
   if start < stop and not (reached("constructions") and reached("solutions")):
-    mesh, model, tokenizer = state_lib.load_policy(cfg)
+    mesh, model, tokenizer = policy_lib.load_policy(cfg)
     eos = text_lib.default_eos_ids(tokenizer)
     engine = engines_lib.rollout_engine(cfg, model, mesh)
     params = engine.load_params(model)  # the decode copy, made once

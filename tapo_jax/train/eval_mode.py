@@ -11,15 +11,15 @@ import sys
 
 from tapo_jax import distributed, metrics
 from tapo_jax import eval as eval_lib
+from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
-from tapo_jax.train import state as state_lib
 
 
 def run(cfg, workdir: str) -> dict[str, float]:
   """Evaluates the configured model; writes eval/<set>.jsonl, metrics.jsonl and a summary."""
-  mesh, model, tokenizer = state_lib.load_policy(cfg)
+  mesh, model, tokenizer = policy_lib.load_policy(cfg)
   sets = problems_lib.checked_eval_sets(cfg, tokenizer)
   engine = engines_lib.eval_engine(cfg, model, mesh)
   os.makedirs(workdir, exist_ok=True)

@@ -35,11 +35,13 @@ from absl import logging
 from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import distributed, export, metrics, plot, sampling, sharding
+from tapo_jax import distributed, metrics, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
+from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import check_prompt_lengths
+from tapo_jax.models import export
 from tapo_jax.opsd import Distiller
 from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
@@ -73,8 +75,8 @@ def run(cfg, workdir: str) -> None:
   """Trains for cfg.train.steps RL steps; resumes from the newest checkpoint in `workdir`."""
   t_setup = time.time()
   compiles = metrics.CompileCounter()
-  mesh, model, tokenizer = state_lib.load_policy(cfg)
-  sampler_mesh = state_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
+  mesh, model, tokenizer = policy_lib.load_policy(cfg)
+  sampler_mesh = policy_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
   os.makedirs(workdir, exist_ok=True)
   k, q = cfg.rollout.n, cfg.rollout.batch_queries
   eos = text_lib.default_eos_ids(tokenizer)
@@ -315,7 +317,7 @@ def run(cfg, workdir: str) -> None:
     # The policy as a Hugging Face directory and the run's curves (also after a SIGTERM).
     policy = nnx.merge(graphdef, state.params)
     hf_dir = os.path.join(workdir, "hf")
-    export.export_model(policy, tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
+    export.export_model(policy, tokenizer, hf_dir, source_dir=policy_lib.model_dir(cfg))
     if distributed.is_main():
       plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
       if len(evals) > 1:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from tapo_jax import config as config_lib
 from tapo_jax import distributed, metrics, sharding
+from tapo_jax import policy as policy_lib
 from tapo_jax.data import load_sft
 from tapo_jax.data.prompts import tokenize_sft
 from tapo_jax.tapo.batch import pack_rows
@@ -82,7 +83,7 @@ def sft_loss(model, batch, chunk: int = 4096):
 
 def run(cfg, workdir: str) -> None:
   """The SFT loop: resumes from the newest checkpoint in `workdir` when there is one."""
-  mesh, model, tokenizer = state_lib.load_policy(cfg)
+  mesh, model, tokenizer = policy_lib.load_policy(cfg)
   examples = load_sft(cfg.sft.path)
   rows = [tokenize_sft(e, tokenizer, cfg.data.use_chat_template) for e in examples]
   bs = cfg.sft.batch_size
@@ -131,13 +132,14 @@ def run(cfg, workdir: str) -> None:
   ckpt.close()
   writer.close()
   jax.block_until_ready(state.params)
-  from tapo_jax import export, plot
+  from tapo_jax import plot
+  from tapo_jax.models import export
 
   export.export_model(
     nnx.merge(graphdef, state.params),
     tokenizer,
     os.path.join(workdir, "hf"),
-    source_dir=state_lib.model_dir(cfg),
+    source_dir=policy_lib.model_dir(cfg),
   )
   if distributed.is_main():
     plot.plot_if_logged(workdir)  # WORKDIR/curves.png
