@@ -16,9 +16,10 @@ import threading
 import pytest
 
 from tapo_jax import main
+from tapo_jax.coldstart import build as coldstart
+from tapo_jax.coldstart import teachers
 from tapo_jax.rewards import grade
 from tapo_jax.tapo import synthesis
-from tapo_jax.train import coldstart, teachers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATE = "{query}|{incorrect}|{correct}|"  # '|' is not in the toy vocabulary: fields split back

@@ -2,9 +2,11 @@
 
 from tapo_jax.data.text import decode_responses, default_eos_ids
 from tapo_jax.eval.evaluate import (
+  checked_eval_sets,
   compute_pass_rates,
   describe_change,
   eval_kwargs,
+  eval_sets,
   evaluate,
   evaluate_sets,
   load_eval_sets,
@@ -36,7 +38,9 @@ __all__ = [
   "default_eos_ids",
   "dsr",
   "err",
+  "checked_eval_sets",
   "eval_kwargs",
+  "eval_sets",
   "evaluate",
   "evaluate_sets",
   "has_reflection",

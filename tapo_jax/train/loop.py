@@ -43,12 +43,12 @@ from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import check_prompt_lengths
 from tapo_jax.models import export
 from tapo_jax.opsd import Distiller
+from tapo_jax.sampling import engines as engines_lib
 from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
 from tapo_jax.train import checkpoint
-from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import rollouts as rollouts_lib
 from tapo_jax.train import state as state_lib
@@ -100,7 +100,7 @@ def run(cfg, workdir: str) -> None:
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
   periodic = cfg.train.eval_every or cfg.train.eval_at_start
-  held_out = problems_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
+  held_out = eval_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
   if cfg.data.pass_rate_window:
     params = engines.sync(nnx.state(model, nnx.Param))
     problems = problems_lib.filter_by_difficulty(

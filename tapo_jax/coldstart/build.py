@@ -40,15 +40,15 @@ import tqdm
 
 from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
+from tapo_jax.coldstart import teachers
+from tapo_jax.coldstart.teachers import TeacherError  # noqa: F401 (main catches it from here)
 from tapo_jax.data import Problem
 from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import render
+from tapo_jax.sampling import engines as engines_lib
 from tapo_jax.sampling import stage
 from tapo_jax.tapo import dcs, synthesis
-from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
-from tapo_jax.train import teachers
-from tapo_jax.train.teachers import TeacherError  # noqa: F401 (main catches it from here)
 
 COUNTERS = (
   "problems", "rollouts", "rollouts_correct", "eligible", "pairs", "prompted", "too_long",
