@@ -20,6 +20,7 @@ from flax import nnx
 
 from tapo_jax import config as config_lib
 from tapo_jax import opsd, sharding
+from tapo_jax.models import logprobs as logprobs_lib
 from tapo_jax.opsd import loss as opsd_loss_lib
 from tapo_jax.opsd import teacher as teacher_lib
 from tapo_jax.tapo import batch as batch_lib
@@ -276,7 +277,7 @@ def test_micro_batches_add_up_to_the_full_batch(grpo_coef):
     np.testing.assert_allclose(x + y, z, rtol=1e-4, atol=1e-7)
   if grpo_coef:  # the GRPO term is there, weighted
     hidden = model.hidden(batch.tokens, batch.positions)
-    lp, ent = tapo_loss_lib.sequence_logprobs(hidden, model.lm_head(), batch.tokens, 16)
+    lp, ent = logprobs_lib.sequence_logprobs(hidden, model.lm_head(), batch.tokens, 16)
     grpo, _ = tapo_loss_lib.policy_loss(lp, ent, batch, loss_cfg.loss)
     head = model.lm_head()
     teacher_hidden = model.hidden(batch.teacher_tokens, batch.teacher_positions)

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from tapo_jax import config as config_lib
 from tapo_jax import sharding
 from tapo_jax.models import Qwen, QwenConfig
+from tapo_jax.models.logprobs import logprobs
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo.batch import Rollouts
-from tapo_jax.tapo.loss import LossConfig, logprobs, prepare_batch, tapo_loss
+from tapo_jax.tapo.loss import LossConfig, prepare_batch, tapo_loss
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 

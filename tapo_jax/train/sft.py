@@ -28,8 +28,8 @@ from tapo_jax import distributed, metrics, sharding
 from tapo_jax import policy as policy_lib
 from tapo_jax.data import load_sft
 from tapo_jax.data.prompts import tokenize_sft
+from tapo_jax.models.logprobs import sequence_logprobs
 from tapo_jax.tapo.batch import pack_rows
-from tapo_jax.tapo.loss import sequence_logprobs
 from tapo_jax.train import checkpoint
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib

@@ -38,8 +38,8 @@ import optax
 from flax import nnx
 
 from tapo_jax import sharding
+from tapo_jax.models import logprobs as logprobs_lib
 from tapo_jax.tapo import batch as batch_lib
-from tapo_jax.tapo import loss as loss_lib
 from tapo_jax.train.state import TrainState
 
 
@@ -268,7 +268,7 @@ def make_old_logprobs(graphdef, chunk: int, temperature: float = 1.0):
       def run(_):
         model = nnx.merge(graphdef, params)
         model.remat = False  # forward only: nothing to rematerialize (nnx.remat under cond fails)
-        return loss_lib.logprobs(model, tokens, positions, chunk, temperature, segment_ids)
+        return logprobs_lib.logprobs(model, tokens, positions, chunk, temperature, segment_ids)
 
       empty = lambda _: jnp.zeros(tokens.shape, jnp.float32)  # noqa: E731
       return jax.lax.cond(jnp.any(segment_ids > 0), run, empty, None)
