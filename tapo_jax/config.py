@@ -1,46 +1,23 @@
 """base_config(): every key with its default and a one-line comment. Configs are diffs of it.
 
-ENUMS lists every key whose value is one of a fixed set of names; `check_enums` is the one place
-they are validated (main.py calls it before any work; the modules that read them trust it).
+A key whose value is one of a fixed set of names has its names defined by the module that reads
+it (MODES and ALGORITHMS here: main.py and the loop read them); validate.enums() lists them all and
+validate.check_enums is the one place they are checked, before any work.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-ENUMS: dict[str, tuple[str, ...]] = {
-  "mode": ("rl", "sft", "eval", "plan", "coldstart"),
-  "algorithm": ("grpo", "tapo", "opsd"),
-  "model.dtype": ("float32", "bfloat16"),
-  "model.param_dtype": ("float32", "bfloat16"),
-  "rollout.weight_dtype": ("bfloat16", "float32"),
-  "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
-  "model.toy": ("", "arith", "chain"),
-  "tapo.construction": ("policy", "divergence"),
-  "tapo.ref_scope": ("batch", "query"),
-  "tapo.ref_baseline": ("group", "orig", "joint"),
-  "reward.extract": ("boxed", "answer_line"),
-  "loss.rollout_is": ("off", "token-tis", "seq-mask"),
-  "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-  "opsd.solution_source": ("group", "reference"),
-}
-
-
-def check_enums(cfg) -> None:
-  """Raises ValueError naming the first key of ENUMS whose value is not one of its names."""
-  for key, names in ENUMS.items():
-    value = cfg
-    for part in key.split("."):
-      value = value[part]
-    if value not in names:
-      raise ValueError(f"config.{key}={value!r}: expected one of {', '.join(names)}")
+MODES = ("rl", "sft", "eval", "plan", "coldstart")  # config.mode
+ALGORITHMS = ("grpo", "tapo", "opsd")  # config.algorithm
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The full config tree; experiment files in configs/ change a few keys."""
   c = ml_collections.ConfigDict()
   # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan) |
-  # coldstart (build the cold-start SFT set: tapo_jax.train.coldstart)
+  # coldstart (build the cold-start SFT set: tapo_jax.coldstart)
   c.mode = "rl"
   c.algorithm = "tapo"  # grpo | tapo | opsd (on-policy self-distillation: tapo_jax/opsd)
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order

@@ -24,11 +24,9 @@ from flax import nnx
 from tapo_jax import policy
 from tapo_jax.models import CheckpointError, load_config
 from tapo_jax.models.export import check_out, export_model
-from tapo_jax.models.qwen import Qwen
+from tapo_jax.models.qwen import DTYPES, Qwen
 from tapo_jax.train import checkpoint
 from tapo_jax.train import workdir as workdir_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_checkpoint_policy(

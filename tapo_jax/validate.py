@@ -1,7 +1,8 @@
 """Every check of a config that can run before any work: `validate(cfg, num_devices)` raises
 ConfigError with one line naming the key, its value and the fix (main.py prints it, exit 2).
 
-Enums are checked in one place (config.ENUMS via config.check_enums); here: the mesh against the
+Enums are checked in one place (`check_enums`, over the names each reading module defines:
+`enums`); then the mesh against the
 devices, files that must exist, the combinations that cannot train (a divergence construction
 with the group baseline), values (finite hyper-parameters, counts, lengths that must fit, the
 prompt template's fields) and the cold-start builder's keys.
@@ -48,14 +49,44 @@ def validate_distributed(cfg) -> None:
     raise ConfigError(f"config.distributed_coordinator={address!r}: expected HOST:PORT")
 
 
+def enums() -> dict[str, tuple[str, ...]]:
+  """{key: its allowed names} for every key whose value is one of a fixed set of names, each set
+  as the module that reads the key defines it."""
+  from tapo_jax import config, toy
+  from tapo_jax.models import attention, qwen
+  from tapo_jax.rewards import extract
+  from tapo_jax.sampling import engine
+  from tapo_jax.tapo import advantages, construct, loss
+
+  return {
+    "mode": config.MODES,
+    "algorithm": config.ALGORITHMS,
+    "model.dtype": tuple(qwen.DTYPES),
+    "model.param_dtype": tuple(qwen.DTYPES),
+    "rollout.weight_dtype": engine.WEIGHT_DTYPES,
+    "model.attention_impl": attention.IMPLS,
+    "model.toy": ("", *toy.DOMAINS),
+    "tapo.construction": construct.CONSTRUCTIONS,
+    "tapo.ref_scope": advantages.REF_SCOPES,
+    "tapo.ref_baseline": advantages.REF_BASELINES,
+    "reward.extract": extract.EXTRACT_MODES,
+    "loss.rollout_is": loss.ROLLOUT_IS,
+    "loss.aggregation": loss.AGGREGATIONS,
+    "opsd.solution_source": ("group", "reference"),  # read by opsd/teacher.py
+  }
+
+
+def check_enums(cfg) -> None:
+  """Raises ConfigError naming the first key of `enums()` whose value is not one of its names."""
+  for key, names in enums().items():
+    value = _get(cfg, key)
+    if value not in names:
+      raise ConfigError(f"config.{key}={value!r}: expected one of {', '.join(names)}")
+
+
 def validate(cfg, num_devices: int) -> None:
   """Checks everything that can be checked before any work; raises ConfigError."""
-  from tapo_jax import config as config_lib
-
-  try:
-    config_lib.check_enums(cfg)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  check_enums(cfg)
   if cfg.mode == "plan":  # no devices, data or weights: the planned slice and mode instead
     validate_plan(cfg)
     return

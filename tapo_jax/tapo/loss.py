@@ -42,6 +42,9 @@ from tapo_jax.models.logprobs import logprobs_and_entropy
 from tapo_jax.tapo import advantages as adv_lib
 from tapo_jax.tapo.batch import Rollouts, TrainBatch, segment_sum
 
+ROLLOUT_IS = ("off", "token-tis", "seq-mask")  # loss.rollout_is
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # loss.aggregation
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -72,7 +75,7 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, cfg) -> LossConfig:
-    """From a base_config() tree (validated by config.check_enums)."""
+    """From a base_config() tree (validated by validate.check_enums)."""
     lc, tc = cfg.loss, cfg.tapo
     return cls(
       algorithm=cfg.algorithm,
