@@ -223,7 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan = ml_collections.ConfigDict()
   c.plan.device = "v5p"  # v4 | v5e | v5p | v6e | h100 | h200, or a slice name such as v5p-32
   c.plan.chips = 0  # devices in the mesh; 0 = from the slice name, else one host's chips
-  c.plan.shape = ""  # built-in architecture (tapo_jax.plan.SHAPES) when model.path is absent
+  c.plan.shape = ""  # a named architecture (tapo_jax.models.shapes) when model.path is absent
   c.plan.mode = "rl"  # the mode planned: rl | sft
   c.plan.usable = 0.9  # fraction of HBM the peak may fill (runtime reserve, fragmentation)
   return c

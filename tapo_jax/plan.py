@@ -35,7 +35,7 @@ moments 2P in the param dtype, optax's default) plus:
                 so every later phase holds it too. No W when the trainer's params already are
                 that layout and dtype and no one-step-off sampler needs a copy.
   <engine> prefill, <engine> decode   for the rollout engine and, with "policy" constructions,
-                the synthesis engine (sized as tapo_jax.train.engines sizes it, for prompts of
+                the synthesis engine (sized as tapo_jax.sampling.engines sizes it, for prompts of
                 512 template tokens, an estimate, + data.max_prompt_tokens + 2 x
                 rollout.max_new_tokens: y⁻ and y⁺): its decode state, which lives through a
                 generate call: KV cache 2·L·slots·K·S·H·c split over data on slots and tensor on
@@ -92,6 +92,7 @@ from tapo_jax import sharding
 from tapo_jax.models import attention
 from tapo_jax.models.kv_cache import CACHE_AXES
 from tapo_jax.models.qwen import Qwen, QwenConfig, param_logical_axes
+from tapo_jax.models.shapes import SHAPES
 from tapo_jax.models.weights import CheckpointError, load_config
 
 GiB = 2**30
@@ -116,23 +117,6 @@ DEVICES = {
   "h100": Device(80, "gpu", 1, 8),
   "h200": Device(141, "gpu", 1, 8),
 }
-
-# Built-in architectures (the published config.json values) for planning without the weights.
-SHAPES = {
-  "qwen2.5-1.5b": QwenConfig(
-    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
-  ),
-  "qwen2.5-7b": QwenConfig(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, head_dim=128, max_position_embeddings=131072,
-  ),
-  "qwen3-8b": QwenConfig(
-    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, model_type="qwen3",
-    max_position_embeddings=40960,
-  ),
-}  # fmt: skip
 
 
 class PlanError(ValueError):
