@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 from tapo_jax import config
 from tapo_jax.data import Problem, filter_by_pass_rate, format_prompts, last_boxed
+from tapo_jax.data.text import default_eos_ids
 from tapo_jax.eval import (
   ProblemResult,
   avg_at_k,
   canonical,
   compute_pass_rates,
-  default_eos_ids,
   dsr,
   err,
   eval_kwargs,

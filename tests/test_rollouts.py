@@ -163,7 +163,7 @@ def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_p
 
   from tapo_jax import policy as policy_lib
   from tapo_jax.data.prompts import format_prompts
-  from tapo_jax.eval import decode_responses, default_eos_ids
+  from tapo_jax.data.text import decode_responses, default_eos_ids
   from tapo_jax.sampling import QwenEngine, Sampling, generate
   from tapo_jax.toy import arith
 
