@@ -177,9 +177,9 @@ def model_config(cfg) -> tuple[QwenConfig, str]:
     except CheckpointError as e:
       raise PlanError(str(e)) from None
   if cfg.model.toy:
-    from tapo_jax import toy
+    from tapo_jax import policy
 
-    return load_config(toy.checkpoint_dir(cfg.model.toy)), f"toy {cfg.model.toy} checkpoint"
+    return load_config(policy.model_dir(cfg)), f"toy {cfg.model.toy} checkpoint"
   raise PlanError(
     f"config.model.path is empty: set it or --config.plan.shape to one of {sorted(SHAPES)}"
   )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import transformers
 from jax.sharding import Mesh
 
 from tapo_jax import sharding, toy
@@ -39,6 +38,8 @@ def meshes(cfg) -> tuple[Mesh, Mesh]:
 
 def load_policy(cfg):
   """(training mesh, model sharded over it, tokenizer) from the local model directory."""
+  import transformers  # here: validate and plan read model_dir without loading transformers
+
   mesh = meshes(cfg)[0]
   path = model_dir(cfg)
   with jax.set_mesh(mesh):
