@@ -94,6 +94,36 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
   return None
 
 
+def _package_names(path: pathlib.Path, mods) -> set[str]:
+  """The names a package's __init__ binds to something other than one of its submodules."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.ImportFrom):
+      names.update(a.asname or a.name for a in node.names if f"{node.module}.{a.name}" not in mods)
+    elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+      names.add(node.name)
+    elif isinstance(node, ast.Assign):
+      names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+  return names
+
+
+def test_no_import_names_a_submodule_that_its_package_shadows():
+  """`from tapo_jax.eval import evaluate` is eval/__init__'s evaluate() function, not the module
+  eval/evaluate.py: inside the package, such a name is imported from the module that defines it."""
+  mods = _modules()
+  shadowed = {m: _package_names(p, mods) for m, p in mods.items() if p.name == "__init__.py"}
+  bad = []
+  for path in mods.values():
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.ImportFrom) and not node.level and node.module in shadowed:
+        bad += [
+          f"{path.name}:{node.lineno}: from {node.module} import {a.name}"
+          for a in node.names
+          if f"{node.module}.{a.name}" in mods and a.name in shadowed[node.module]
+        ]
+  assert not bad, "imports of a submodule its package's __init__ shadows:\n" + "\n".join(bad)
+
+
 def test_find_cycle_finds_a_cycle_through_a_third():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
