@@ -1,46 +1,23 @@
 """base_config(): every key with its default and a one-line comment. Configs are diffs of it.
 
-ENUMS lists every key whose value is one of a fixed set of names; `check_enums` is the one place
-they are validated (main.py calls it before any work; the modules that read them trust it).
+A key whose value is one of a fixed set of names has its names defined by the module that reads
+it (MODES and ALGORITHMS here: main.py and the loop read them); validate.enums() lists them all and
+validate.check_enums is the one place they are checked, before any work.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-ENUMS: dict[str, tuple[str, ...]] = {
-  "mode": ("rl", "sft", "eval", "plan", "coldstart"),
-  "algorithm": ("grpo", "tapo", "opsd"),
-  "model.dtype": ("float32", "bfloat16"),
-  "model.param_dtype": ("float32", "bfloat16"),
-  "rollout.weight_dtype": ("bfloat16", "float32"),
-  "model.attention_impl": ("", "xla", "cudnn", "blockwise", "splash"),
-  "model.toy": ("", "arith", "chain"),
-  "tapo.construction": ("policy", "divergence"),
-  "tapo.ref_scope": ("batch", "query"),
-  "tapo.ref_baseline": ("group", "orig", "joint"),
-  "reward.extract": ("boxed", "answer_line"),
-  "loss.rollout_is": ("off", "token-tis", "seq-mask"),
-  "loss.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-  "opsd.solution_source": ("group", "reference"),
-}
-
-
-def check_enums(cfg) -> None:
-  """Raises ValueError naming the first key of ENUMS whose value is not one of its names."""
-  for key, names in ENUMS.items():
-    value = cfg
-    for part in key.split("."):
-      value = value[part]
-    if value not in names:
-      raise ValueError(f"config.{key}={value!r}: expected one of {', '.join(names)}")
+MODES = ("rl", "sft", "eval", "plan", "coldstart")  # config.mode
+ALGORITHMS = ("grpo", "tapo", "opsd")  # config.algorithm
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The full config tree; experiment files in configs/ change a few keys."""
   c = ml_collections.ConfigDict()
   # rl | sft | eval | plan (memory per device, abstract shapes only: tapo_jax.plan) |
-  # coldstart (build the cold-start SFT set: tapo_jax.train.coldstart)
+  # coldstart (build the cold-start SFT set: tapo_jax.coldstart)
   c.mode = "rl"
   c.algorithm = "tapo"  # grpo | tapo | opsd (on-policy self-distillation: tapo_jax/opsd)
   c.seed = 0  # one seed for params init, sampling, DCS pairing and data order
@@ -189,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.max_update_ratio = 1.0  # skip an update larger than this x ||params|| (0 = off)
   c.optim.micro_batch = 8  # rows per gradient-accumulation micro-batch
   # tokens per micro-batch: rows of tapo.max_len (sft: sft.max_len) tokens, each packed with
-  # whole sequences (tapo_jax/train/step.py); 0 = micro_batch rows
+  # whole sequences (tapo_jax/minibatches.py); 0 = micro_batch rows
   c.optim.micro_batch_tokens = 0
   c.optim.ppo_epochs = 1  # passes over each rollout batch
   c.optim.minibatches = 1  # optimizer steps per rollout batch and epoch
@@ -246,7 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.plan = ml_collections.ConfigDict()
   c.plan.device = "v5p"  # v4 | v5e | v5p | v6e | h100 | h200, or a slice name such as v5p-32
   c.plan.chips = 0  # devices in the mesh; 0 = from the slice name, else one host's chips
-  c.plan.shape = ""  # built-in architecture (tapo_jax.plan.SHAPES) when model.path is absent
+  c.plan.shape = ""  # a named architecture (tapo_jax.models.shapes) when model.path is absent
   c.plan.mode = "rl"  # the mode planned: rl | sft
   c.plan.usable = 0.9  # fraction of HBM the peak may fill (runtime reserve, fragmentation)
   return c

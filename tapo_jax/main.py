@@ -1,7 +1,7 @@
 r"""Entry point: python -m tapo_jax.main --config=configs/NAME.py [--config.key=value] [--workdir=D]
 
 Modes (config.mode): rl (algorithm grpo | tapo), sft (cold start), eval, plan (memory per device,
-tapo_jax.plan), coldstart (builds the cold-start SFT set: tapo_jax.train.coldstart). Bad flags
+tapo_jax.plan), coldstart (builds the cold-start SFT set: tapo_jax.coldstart). Bad flags
 or config values print one line naming the key and exit with status 2 before anything is written.
 
 User errors end in one `error:` line and no traceback (tracebacks stay for bugs):
@@ -113,8 +113,8 @@ def _dispatch(cfg, workdir: str) -> None:
 
     loop.run(cfg, workdir)
   elif cfg.mode == "coldstart":
+    from tapo_jax.coldstart import build as coldstart
     from tapo_jax.data import DataError
-    from tapo_jax.train import coldstart
 
     try:
       coldstart.run(cfg, workdir)
@@ -127,7 +127,7 @@ def _dispatch(cfg, workdir: str) -> None:
 
     sft.run(cfg, workdir)
   else:
-    from tapo_jax.train import eval_mode
+    from tapo_jax.eval import mode as eval_mode
 
     eval_mode.run(cfg, workdir)
 

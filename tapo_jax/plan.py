@@ -21,7 +21,7 @@ axis does not divide stays whole); e compute-dtype bytes, p param-dtype bytes, c
 P the per-device parameter bytes; b rows per device (a micro-batch's rows / (data x fsdp) when
 that divides, else all of them: `constrain` leaves the batch whole); T = tapo.max_len (sft: the
 longest sft.max_len); C = loss.vocab_chunk; β the attention block (models.attention.BLOCK).
-A micro-batch is m packed rows of T tokens (train.step.rows_per_micro_batch: optim.micro_batch,
+A micro-batch is m packed rows of T tokens (minibatches.rows_per_micro_batch: optim.micro_batch,
 or optim.micro_batch_tokens / T, rounded up to a multiple of data x fsdp), every row full width
 whatever the sequences' lengths, so its activations are those of m rows of T; packed rows add
 their segment mask where attention takes a mask (b·T² bytes, and cuDNN's bias from it, b·T²·e).
@@ -35,7 +35,7 @@ moments 2P in the param dtype, optax's default) plus:
                 so every later phase holds it too. No W when the trainer's params already are
                 that layout and dtype and no one-step-off sampler needs a copy.
   <engine> prefill, <engine> decode   for the rollout engine and, with "policy" constructions,
-                the synthesis engine (sized as tapo_jax.train.engines sizes it, for prompts of
+                the synthesis engine (sized as tapo_jax.sampling.engines sizes it, for prompts of
                 512 template tokens, an estimate, + data.max_prompt_tokens + 2 x
                 rollout.max_new_tokens: y⁻ and y⁺): its decode state, which lives through a
                 generate call: KV cache 2·L·slots·K·S·H·c split over data on slots and tensor on
@@ -51,7 +51,7 @@ moments 2P in the param dtype, optax's default) plus:
                 also a whole copy of the cache at window S); the step's logits slots·V/t·4; W in
                 the compute dtype when rollout.weight_dtype is not the compute dtype.
   logprobs  W; the π_old forward of every step, one micro-batch at a time, over the step's packed
-            minibatches: n·M micro-batches of m rows, M = train.step.micro_batches_bound over
+            minibatches: n·M micro-batches of m rows, M = minibatches.micro_batches_bound over
             the R = Q·(K + m_max) sequences (tapo; Q·K for grpo), 39 bytes a token, rows over
             data x fsdp; the Rollouts (14 bytes a token) stay on one device.
   update    W; gradients 2P (the float32 accumulator plus one micro-batch's gradient), two gathered
@@ -101,10 +101,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tapo_jax import sharding
+from tapo_jax import minibatches, sharding
 from tapo_jax.models import attention
 from tapo_jax.models.kv_cache import CACHE_AXES
 from tapo_jax.models.qwen import Qwen, QwenConfig, param_logical_axes
+from tapo_jax.models.shapes import SHAPES
 from tapo_jax.models.weights import CheckpointError, load_config
 
 GiB = 2**30
@@ -129,23 +130,6 @@ DEVICES = {
   "h100": Device(80, "gpu", 1, 8),
   "h200": Device(141, "gpu", 1, 8),
 }
-
-# Built-in architectures (the published config.json values) for planning without the weights.
-SHAPES = {
-  "qwen2.5-1.5b": QwenConfig(
-    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
-  ),
-  "qwen2.5-7b": QwenConfig(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, head_dim=128, max_position_embeddings=131072,
-  ),
-  "qwen3-8b": QwenConfig(
-    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128, model_type="qwen3",
-    max_position_embeddings=40960,
-  ),
-}  # fmt: skip
 
 
 class PlanError(ValueError):
@@ -206,9 +190,9 @@ def model_config(cfg) -> tuple[QwenConfig, str]:
     except CheckpointError as e:
       raise PlanError(str(e)) from None
   if cfg.model.toy:
-    from tapo_jax import toy
+    from tapo_jax import policy
 
-    return load_config(toy.checkpoint_dir(cfg.model.toy)), f"toy {cfg.model.toy} checkpoint"
+    return load_config(policy.model_dir(cfg)), f"toy {cfg.model.toy} checkpoint"
   raise PlanError(
     f"config.model.path is empty: set it or --config.plan.shape to one of {sorted(SHAPES)}"
   )
@@ -486,11 +470,10 @@ def segment_mask_bytes(impl: str, b: int, t: int, e: int) -> int:
 
 
 def micro_batch_rows(cfg, g: Geometry, width: int) -> int:
-  """m: the rows of a packed micro-batch, as the loop sizes it (train.step)."""
+  """m: the rows of a packed micro-batch, as the loop sizes it (minibatches)."""
   from tapo_jax import config as config_lib
-  from tapo_jax.train import step as step_lib
 
-  return step_lib.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, g.dp)
+  return minibatches.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, g.dp)
 
 
 def update_terms(g: Geometry, cfg, params: int, mb: int, t: int) -> tuple[list[Term], list[str]]:
@@ -628,14 +611,12 @@ def plan(cfg, device: str | None = None, chips: int | None = None) -> Report:
     phases[f"{name} prefill"] = state + prefill
     phases[f"{name} decode"] = state + decode
 
-  from tapo_jax.train import step as step_lib
-
   t = cfg.tapo.max_len
   opsd = cfg.algorithm == "opsd"
   extra = cfg.tapo.m_max if cfg.algorithm == "tapo" else 0
   r = cfg.rollout.batch_queries * (cfg.rollout.n + extra)
   n, m = cfg.optim.minibatches, micro_batch_rows(cfg, g, t)
-  mm = step_lib.micro_batches_bound(r, n, m)
+  mm = minibatches.micro_batches_bound(r, n, m)
   # Rollouts' [R, T] fields (14 bytes a token) on one device; the packed TrainBatch (12 fields,
   # 39 bytes a token) as n minibatches of [M, m, T] on the mesh, rows over data x fsdp
   batch_bytes = r * t * 14 + n * mm * g.rows(m) * t * 39

@@ -13,7 +13,7 @@ weight once per token, so FSDP's per-layer all-gathers would run on every token 
 the time of reading the weights). The decode mesh is (data, 1, tensor) over the same devices in
 the same order: weights split over `tensor` (at most the kv heads, inside one host) and replicated
 over `data`; the KV cache's slots split over data and its kv heads over tensor. The trainer's
-params reach it by one jitted reshard per RL step (`tapo_jax.train.engines`).
+params reach it by one jitted reshard per RL step (`tapo_jax.sampling.engines`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Every check of a config that can run before any work: `validate(cfg, num_devices)` raises
 ConfigError with one line naming the key, its value and the fix (main.py prints it, exit 2).
 
-Enums are checked in one place (config.ENUMS via config.check_enums); here: the mesh against the
-devices, files that must exist, the combinations that cannot train (a divergence construction
-with the group baseline), values (finite hyper-parameters, counts, lengths that must fit, the
-prompt template's fields) and the cold-start builder's keys.
+Enums are checked in one place (`check_enums`, over the names each reading module defines:
+`enums`); then the mesh against the devices, files that must exist, the combinations that cannot
+train (a divergence construction with the group baseline), values (finite hyper-parameters,
+counts, lengths that must fit, the prompt template's fields) and, for mode=coldstart, the
+builder's own check of its keys (coldstart.build.check_config).
 """
 
 from __future__ import annotations
@@ -48,14 +49,44 @@ def validate_distributed(cfg) -> None:
     raise ConfigError(f"config.distributed_coordinator={address!r}: expected HOST:PORT")
 
 
+def enums() -> dict[str, tuple[str, ...]]:
+  """{key: its allowed names} for every key whose value is one of a fixed set of names, each set
+  as the module that reads the key defines it."""
+  from tapo_jax import config, toy
+  from tapo_jax.models import attention, qwen
+  from tapo_jax.rewards import extract
+  from tapo_jax.sampling import engine
+  from tapo_jax.tapo import advantages, construct, loss
+
+  return {
+    "mode": config.MODES,
+    "algorithm": config.ALGORITHMS,
+    "model.dtype": tuple(qwen.DTYPES),
+    "model.param_dtype": tuple(qwen.DTYPES),
+    "rollout.weight_dtype": engine.WEIGHT_DTYPES,
+    "model.attention_impl": attention.IMPLS,
+    "model.toy": ("", *toy.DOMAINS),
+    "tapo.construction": construct.CONSTRUCTIONS,
+    "tapo.ref_scope": advantages.REF_SCOPES,
+    "tapo.ref_baseline": advantages.REF_BASELINES,
+    "reward.extract": extract.EXTRACT_MODES,
+    "loss.rollout_is": loss.ROLLOUT_IS,
+    "loss.aggregation": loss.AGGREGATIONS,
+    "opsd.solution_source": ("group", "reference"),  # read by opsd/teacher.py
+  }
+
+
+def check_enums(cfg) -> None:
+  """Raises ConfigError naming the first key of `enums()` whose value is not one of its names."""
+  for key, names in enums().items():
+    value = _get(cfg, key)
+    if value not in names:
+      raise ConfigError(f"config.{key}={value!r}: expected one of {', '.join(names)}")
+
+
 def validate(cfg, num_devices: int) -> None:
   """Checks everything that can be checked before any work; raises ConfigError."""
-  from tapo_jax import config as config_lib
-
-  try:
-    config_lib.check_enums(cfg)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  check_enums(cfg)
   if cfg.mode == "plan":  # no devices, data or weights: the planned slice and mode instead
     validate_plan(cfg)
     return
@@ -102,7 +133,12 @@ def validate(cfg, num_devices: int) -> None:
   if window and not (len(window) == 2 and 0.0 <= window[0] <= window[1] <= 1.0):
     raise ConfigError(f"config.data.pass_rate_window={window}: expected (low, high) in [0, 1]")
   if cfg.mode == "coldstart":
-    validate_coldstart(cfg)
+    from tapo_jax.coldstart import build as coldstart
+
+    try:
+      coldstart.check_config(cfg)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if cfg.mode == "rl" and cfg.algorithm == "opsd":
     validate_opsd(cfg)
   if cfg.mode == "sft":
@@ -136,9 +172,9 @@ def validate(cfg, num_devices: int) -> None:
 def _model_config(cfg) -> tuple[dict, str] | None:
   """(the policy's config.json as a dict, its path), None when unreadable (loading the model
   reports that)."""
-  from tapo_jax import toy
+  from tapo_jax import policy
 
-  directory = cfg.model.path or str(toy.checkpoint_dir(cfg.model.toy))
+  directory = policy.model_dir(cfg)
   path = os.path.join(directory, "config.json")
   try:
     with open(path, "rb") as f:
@@ -477,51 +513,3 @@ def validate_opsd(cfg) -> None:
       teacher.template_fields(o.teacher_template)
     except ValueError as e:
       raise ConfigError(f"config.opsd.teacher_template={o.teacher_template!r}: {e}") from None
-
-
-def validate_coldstart(cfg) -> None:
-  """The keys mode=coldstart reads (config.coldstart and the synthesis template)."""
-  from tapo_jax.tapo import synthesis
-
-  cs = cfg.coldstart
-  if cfg.distributed:
-    raise ConfigError("config.distributed=True: mode=coldstart runs on one host; set it False")
-  if cfg.tapo.synthesis_template:
-    try:
-      synthesis.template_parts(cfg.tapo.synthesis_template)
-    except ValueError as e:
-      raise ConfigError(f"config.tapo.synthesis_template: {e}") from None
-  for key in ("constructions", "solutions", "max_chunks", "teacher_retries"):
-    if cs[key] < 0:
-      raise ConfigError(f"config.coldstart.{key}={cs[key]}: must be >= 0")
-  for key in ("chunk_problems", "passes", "solutions_per_problem", "teacher_workers"):
-    if cs[key] < 1:
-      raise ConfigError(f"config.coldstart.{key}={cs[key]}: must be >= 1")
-  if cs.constructions == 0 and cs.solutions == 0:
-    raise ConfigError("config.coldstart.constructions and .solutions are both 0: nothing to build")
-  if cs.constructions and cfg.tapo.n_pos + cfg.tapo.n_neg > cfg.rollout.n:
-    raise ConfigError(
-      f"config.tapo.n_pos + tapo.n_neg = {cfg.tapo.n_pos + cfg.tapo.n_neg} > rollout.n="
-      f"{cfg.rollout.n}: no problem can have a DCS pair; lower them or raise rollout.n"
-    )
-  if cs.teacher_temperature < 0 or not 0 < cs.teacher_top_p <= 1:
-    raise ConfigError(
-      f"config.coldstart.teacher_temperature={cs.teacher_temperature}, teacher_top_p="
-      f"{cs.teacher_top_p}: expected temperature >= 0 and top_p in (0, 1]"
-    )
-  t = cs.teacher_timeout_s
-  if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < math.inf:
-    raise ConfigError(f"config.coldstart.teacher_timeout_s={t!r}: must be a finite number > 0")
-  if cs.teacher_url and cs.teacher_path:
-    raise ConfigError("config.coldstart.teacher_url and teacher_path are both set: choose one")
-  if cs.teacher_url:
-    if not cs.teacher_url.startswith(("http://", "https://")):
-      raise ConfigError(f"config.coldstart.teacher_url={cs.teacher_url!r}: expected http(s)://...")
-    if not cs.teacher_model:
-      raise ConfigError("config.coldstart.teacher_model is empty: the model name the server serves")
-  if cs.teacher_path:
-    if not os.path.exists(os.path.join(cs.teacher_path, "config.json")):
-      raise ConfigError(
-        f"config.coldstart.teacher_path={cs.teacher_path!r}: not a Hugging Face model directory "
-        "(no config.json)"
-      )

@@ -14,9 +14,10 @@ import local_http
 import pytest
 
 from tapo_jax import main
+from tapo_jax.coldstart import build as coldstart
+from tapo_jax.coldstart import teachers
 from tapo_jax.rewards import grade
 from tapo_jax.tapo import synthesis
-from tapo_jax.train import coldstart, teachers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATE = "{query}|{incorrect}|{correct}|"  # '|' is not in the toy vocabulary: fields split back
@@ -184,7 +185,7 @@ def http_build(tmp_path_factory):
 
 
 def test_http_teacher_rows_parse_anchor_to_y_neg_and_reach_the_gold(http_build):
-  from tapo_jax.train.state import load_policy
+  from tapo_jax.policy import load_policy
 
   workdir, problems, log = http_build
   cfg = _http_config(workdir.parent / "train.jsonl", "http://unused")

@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 from tapo_jax import config
 from tapo_jax.data import Problem, filter_by_pass_rate, format_prompts, last_boxed
+from tapo_jax.data.text import default_eos_ids
 from tapo_jax.eval import (
   ProblemResult,
   avg_at_k,
   canonical,
   compute_pass_rates,
-  default_eos_ids,
   dsr,
   err,
   eval_kwargs,
@@ -410,8 +410,8 @@ def test_an_eval_prompt_longer_than_the_largest_bucket_is_a_data_error(tmp_path)
   import transformers
 
   from tapo_jax.data import DataError
+  from tapo_jax.eval import checked_eval_sets
   from tapo_jax.toy import arith
-  from tapo_jax.train import problems as problems_lib
 
   held = tmp_path / "held.jsonl"
   rows = [{"problem": "1+1", "answer": "2"}, {"problem": "1+" * 40 + "1", "answer": "41"}]
@@ -421,22 +421,22 @@ def test_an_eval_prompt_longer_than_the_largest_bucket_is_a_data_error(tmp_path)
   cfg.data.prompt_template, cfg.rollout.prefill_buckets = "{problem}", (32, 64)
   tokenizer = transformers.AutoTokenizer.from_pretrained(arith.CHECKPOINT_DIR)
   with pytest.raises(DataError) as e:
-    problems_lib.checked_eval_sets(cfg, tokenizer)
+    checked_eval_sets(cfg, tokenizer)
   line = str(e.value)
   assert line.startswith(f"{held}: line 2: problem ") and "\n" not in line
   assert "tokens > max(rollout.prefill_buckets)=64" in line
   cfg.rollout.prefill_buckets = (32, 128)
-  assert [p.answer for p in problems_lib.checked_eval_sets(cfg, tokenizer)["held"]] == ["2", "41"]
+  assert [p.answer for p in checked_eval_sets(cfg, tokenizer)["held"]] == ["2", "41"]
 
 
 def test_eval_at_start_alone_builds_the_eval_engine():
   """train.eval_at_start=True with eval_every=0 built no eval engine: the step-0 eval failed."""
-  from tapo_jax.train import engines as engines_lib
-  from tapo_jax.train import state as state_lib
+  from tapo_jax import policy as policy_lib
+  from tapo_jax.sampling import engines as engines_lib
 
   cfg = config.base_config()
   cfg.model.toy, cfg.rollout.prefill_buckets, cfg.rollout.slots = "arith", (64,), 4
   cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens = 32, 16
   cfg.train.eval_at_start, cfg.train.eval_every = True, 0
-  mesh, model, _ = state_lib.load_policy(cfg)
+  mesh, model, _ = policy_lib.load_policy(cfg)
   assert engines_lib.build_engines(cfg, model, mesh, None).eval is not None

@@ -15,7 +15,9 @@ from flax import nnx
 
 from tapo_jax import config as base
 from tapo_jax import export
+from tapo_jax import policy as policy_lib
 from tapo_jax.models import CheckpointError
+from tapo_jax.models import export as models_export
 from tapo_jax.toy import arith
 from tapo_jax.train import checkpoint
 from tapo_jax.train import state as state_lib
@@ -31,7 +33,7 @@ def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   cfg = base.base_config()
   cfg.model.toy = "arith"
-  mesh, model, _ = state_lib.load_policy(cfg)
+  mesh, model, _ = policy_lib.load_policy(cfg)
   graphdef, state, _ = state_lib.create(model, mesh, state_lib.make_optimizer(cfg.optim, 10))
   workdir_lib.record_config(str(workdir), cfg)
   ck = checkpoint.Checkpointer(str(workdir), 1, 5)
@@ -112,7 +114,7 @@ def test_export_refuses_an_output_it_would_destroy(run_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: --out={out}: ") and why in err[0], err
     assert (_tree(workdir), _tree(tmp_path)) == before, out
   with pytest.raises(CheckpointError, match="is .*arith"):  # the source model is not replaced
-    export.export_model(None, None, arith.CHECKPOINT_DIR, source_dir=arith.CHECKPOINT_DIR)
+    models_export.export_model(None, None, arith.CHECKPOINT_DIR, source_dir=arith.CHECKPOINT_DIR)
 
 
 def test_default_output_is_the_newest_step_under_the_workdir(run_dir):

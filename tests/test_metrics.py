@@ -6,7 +6,7 @@ import struct
 
 from tensorboardX.proto import event_pb2
 
-from tapo_jax.train import metrics
+from tapo_jax import metrics
 
 
 def events(logdir):

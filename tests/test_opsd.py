@@ -19,13 +19,13 @@ import tiny
 from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import opsd, sharding
+from tapo_jax import minibatches, opsd, sharding
+from tapo_jax.models import logprobs as logprobs_lib
 from tapo_jax.opsd import batch as opsd_batch_lib
 from tapo_jax.opsd import loss as opsd_loss_lib
 from tapo_jax.opsd import teacher as teacher_lib
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import loss as tapo_loss_lib
-from tapo_jax.train import step as step_lib
 from tapo_jax.validate import ConfigError, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_micro_batches_add_up_to_the_full_batch(grpo_coef):
     np.testing.assert_allclose(x + y, z, rtol=1e-4, atol=1e-7)
   if grpo_coef:  # the GRPO term is there, weighted
     hidden = model.hidden(batch.tokens, batch.positions)
-    lp, ent = tapo_loss_lib.sequence_logprobs(hidden, model.lm_head(), batch.tokens, 16)
+    lp, ent = logprobs_lib.sequence_logprobs(hidden, model.lm_head(), batch.tokens, 16)
     grpo, _ = tapo_loss_lib.policy_loss(lp, ent, batch, loss_cfg.loss)
     head = model.lm_head()
     teacher_hidden = model.hidden(batch.teacher_tokens, batch.teacher_positions)
@@ -283,12 +283,12 @@ def test_micro_batches_add_up_to_the_full_batch(grpo_coef):
 
 def _packed(batch, n, m, grpo, key=0):
   """`batch` in the loop's paired layout: n minibatches [M, m, ...] on a 1-device mesh."""
-  num_micro = step_lib.micro_batches_bound(batch.num_rows, n, m)
+  num_micro = minibatches.micro_batches_bound(batch.num_rows, n, m)
   layout = opsd_batch_lib.layout(
     batch, jax.random.key(key), n=n, m=m, num_micro=num_micro, with_loss_tokens=grpo
   )
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  return step_lib.packed_minibatches(batch, layout, mesh, pack=opsd_batch_lib.pack), layout
+  return minibatches.packed_minibatches(batch, layout, mesh, pack=opsd_batch_lib.pack), layout
 
 
 def test_pairs_share_rows_and_each_distilled_token_keeps_its_columns():
@@ -325,7 +325,7 @@ def test_unpack_returns_pi_old_to_the_padded_rows_for_another_epochs_layout():
   batch, _ = _batch(_cfg(), width=32, max_len=20)
   old = np.random.default_rng(1).normal(size=batch.old_logprobs.shape).astype(np.float32)
   batch = batch.replace(old_logprobs=old)
-  num_micro = step_lib.micro_batches_bound(batch.num_rows, 2, 1)
+  num_micro = minibatches.micro_batches_bound(batch.num_rows, 2, 1)
   layouts = [
     opsd_batch_lib.layout(
       batch, jax.random.key(k), n=2, m=1, num_micro=num_micro, with_loss_tokens=False
@@ -408,14 +408,14 @@ def test_toy_step_pad_fraction_is_grpos_not_the_padded_layouts():
   Measured: OPSD 0.38, GRPO on the student rows alone 0.52, the padded pairs 0.69."""
   cfg, distiller, batch = _toy_step()
   t, u = cfg.tapo.max_len, distiller.width
-  m = step_lib.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, t), t)
-  num_micro = step_lib.micro_batches_bound(batch.num_rows, 1, m)
+  m = minibatches.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, t), t)
+  num_micro = minibatches.micro_batches_bound(batch.num_rows, 1, m)
   key = jax.random.key(2)
   pairs = distiller.layout(batch, key, n=1, m=m, num_micro=num_micro)
   trained = np.asarray(batch.distill_mask).any(axis=1)
   lengths = np.asarray(batch.segment_ids).sum(axis=1)
   constructed = np.zeros(batch.num_rows, bool)
-  grpo = step_lib.layout_minibatches(lengths, trained, constructed, key, 1, m, t, num_micro)
+  grpo = minibatches.layout_minibatches(lengths, trained, constructed, key, 1, m, t, num_micro)
   real, processed = pairs.tokens()
   assert real == lengths[trained].sum() + np.asarray(batch.teacher_segment_ids)[trained].sum()
   opsd_pad = 1 - real / processed

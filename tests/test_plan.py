@@ -13,9 +13,9 @@ from tapo_jax import config as base
 from tapo_jax import plan as plan_lib
 from tapo_jax import sharding
 from tapo_jax.models import Qwen, load_config
+from tapo_jax.sampling import engines as engines_lib
 from tapo_jax.sharding import make_mesh
 from tapo_jax.toy import arith
-from tapo_jax.train import engines as engines_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN25_7B_PARAMS = 7_615_616_512

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapo_jax.rewards import extract_answer, grade, is_equivalent
+from tapo_jax.rewards.lex import ParseError
 from tapo_jax.rewards.math import fast_equal, plain_int
-from tapo_jax.rewards.parse import Choice, ParseError, Rel, Seq, Text, parse
+from tapo_jax.rewards.parse import parse
+from tapo_jax.rewards.values import Choice, Rel, Seq, Text
 
 # --------------------------------------------------------------------------------------------
 # extraction

@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from tapo_jax.rewards import extract_answer, grade, is_equivalent
 from tapo_jax.rewards import math as math_lib
 from tapo_jax.rewards.extract import EXTRACT_MODES
+from tapo_jax.rewards.lex import ParseError
 from tapo_jax.rewards.math import plain_int
-from tapo_jax.rewards.parse import ParseError, Rel, Seq, parse
+from tapo_jax.rewards.parse import parse
 from tapo_jax.rewards.screen import expanded_terms, small_for_proof
+from tapo_jax.rewards.values import Rel, Seq
 
 # --------------------------------------------------------------------------------------------
 # (gold, answer) tables, one block per form of the issue; every form has both directions.

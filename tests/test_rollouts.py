@@ -148,15 +148,15 @@ def test_one_step_off_samples_with_the_previous_params_and_resumes_exactly(tmp_p
   import jax.numpy as jnp
   from flax import nnx
 
+  from tapo_jax import policy as policy_lib
   from tapo_jax.data.prompts import format_prompts
-  from tapo_jax.eval import decode_responses, default_eos_ids
+  from tapo_jax.data.text import decode_responses, default_eos_ids
   from tapo_jax.sampling import QwenEngine, Sampling, generate
   from tapo_jax.toy import arith
-  from tapo_jax.train import state as state_lib
 
   cfg = config_lib.base_config()
   cfg.model.toy = "arith"
-  _, model, tok = state_lib.load_policy(cfg)
+  _, model, tok = policy_lib.load_policy(cfg)
   graphdef, params = nnx.split(model, nnx.Param)
   as_params = lambda tree: jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(tree))  # noqa: E731
   params = as_params(_params(straight, 1))  # the values of checkpoint 1, in the model's tree

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapo_jax import config as config_lib
-from tapo_jax import sharding
+from tapo_jax import minibatches, sharding
+from tapo_jax.models.logprobs import logprobs
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo.batch import Rollouts
-from tapo_jax.tapo.loss import LossConfig, logprobs, prepare_batch, tapo_loss
+from tapo_jax.tapo.loss import LossConfig, prepare_batch, tapo_loss
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 
@@ -68,13 +69,13 @@ def test_deal_splits_originals_and_constructions_evenly_and_keeps_only_trained()
   constructed[[1, 4, 5, 9, 13, 20]] = True
   keep = np.ones(24, bool)
   keep[[0, 5]] = False
-  parts = step_lib.deal(constructed, jax.random.key(3), 3, keep=keep)
+  parts = minibatches.deal(constructed, jax.random.key(3), 3, keep=keep)
   assert sorted(np.concatenate(parts).tolist()) == sorted(np.flatnonzero(keep).tolist())
   for p in parts:
     assert constructed[p].sum() in (1, 2) and (~constructed[p]).sum() in (5, 6)  # 5 / 3, 17 / 3
-  again = step_lib.deal(constructed, jax.random.key(3), 3, keep=keep)
+  again = minibatches.deal(constructed, jax.random.key(3), 3, keep=keep)
   assert all((a == b).all() for a, b in zip(parts, again))
-  assert step_lib.micro_batches_bound(24, 3, 2) == 5  # (8 + 1) rows -> 5 micro-batches of 2
+  assert minibatches.micro_batches_bound(24, 3, 2) == 5  # (8 + 1) rows -> 5 micro-batches of 2
 
 
 # ------------------------------------------------------------------------ a step, padded vs packed
@@ -155,8 +156,8 @@ def prepared_step(cfg: LossConfig):
 def layout_of(train, m: int, key=0, n: int = 1):
   lengths = train.segment_ids.sum(axis=1)
   trained, constructed = train.loss_mask.any(axis=1), train.is_constructed[:, 0]
-  bound = step_lib.micro_batches_bound(train.num_rows, n, m)
-  return step_lib.layout_minibatches(
+  bound = minibatches.micro_batches_bound(train.num_rows, n, m)
+  return minibatches.layout_minibatches(
     lengths, trained, constructed, jax.random.key(key), n, m, T, bound
   )
 
@@ -271,10 +272,10 @@ def test_packed_update_on_a_mesh_equals_the_padded_update():
   graphdef, params = model_and_params()
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   first = layout_of(train, m=4, key=1, n=2)
-  parts = step_lib.packed_minibatches(train, first, mesh)
+  parts = minibatches.packed_minibatches(train, first, mesh)
   second = layout_of(train, m=4, key=2, n=2)
-  moved = step_lib.make_relayout(mesh)(parts, second, first)
-  for got, want in zip(moved, step_lib.packed_minibatches(train, second, mesh)):
+  moved = minibatches.make_relayout(mesh)(parts, second, first)
+  for got, want in zip(moved, minibatches.packed_minibatches(train, second, mesh)):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert tuple(moved[0].tokens.sharding.spec)[:2] == (None, ("data", "fsdp"))

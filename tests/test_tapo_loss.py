@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tapo_jax import config as config_lib
+from tapo_jax.models.logprobs import sequence_logprobs, token_logprobs_and_entropy
 from tapo_jax.tapo.batch import Rollouts, TrainBatch
 from tapo_jax.tapo.loss import (
   LossConfig,
@@ -17,9 +18,7 @@ from tapo_jax.tapo.loss import (
   policy_loss,
   prepare_batch,
   rollout_correction,
-  sequence_logprobs,
   tapo_loss,
-  token_logprobs_and_entropy,
 )
 
 

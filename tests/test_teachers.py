@@ -13,7 +13,7 @@ import local_http
 import pytest
 
 from tapo_jax import config as base
-from tapo_jax.train import teachers
+from tapo_jax.coldstart import teachers
 
 PATIENCE = 20.0  # s a hostile handler keeps going before it gives up on the client
 

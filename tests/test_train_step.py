@@ -8,7 +8,7 @@ import tiny
 from flax import nnx
 
 from tapo_jax import config as base
-from tapo_jax import sharding
+from tapo_jax import minibatches, sharding
 from tapo_jax.train import sft
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
@@ -70,7 +70,7 @@ def _run(dims, micro, batch, steps=2, lr=1e-2, loss_fn=None, devices=None, ratio
     train_step = step_lib.make_train_step(graphdef, tx, fn, ssh, max_update_ratio=ratio)
     out = []
     for _ in range(steps):
-      state, m = train_step(state, step_lib.split_micro_batches(batch, micro))
+      state, m = train_step(state, minibatches.split_micro_batches(batch, micro))
       out.append(jax.device_get(m))
   return state, out
 
@@ -157,12 +157,12 @@ def test_minibatches_deal_originals_and_constructions_evenly():
   )
   batch = jax.tree.map(np.asarray, batch)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  deal = lambda: step_lib.layout_minibatches(  # noqa: E731
+  deal = lambda: minibatches.layout_minibatches(  # noqa: E731
     np.full(r, t), trained, constructed, jax.random.key(3), 3, 4, 2 * t,
-    step_lib.micro_batches_bound(r, 3, 4),
+    minibatches.micro_batches_bound(r, 3, 4),
   )  # fmt: skip
   layout = deal()
-  parts = step_lib.packed_minibatches(batch, layout, mesh)
+  parts = minibatches.packed_minibatches(batch, layout, mesh)
   seen = []
   for part in parts:
     assert part.tokens.shape == (3, 4, 2 * t)  # (8 + 1) sequences -> 3 micro-batches of 4 rows

@@ -10,7 +10,7 @@ describes the slice's chips (v5p:2x2x4 is a v5p-32, v5e:8x8 a v5e-64, v6e:4x4 a 
 programs are lowered against abstract inputs on a mesh of them (nothing is allocated, the weights
 never exist) and compiled by the TPU compiler; JAX's own platform stays CPU.
 
-Programs, built as the RL loop builds them (`train.engines.build_engines`, `train.step`):
+Programs, built as the RL loop builds them (`sampling.engines.build_engines`, `train.step`):
   weight sync       `Engines.sync`: the trainer's params -> the decode copy every engine shares
                     (its layout, rollout.weight_dtype); none when the engines read the params
   <engine> prefill  one prefill call of the engine's largest bucket (`max_prefill_rows` prompts)
@@ -410,7 +410,7 @@ class Setup:
   state: Any  # TrainState, abstract, sharded
   state_sharding: Any
   optimizer: Any
-  engines: Any  # train.engines.Engines
+  engines: Any  # sampling.engines.Engines
 
 
 def setup(cfg, topology: str) -> Setup:
@@ -418,8 +418,8 @@ def setup(cfg, topology: str) -> Setup:
   from tapo_jax import plan as plan_lib
   from tapo_jax import sharding
   from tapo_jax.models.qwen import Qwen
+  from tapo_jax.sampling import engines as engines_lib
   from tapo_jax.tapo import synthesis
-  from tapo_jax.train import engines as engines_lib
   from tapo_jax.train import state as state_lib
 
   device, chips = parse_topology(topology)
@@ -543,7 +543,7 @@ def decode_windows(engine, which: str) -> tuple[int, ...]:
 
 
 def _sampling(s: Setup):
-  from tapo_jax.train import engines as engines_lib
+  from tapo_jax.sampling import engines as engines_lib
 
   return engines_lib.rollout_sampling(s.cfg, (0, 1))  # two stand-in EOS ids
 
@@ -593,10 +593,9 @@ def minibatch(s: Setup):
   import numpy as np
 
   from tapo_jax import config as config_lib
-  from tapo_jax import sharding
+  from tapo_jax import minibatches, sharding
   from tapo_jax.tapo import batch as batch_lib
   from tapo_jax.tapo import loss as loss_lib
-  from tapo_jax.train import step as step_lib
 
   cfg = s.cfg
   if cfg.algorithm not in ("tapo", "grpo", "opsd"):
@@ -607,10 +606,10 @@ def minibatch(s: Setup):
     cfg.optim.minibatches,
     cfg.tapo.max_len,
   )
-  m = step_lib.rows_per_micro_batch(
+  m = minibatches.rows_per_micro_batch(
     config_lib.micro_batch_tokens(cfg, w), w, sharding.data_parallel_size(s.mesh)
   )
-  mm = step_lib.micro_batches_bound(r, n, m)
+  mm = minibatches.micro_batches_bound(r, n, m)
   ones = [[1]] * r
   packed = batch_lib.pack_rollouts(
     ones, ones, [np.zeros(1, np.float32)] * r, samples_per_prompt=1, max_len=w,

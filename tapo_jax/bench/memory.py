@@ -24,9 +24,9 @@ from flax import nnx
 from tapo_jax import config as base
 from tapo_jax import plan as plan_lib
 from tapo_jax import sharding
-from tapo_jax.bench.sampler import SHAPES
 from tapo_jax.models import attention
 from tapo_jax.models.qwen import Qwen
+from tapo_jax.models.shapes import SHAPES
 from tapo_jax.train import sft
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib

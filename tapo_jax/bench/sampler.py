@@ -22,40 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tapo_jax.models.qwen import Qwen, QwenConfig
-
-SHAPES = {
-  "tiny": QwenConfig(
-    vocab_size=2048,
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    tie_word_embeddings=True,
-  ),
-  "small": QwenConfig(
-    vocab_size=8192,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=32,
-    tie_word_embeddings=True,
-  ),
-  "qwen2.5-1.5b": QwenConfig(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    head_dim=128,
-    tie_word_embeddings=True,
-  ),
-}
+from tapo_jax.models.qwen import Qwen
+from tapo_jax.models.shapes import SHAPES
 
 # peak HBM bandwidth (bytes/s) by substrings of jax's device_kind
 PEAK_BANDWIDTH = (

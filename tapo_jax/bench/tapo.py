@@ -162,8 +162,8 @@ def rollout_seconds(q, k, t, a) -> dict:
   """A lower bound of the rollout time of Q*K rows with T - prompt new tokens each."""
   from flax import nnx
 
-  from tapo_jax.bench.sampler import SHAPES
   from tapo_jax.models.qwen import Qwen
+  from tapo_jax.models.shapes import SHAPES
   from tapo_jax.sampling import QwenEngine, Sampling, generate
 
   shape = SHAPES[a.rollout_shape]

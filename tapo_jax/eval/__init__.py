@@ -1,10 +1,13 @@
-"""Evaluation: pure metrics (avg@k, pass@k, maj@k, DSR/ERR) and the sample-grade-summarize loop."""
+"""Evaluation: pure metrics (avg@k, pass@k, maj@k, DSR/ERR), the sample-grade-summarize loop and
+the eval sets of a config (`evaluate`); mode = eval is `mode.run`. The text helpers it uses
+(decoding, EOS ids) live in tapo_jax/data/text.py, below sampling and eval both."""
 
-from tapo_jax.data.text import decode_responses, default_eos_ids
 from tapo_jax.eval.evaluate import (
+  checked_eval_sets,
   compute_pass_rates,
   describe_change,
   eval_kwargs,
+  eval_sets,
   evaluate,
   evaluate_sets,
   load_eval_sets,
@@ -31,12 +34,12 @@ __all__ = [
   "avg_at_k",
   "canonical",
   "compute_pass_rates",
-  "decode_responses",
   "describe_change",
-  "default_eos_ids",
   "dsr",
   "err",
+  "checked_eval_sets",
   "eval_kwargs",
+  "eval_sets",
   "evaluate",
   "evaluate_sets",
   "has_reflection",

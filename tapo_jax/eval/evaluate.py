@@ -15,8 +15,9 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tapo_jax import toy
 from tapo_jax.data.datasets import Problem, load_problems
-from tapo_jax.data.prompts import DEFAULT_TEMPLATE
+from tapo_jax.data.prompts import DEFAULT_TEMPLATE, check_prompt_lengths
 from tapo_jax.data.text import default_eos_ids
 from tapo_jax.eval.metrics import Equiv, ProblemResult, summarize
 
@@ -179,6 +180,25 @@ def load_eval_sets(paths: str | Sequence[str], layout: str = "auto") -> dict[str
       i += 1
       name = f"{stem}_{i}"
     sets[name] = load_problems(path, layout)
+  return sets
+
+
+def eval_sets(cfg) -> dict[str, list[Problem]]:
+  """{name: problems} from config eval.paths, or the toy model's held-out set."""
+  if cfg.eval.paths:
+    return load_eval_sets(cfg.eval.paths)
+  return {cfg.model.toy: toy.eval_problems(cfg.model.toy, cfg.seed)}
+
+
+def checked_eval_sets(cfg, tokenizer) -> dict[str, list[Problem]]:
+  """eval_sets, loaded once before any work: a prompt longer than the largest prefill bucket
+  (what the eval engine can take) is a DataError naming its file and row."""
+  sets = eval_sets(cfg)
+  for problems in sets.values():
+    check_prompt_lengths(
+      problems, cfg.data.prompt_template, tokenizer, max(cfg.rollout.prefill_buckets),
+      cfg.data.use_chat_template, limit_key="max(rollout.prefill_buckets)",
+    )  # fmt: skip
   return sets
 
 

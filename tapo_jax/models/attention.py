@@ -49,9 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from tapo_jax import sharding
-from tapo_jax.config import ENUMS
 
-IMPLS = ENUMS["model.attention_impl"]
+IMPLS = ("", "xla", "cudnn", "blockwise", "splash")  # model.attention_impl ("": xla)
 MEMORY_EFFICIENT = ("cudnn", "blockwise", "splash")  # their prefill over the cache is blockwise
 BLOCK = 512  # default Bq = Bk; the planner (tapo_jax.plan) sizes the per-block scratch with it
 

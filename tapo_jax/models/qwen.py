@@ -34,6 +34,7 @@ from tapo_jax.models.kv_cache import KVCache
 from tapo_jax.sharding import constrain
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype, model.param_dtype
 
 
 @dataclasses.dataclass(frozen=True)

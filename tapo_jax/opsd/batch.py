@@ -28,7 +28,7 @@ sequences without a loss token.
 
 `distill_scale` is each distilled token's weight in the divergence term, normalized over the whole
 step's distilled tokens (token-mean, as the OPSD code's loss), so micro-batch losses sum to the
-full-batch loss like every other term; `train.step.packed_minibatches` scales it with
+full-batch loss like every other term; `minibatches.packed_minibatches` scales it with
 `loss_scale`.
 """
 
@@ -41,9 +41,9 @@ import flax.struct
 import jax
 import numpy as np
 
+from tapo_jax import minibatches
 from tapo_jax.tapo import batch as tapo_batch
 from tapo_jax.tapo.batch import Layout, Rollouts, TrainBatch
-from tapo_jax.train import step as step_lib
 
 
 @flax.struct.dataclass
@@ -142,7 +142,7 @@ def layout(
   batch: OpsdBatch, key, *, n: int, m: int, num_micro: int, with_loss_tokens: bool
 ) -> PairLayout:
   """The step's paired layout of the padded `batch` ([n, M = num_micro, m, W] student rows of
-  its T, [n, M, m, U] teacher rows of its U): `train.step.layout_minibatches` on [student,
+  its T, [n, M, m, U] teacher rows of its U): `minibatches.layout_minibatches` on [student,
   teacher] lengths, over the sequences with a distilled token (or, `with_loss_tokens`: the GRPO
   term runs, a loss token)."""
   trained = np.asarray(batch.distill_mask).any(axis=1)
@@ -152,7 +152,7 @@ def layout(
   lengths = np.stack([seg_s.sum(axis=1), seg_t.sum(axis=1)], axis=1)
   constructed = np.asarray(batch.is_constructed)[:, 0]
   widths = (seg_s.shape[1], seg_t.shape[1])
-  student, teacher = step_lib.layout_minibatches(
+  student, teacher = minibatches.layout_minibatches(
     lengths, trained, constructed, key, n, m, widths, num_micro
   )
   return PairLayout(student, teacher)

@@ -16,14 +16,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tapo_jax import sharding
+from tapo_jax import metrics as metrics_lib
+from tapo_jax import minibatches, sharding
 from tapo_jax.data import DataError, Problem
 from tapo_jax.opsd import batch as batch_lib
 from tapo_jax.opsd import loss as loss_lib
 from tapo_jax.opsd import teacher as teacher_lib
 from tapo_jax.tapo import batch as rollouts_lib
-from tapo_jax.train import metrics as metrics_lib
-from tapo_jax.train import step as step_lib
 
 
 def max_solution_tokens(cfg) -> int:
@@ -106,7 +105,7 @@ class Distiller:
 
   def minibatches(self, train, layout: batch_lib.PairLayout, mesh) -> list:
     """`train` (the padded OpsdBatch, host arrays) packed into `layout` and put on `mesh`."""
-    return step_lib.packed_minibatches(train, layout, mesh, pack=batch_lib.pack)
+    return minibatches.packed_minibatches(train, layout, mesh, pack=batch_lib.pack)
 
   def relayout(self, train, parts, layout, old, mesh) -> list:
     """The step's sequences packed anew into `layout` (another epoch's dealing), π_old (when the

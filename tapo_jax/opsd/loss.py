@@ -21,7 +21,7 @@ L = Σ_tokens distill_scale · D_β  (token-mean over the step's distilled token
 No [R, T, V] array: both final hidden states are gathered at the distilled tokens ([R, N, D]) and
 the vocabulary is scanned `chunk` entries at a time through the LM head, twice (the log-normalizers
 first, then the divergence: the mixture M needs normalized probabilities), each chunk body
-rematerialized in the backward pass as in `tapo.loss.token_logprobs_and_entropy`.
+rematerialized in the backward pass as in `models.logprobs.token_logprobs_and_entropy`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tapo_jax.models import logprobs as logprobs_lib
 from tapo_jax.opsd.batch import OpsdBatch
 from tapo_jax.tapo import loss as loss_lib
 
@@ -195,7 +196,7 @@ def opsd_loss(model, batch: OpsdBatch, cfg: OpsdConfig) -> tuple[jax.Array, dict
     head, head_t = head / temp, head_t / temp
   loss, metrics = distillation(hidden, head, hidden_t, head_t, batch, cfg)
   if cfg.grpo_coef:
-    lp, ent = loss_lib.sequence_logprobs(
+    lp, ent = logprobs_lib.sequence_logprobs(
       hidden, head, batch.tokens, cfg.loss.vocab_chunk, batch.segment_ids
     )
     l_grpo, grpo_metrics = loss_lib.policy_loss(lp, ent, batch, cfg.loss)

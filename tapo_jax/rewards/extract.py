@@ -13,9 +13,7 @@ Everything here is a linear scan (no backtracking regexes), so it is safe to run
 process on arbitrary model text.
 """
 
-from tapo_jax.config import ENUMS
-
-EXTRACT_MODES = ENUMS["reward.extract"]  # config key reward.extract
+EXTRACT_MODES = ("boxed", "answer_line")  # reward.extract
 MAX_BOXED_CHARS = 1000  # longer boxed text (or answer line) is treated as no answer
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _THINK_END = "</think>"

@@ -9,7 +9,8 @@ One module, longer than most here, on purpose: it is one grammar (precedence cli
 relations down to atoms), and its bounds only stay auditable when every production is read in
 one place.
 
-Values returned by `parse`:
+Values returned by `parse` (the non-sympy ones: values.py; what a set-valued one denotes:
+intervals.py):
   sympy.Expr         a scalar (numbers exact: 0.25 is Rational(1, 4))
   Rel                a relation chain, e.g. x = 5, 1 < x <= 3, 2 + 3 = 5
   Seq                a comma list, a tuple, a set, the two branches of a \pm, a ratio 3:4
@@ -25,12 +26,11 @@ Bases: `101_2` is 5 (digits below the base, base 2-36); a lone based literal als
 string as a second reading (`101_2` ~ 101, for golds that omit the base).
 """
 
-import dataclasses
 import re
 
 import sympy
-import sympy.solvers.inequalities
 
+from tapo_jax.rewards import intervals
 from tapo_jax.rewards.lex import (
   CONST_WORDS,
   END,
@@ -42,12 +42,10 @@ from tapo_jax.rewards.lex import (
 )
 from tapo_jax.rewards.screen import (
   INVERSE,
-  MAX_EXPANDED_TERMS,
   add,
   apply_function,
   binomial,
   div,
-  expanded_terms,
   factorial,
   interval,
   mul,
@@ -55,158 +53,10 @@ from tapo_jax.rewards.screen import (
   root,
   scalar,
 )
+from tapo_jax.rewards.values import PM, Choice, Parsed, Rel, Seq, Text
 
 MAX_CHARS = 1000  # longer answers are not parsed
 MAX_DEPTH = 40  # bracket nesting
-
-
-@dataclasses.dataclass(frozen=True)
-class Rel:
-  r"""A relation chain parts[0] ops[0] parts[1] ...; ops are '=', '<', '<=', '>', '>=', '!=', '~'.
-
-  ulps (only when there is a '~') holds, for ops[k] == '~', one unit in the last place of the
-  decimal literal after it (2\pi \approx 6.28: 1/100), or None when that part is no plain literal.
-  """
-
-  parts: tuple
-  ops: tuple
-  ulps: tuple = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Seq:
-  """Several values: kind is list | or | and (bare separators), paren | bracket, set, pm."""
-
-  kind: str
-  items: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class Text:
-  """A non-mathematical answer, normalized (lower case, no spaces)."""
-
-  text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice:
-  """A multiple-choice letter."""
-
-  letter: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Parsed:
-  """A parsed answer, whether it carried a percent sign or a degree mark, and its digit string
-  when it is one literal in a base (101_2: value 5, digits 101)."""
-
-  value: object
-  percent: bool = False
-  degree: bool = False
-  digits: object = None
-  units: frozenset = frozenset()  # unit_key()s of the unit words, scale words and \$ it carried
-
-
-PM = sympy.Symbol("_pm_")  # the sign of a \pm; substituted by +1 and -1 at the item level
-
-
-def to_set(v) -> sympy.Set:
-  """The set a value denotes: intervals, unions, inequalities in one variable, {a, b}."""
-  if isinstance(v, sympy.Set):
-    return v
-  if isinstance(v, Seq):
-    if v.kind in ("paren", "bracket") and len(v.items) == 2:
-      a, b = v.items
-      return interval(a, b, v.kind == "paren", v.kind == "paren")
-    if v.kind == "set":
-      return sympy.FiniteSet(*(scalar(x) for x in v.items))
-    if v.kind in ("or", "list", "and") and all(isinstance(x, Rel) for x in v.items):
-      sets = [to_set(x) for x in v.items]
-      return sympy.Intersection(*sets) if v.kind == "and" else sympy.Union(*sets)
-  if isinstance(v, Rel):
-    return _rel_to_set(v)
-  raise ParseError("not a set")
-
-
-def _rel_to_set(rel: Rel) -> sympy.Set:
-  """The real solution set of an inequality chain in one variable (linear ones without sympy)."""
-  symbols = set().union(*(p.free_symbols for p in rel.parts if isinstance(p, sympy.Expr)))
-  if len(symbols) != 1 or "=" in rel.ops or "~" in rel.ops:
-    raise ParseError("not an inequality in one variable")
-  (x,) = symbols
-  lo, lo_open, hi, hi_open = -sympy.oo, True, sympy.oo, True
-  holes, curved = [], []
-  for lhs, op, rhs in zip(rel.parts[:-1], rel.ops, rel.parts[1:], strict=True):
-    if expanded_terms(scalar(lhs) - scalar(rhs)) > MAX_EXPANDED_TERMS:
-      raise ParseError("inequality too large")
-    d = sympy.expand(scalar(lhs) - scalar(rhs))  # d op 0
-    a, b = d.coeff(x, 1), d.coeff(x, 0)
-    linear = a.is_number and b.is_number and a.is_real and b.is_real and a != 0
-    if not linear or sympy.expand(a * x + b - d) != 0:
-      curved.append(_nonlinear_set(scalar(lhs) - scalar(rhs), op, x))
-      continue
-    c = -b / a
-    if a < 0:
-      op = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "!=": "!="}[op]
-    if op == "!=":
-      holes.append(c)
-    elif op in ("<", "<=") and bool(c < hi or (c == hi and op == "<")):
-      hi, hi_open = c, op == "<"
-    elif op in (">", ">=") and bool(c > lo or (c == lo and op == ">")):
-      lo, lo_open = c, op == ">"
-  result = sympy.Interval(lo, hi, lo_open, hi_open)
-  for c in holes:
-    result = sympy.Complement(result, sympy.FiniteSet(c))
-  return sympy.Intersection(result, *curved) if curved else result
-
-
-MAX_INEQ_DEGREE = 4  # of a non-linear inequality's numerator / denominator in its variable
-MAX_INEQ_ABS = 2  # absolute values in one non-linear inequality
-_RELATIONS = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "!=": sympy.Ne}
-
-
-def _nonlinear_set(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set:
-  """{x real: d op 0} for d rational in x and |polynomial|s, rational coefficients, small degree.
-
-  x^2 < 4 -> (-2, 2); 1 <= |z| -> (-oo, -1] U [1, oo). Anything else (radicals, pi, functions,
-  high degree) is refused, which keeps sympy's solver on the small inputs it solves fast.
-  """
-  absolutes = list(d.atoms(sympy.Abs))
-  if len(absolutes) > MAX_INEQ_ABS:
-    raise ParseError("too many absolute values")
-  ys = sympy.symbols(f"_y0:{len(absolutes)}")
-  for inner in [a.args[0] for a in absolutes] + [d.subs(dict(zip(absolutes, ys, strict=True)))]:
-    _check_rational_function(inner, x, ys)
-  return sympy.solvers.inequalities.solve_univariate_inequality(
-    _RELATIONS[op](d, 0), x, relational=False, domain=sympy.S.Reals
-  )
-
-
-def _check_rational_function(e: sympy.Expr, x: sympy.Symbol, ys: tuple) -> None:
-  """e is a ratio of small-degree polynomials in x (and ys) with small rational coefficients."""
-  if not e.free_symbols <= {x, *ys} or e.atoms(sympy.NumberSymbol, sympy.Function):
-    raise ParseError("not a rational function")
-  if e.has(sympy.I):
-    raise ParseError("not a rational function")
-  for p in e.atoms(sympy.Pow):
-    if not (p.exp.is_Integer and abs(p.exp) <= MAX_INEQ_DEGREE):
-      raise ParseError("not a rational function")
-  for n in e.atoms(sympy.Number):
-    if not n.is_Rational or max(int(n.p).bit_length(), int(n.q).bit_length()) > 64:
-      raise ParseError("coefficients too large")
-  num, den = sympy.fraction(sympy.together(e))
-  for poly in (num, den):
-    if sympy.Poly(poly, x, *ys).total_degree() > MAX_INEQ_DEGREE:
-      raise ParseError("degree too high")
-
-
-def _set_op(op: str, a, b) -> sympy.Set:
-  a, b = to_set(a), to_set(b)
-  if op == "cup":
-    return sympy.Union(a, b)
-  if op == "cap":
-    return sympy.Intersection(a, b)
-  return sympy.Complement(a, b)
 
 
 def _subs_pm(v, sign: int):
@@ -294,7 +144,7 @@ class _Parser:
     v = self.relation()
     while self.at("SETOP"):
       op = self.next().val
-      v = _set_op(op, v, self.relation())
+      v = intervals.set_op(op, v, self.relation())
     if _has_pm(v):
       return Seq("pm", (_subs_pm(v, 1), _subs_pm(v, -1)))
     return v

@@ -46,6 +46,7 @@ from tapo_jax.sampling.jetstream_compat import engine_api
 from tapo_jax.sampling.sample import Sampling, sample
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+WEIGHT_DTYPES = ("bfloat16", "float32")  # rollout.weight_dtype
 GREEDY = Sampling(temperature=0.0)
 
 

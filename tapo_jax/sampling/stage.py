@@ -4,7 +4,7 @@ engine -> response texts as the verifier reads them -> rewards.
 Legend: P problems, R = P * n rows (prompt-major, as `generate` returns them).
 
 RL rollouts (train/rollouts.py), evaluation and the difficulty filter (eval/evaluate.py) and the
-cold-start builder's rollouts (train/coldstart.py) all call `sample_and_grade`; rows that were not
+cold-start builder's rollouts (coldstart/build.py) all call `sample_and_grade`; rows that were not
 sampled from a prompt (the policy's constructions) are graded by `grade`, the same decoding and
 grading path (the text helpers it uses, shared with eval, are in tapo_jax/data/text.py).
 """

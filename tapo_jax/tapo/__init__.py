@@ -19,12 +19,9 @@ from tapo_jax.tapo.dcs import Candidates, select_candidates
 from tapo_jax.tapo.divergence import diagnosis_tokens, divergence_rows
 from tapo_jax.tapo.loss import (
   LossConfig,
-  logprobs_and_entropy,
   policy_loss,
   prepare_batch,
-  sequence_logprobs,
   tapo_loss,
-  token_logprobs_and_entropy,
 )
 from tapo_jax.tapo.splice import Spliced, splice
 from tapo_jax.tapo.synthesis import (
@@ -54,7 +51,6 @@ __all__ = [
   "diagnosis_tokens",
   "divergence_rows",
   "encode_template",
-  "logprobs_and_entropy",
   "overlong_penalty",
   "pack",
   "pack_rollouts",
@@ -67,11 +63,9 @@ __all__ = [
   "select",
   "segment_sum",
   "select_candidates",
-  "sequence_logprobs",
   "splice",
   "synthesis_prompts",
   "take_rows",
   "tapo_loss",
-  "token_logprobs_and_entropy",
   "token_tables",
 ]

@@ -23,6 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+REF_SCOPES = ("batch", "query")  # tapo.ref_scope
+REF_BASELINES = ("group", "orig", "joint")  # tapo.ref_baseline
+
 
 def n_queries(group_ids: jax.Array, is_constructed: jax.Array) -> jax.Array:
   """Q: originals have group ids 0..Q-1, constructions Q + their source query."""

@@ -25,6 +25,8 @@ from tapo_jax.tapo import dcs
 from tapo_jax.tapo.batch import Rollouts
 from tapo_jax.tapo.splice import Spliced
 
+CONSTRUCTIONS = ("policy", "divergence")  # tapo.construction: tapo.synthesis, tapo.divergence
+
 
 @flax.struct.dataclass
 class TokenTables:

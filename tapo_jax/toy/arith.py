@@ -2,7 +2,7 @@
 
 Problems look like "Compute 12+7+30." and solutions like "12+7=19\n19+30=49\n\\boxed{49}", one
 step per line, so the rule-based `divergence` construction has real steps to cut at. The tiny model
-that ships in `tapo_jax/toy/arith/` is trained on these by `python -m tapo_jax.toy.build` (1100
+that ships in `tapo_jax/toy/arith/` is trained on these by `python -m tapo_jax.build_toy` (1100
 SFT steps, the byte-level tokenizer: spaces and newlines kept) and solves ~90% of them sampling at
 temperature 1, ~74% at 1.3 (configs/smoke.py), where 58% of the queries get 2-6 of 8 samples right:
 the zone where TAPO has right and wrong samples to contrast.

@@ -12,7 +12,7 @@ standard precedence agree with that order:
 
 With the default SPEC the start a0 is 10..99, a +/- operand 1..99 and a * operand 2..9 (only of a
 value 10..49); every intermediate result stays in 0..99 (an op is drawn only when it keeps the
-value in range). Other Specs (wider numbers: build.WIDE) are the same generator.
+value in range). Other Specs (wider numbers: tapo_jax.build_toy.WIDE) are the same generator.
 
 Why this domain. A byte-level model writes each result digit by digit, so a digit it samples
 wrongly, a carry or borrow it loses or a previous result it copies wrongly is a step error that

@@ -44,18 +44,20 @@ from absl import logging
 from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import distributed, export, plot, sampling, sharding
+from tapo_jax import distributed, metrics, minibatches, plot, sampling, sharding
 from tapo_jax import eval as eval_lib
+from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
 from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import check_prompt_lengths
+from tapo_jax.models import export
 from tapo_jax.opsd import Distiller
+from tapo_jax.sampling import engines as engines_lib
 from tapo_jax.sampling import stage
 from tapo_jax.tapo import batch as batch_lib
 from tapo_jax.tapo import construct, divergence, synthesis
 from tapo_jax.tapo import loss as loss_lib
-from tapo_jax.train import checkpoint, metrics
-from tapo_jax.train import engines as engines_lib
+from tapo_jax.train import checkpoint
 from tapo_jax.train import problems as problems_lib
 from tapo_jax.train import rollouts as rollouts_lib
 from tapo_jax.train import state as state_lib
@@ -117,8 +119,8 @@ def setup(cfg, workdir: str):
   from the newest checkpoint in `workdir`, else fresh)."""
   t_setup = time.time()
   compiles = metrics.CompileCounter()
-  mesh, model, tokenizer = state_lib.load_policy(cfg)
-  sampler_mesh = state_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
+  mesh, model, tokenizer = policy_lib.load_policy(cfg)
+  sampler_mesh = policy_lib.meshes(cfg)[1] if cfg.rollout.sampler_devices else mesh
   os.makedirs(workdir, exist_ok=True)
   eos = text_lib.default_eos_ids(tokenizer)
   template = None
@@ -139,7 +141,7 @@ def setup(cfg, workdir: str):
     cfg.data.use_chat_template, path=cfg.data.train_path,
   )  # fmt: skip
   periodic = cfg.train.eval_every or cfg.train.eval_at_start
-  held_out = problems_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
+  held_out = eval_lib.checked_eval_sets(cfg, tokenizer) if periodic else {}
   if cfg.data.pass_rate_window:
     params = engines.sync(nnx.state(model, nnx.Param))
     problems = problems_lib.filter_by_difficulty(
@@ -174,7 +176,7 @@ def setup(cfg, workdir: str):
       ssh,
       max_update_ratio=cfg.optim.max_update_ratio,
     )
-  rows_per_micro = step_lib.rows_per_micro_batch(
+  rows_per_micro = minibatches.rows_per_micro_batch(
     config_lib.micro_batch_tokens(cfg, cfg.tapo.max_len),
     cfg.tapo.max_len,
     sharding.data_parallel_size(mesh),
@@ -205,7 +207,7 @@ def setup(cfg, workdir: str):
     template=template,
     train_step=train_step,
     old_logprobs=step_lib.make_old_logprobs(graphdef, cfg.loss.vocab_chunk, loss_cfg.temperature),
-    relayout=step_lib.make_relayout(mesh),
+    relayout=minibatches.make_relayout(mesh),
     rows_per_micro=rows_per_micro,
     writer=writer,
     compiles=compiles,
@@ -277,7 +279,7 @@ def rl_step(run: Run, state, step: int):
   train, prep_metrics = loss_lib.prepare_batch(batch, run.loss_cfg)
   train = sharding.to_host(train)
   n_mb, mesh, m = cfg.optim.minibatches, run.mesh, run.rows_per_micro
-  num_micro = step_lib.micro_batches_bound(train.num_rows, n_mb, m)
+  num_micro = minibatches.micro_batches_bound(train.num_rows, n_mb, m)
   if run.distiller:  # OPSD: each rollout's teacher row, packed in pairs with its student row
     train, prep_metrics = run.distiller.add_teacher(
       train, prep_metrics, originals, r.problems, step
@@ -292,11 +294,11 @@ def rl_step(run: Run, state, step: int):
       train.is_constructed[:, 0],
     )
     deal = functools.partial(
-      step_lib.layout_minibatches, *seqs, n=n_mb, m=m, width=cfg.tapo.max_len,
+      minibatches.layout_minibatches, *seqs, n=n_mb, m=m, width=cfg.tapo.max_len,
       num_micro=num_micro,
     )  # fmt: skip
     layout = deal(jax.random.fold_in(key, 2))
-    parts = step_lib.packed_minibatches(train, layout, mesh)
+    parts = minibatches.packed_minibatches(train, layout, mesh)
   if not run.distiller or run.distiller.needs_old_logprobs:
     with jax.set_mesh(mesh):
       parts = [p.replace(old_logprobs=run.old_logprobs(state.params, p)) for p in parts]
@@ -439,7 +441,7 @@ def run(cfg, workdir: str) -> None:
     # The policy as a Hugging Face directory and the run's curves (also after a SIGTERM).
     policy = nnx.merge(run.graphdef, state.params)
     hf_dir = os.path.join(workdir, "hf")
-    export.export_model(policy, run.tokenizer, hf_dir, source_dir=state_lib.model_dir(cfg))
+    export.export_model(policy, run.tokenizer, hf_dir, source_dir=policy_lib.model_dir(cfg))
     if distributed.is_main():
       plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
       if len(evals) > 1:

@@ -1,5 +1,6 @@
-"""What a run trains and evaluates on: the configured files (or the toy domain's problems) and
-the difficulty filter that keeps the problems at the initial policy's capability boundary."""
+"""What a run trains on: the configured file (or the toy domain's problems) and the difficulty
+filter that keeps the problems at the initial policy's capability boundary (what it evaluates on:
+tapo_jax.eval.evaluate.eval_sets)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import sys
 from tapo_jax import distributed, toy
 from tapo_jax import eval as eval_lib
 from tapo_jax.data import DataError, Problem, filter_by_pass_rate, load_problems
-from tapo_jax.data.prompts import check_prompt_lengths
 
 
 def training_problems(cfg) -> list[Problem]:
@@ -18,25 +18,6 @@ def training_problems(cfg) -> list[Problem]:
   if cfg.data.train_path:
     return load_problems(cfg.data.train_path, cfg.data.layout)
   return toy.train_problems(cfg.model.toy, cfg.seed)
-
-
-def eval_sets(cfg) -> dict[str, list[Problem]]:
-  """{name: problems} from config eval.paths, or the toy model's held-out set."""
-  if cfg.eval.paths:
-    return eval_lib.load_eval_sets(cfg.eval.paths)
-  return {cfg.model.toy: toy.eval_problems(cfg.model.toy, cfg.seed)}
-
-
-def checked_eval_sets(cfg, tokenizer) -> dict[str, list[Problem]]:
-  """eval_sets, loaded once before any work: a prompt longer than the largest prefill bucket
-  (what the eval engine can take) is a DataError naming its file and row."""
-  sets = eval_sets(cfg)
-  for problems in sets.values():
-    check_prompt_lengths(
-      problems, cfg.data.prompt_template, tokenizer, max(cfg.rollout.prefill_buckets),
-      cfg.data.use_chat_template, limit_key="max(rollout.prefill_buckets)",
-    )  # fmt: skip
-  return sets
 
 
 def filter_by_difficulty(cfg, engine, params, tokenizer, pool, problems, workdir) -> list[Problem]:

@@ -24,12 +24,13 @@ import numpy as np
 from flax import nnx
 
 from tapo_jax import config as config_lib
-from tapo_jax import distributed, sharding
+from tapo_jax import distributed, metrics, minibatches, sharding
+from tapo_jax import policy as policy_lib
 from tapo_jax.data import load_sft
 from tapo_jax.data.prompts import tokenize_sft
+from tapo_jax.models.logprobs import sequence_logprobs
 from tapo_jax.tapo.batch import pack_rows
-from tapo_jax.tapo.loss import sequence_logprobs
-from tapo_jax.train import checkpoint, metrics
+from tapo_jax.train import checkpoint
 from tapo_jax.train import state as state_lib
 from tapo_jax.train import step as step_lib
 from tapo_jax.train.iterator import BatchIterator
@@ -82,7 +83,7 @@ def sft_loss(model, batch, chunk: int = 4096):
 
 def run(cfg, workdir: str) -> None:
   """The SFT loop: resumes from the newest checkpoint in `workdir` when there is one."""
-  mesh, model, tokenizer = state_lib.load_policy(cfg)
+  mesh, model, tokenizer = policy_lib.load_policy(cfg)
   examples = load_sft(cfg.sft.path)
   rows = [tokenize_sft(e, tokenizer, cfg.data.use_chat_template) for e in examples]
   bs = cfg.sft.batch_size
@@ -111,7 +112,7 @@ def run(cfg, workdir: str) -> None:
     t0 = time.time()
     examples = it.next()
     width = sft_width(examples, cfg.sft.max_len)
-    rows = step_lib.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, dp)
+    rows = minibatches.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, dp)
     batch = pack_sft(examples, width, rows, pad)  # the same on every process
     micro_batches = sharding.put_global(batch, sharding.batch_shardings(batch, mesh, row_axis=1))
     ckpt.wait()  # a failed asynchronous save stops the run before another update
@@ -131,13 +132,14 @@ def run(cfg, workdir: str) -> None:
   ckpt.close()
   writer.close()
   jax.block_until_ready(state.params)
-  from tapo_jax import export, plot
+  from tapo_jax import plot
+  from tapo_jax.models import export
 
   export.export_model(
     nnx.merge(graphdef, state.params),
     tokenizer,
     os.path.join(workdir, "hf"),
-    source_dir=state_lib.model_dir(cfg),
+    source_dir=policy_lib.model_dir(cfg),
   )
   if distributed.is_main():
     plot.plot_if_logged(workdir)  # WORKDIR/curves.png

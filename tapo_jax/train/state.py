@@ -1,5 +1,5 @@
-"""The policy every mode starts from, the train state and optimizer: built sharded, never
-materialized on one device first."""
+"""The train state and optimizer: built sharded, never materialized on one device first (the
+policy they start from: tapo_jax/policy.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
-from tapo_jax import sharding, toy
-from tapo_jax.models import load_pretrained
+from tapo_jax import sharding
 
 
 @flax.struct.dataclass
@@ -23,41 +21,6 @@ class TrainState:
   params: nnx.State  # the model's nnx.Param state (master weights)
   opt_state: optax.OptState
   skipped: jax.Array  # [] int32  updates skipped for a non-finite loss, gradient or update
-
-
-def model_dir(cfg) -> str:
-  """The local HF directory of the policy: config.model.path, else the shipped toy checkpoint."""
-  return cfg.model.path or str(toy.checkpoint_dir(cfg.model.toy))
-
-
-def meshes(cfg) -> tuple[Mesh, Mesh]:
-  """(training mesh, samplers' devices): one mesh over every device (config.mesh) for both, or,
-  with rollout.sampler_devices = N, the first N devices for the samplers (the engines lay them out
-  in their decode layout) and config.mesh over the rest."""
-  n = int(cfg.rollout.sampler_devices)
-  if not n:
-    mesh = sharding.make_mesh(dict(cfg.mesh))
-    return mesh, mesh
-  devices = jax.devices()
-  trainer = sharding.make_mesh(dict(cfg.mesh), devices[n:])
-  return trainer, sharding.make_mesh({"data": -1}, devices[:n])
-
-
-def load_policy(cfg):
-  """(training mesh, model sharded over it, tokenizer) from the local model directory."""
-  mesh = meshes(cfg)[0]
-  path = model_dir(cfg)
-  with jax.set_mesh(mesh):
-    model = load_pretrained(
-      path,
-      dtype=jnp.dtype(cfg.model.dtype),
-      param_dtype=jnp.dtype(cfg.model.param_dtype),
-      mesh=mesh,
-      remat=cfg.model.remat,
-      attention_impl=cfg.model.attention_impl or None,
-    )
-  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-  return mesh, model, tokenizer
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:

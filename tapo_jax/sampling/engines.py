@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from tapo_jax import config
-from tapo_jax.sampling import QwenEngine, Sampling
+from tapo_jax.sampling.engine import QwenEngine
+from tapo_jax.sampling.sample import Sampling
 from tapo_jax.tapo import synthesis
 
 

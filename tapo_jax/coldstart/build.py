@@ -38,17 +38,17 @@ import jax
 import numpy as np
 import tqdm
 
+from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
+from tapo_jax.coldstart import teachers
+from tapo_jax.coldstart.teachers import TeacherError  # noqa: F401 (main catches it from here)
 from tapo_jax.data import Problem
 from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import render
+from tapo_jax.sampling import engines as engines_lib
 from tapo_jax.sampling import stage
 from tapo_jax.tapo import dcs, synthesis
-from tapo_jax.train import engines as engines_lib
 from tapo_jax.train import problems as problems_lib
-from tapo_jax.train import state as state_lib
-from tapo_jax.train import teachers
-from tapo_jax.train.teachers import TeacherError  # noqa: F401 (main catches it from here)
 
 COUNTERS = (
   "problems", "rollouts", "rollouts_correct", "eligible", "pairs", "prompted", "too_long",
@@ -72,6 +72,53 @@ class BuildError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- pure helpers
+
+
+def check_config(cfg) -> None:
+  """The keys this mode reads (config.coldstart and the synthesis template); ValueError naming
+  the first bad one (validate.validate runs this before any work)."""
+  cs = cfg.coldstart
+  if cfg.distributed:
+    raise ValueError("config.distributed=True: mode=coldstart runs on one host; set it False")
+  if cfg.tapo.synthesis_template:
+    try:
+      synthesis.template_parts(cfg.tapo.synthesis_template)
+    except ValueError as e:
+      raise ValueError(f"config.tapo.synthesis_template: {e}") from None
+  for key in ("constructions", "solutions", "max_chunks", "teacher_retries"):
+    if cs[key] < 0:
+      raise ValueError(f"config.coldstart.{key}={cs[key]}: must be >= 0")
+  for key in ("chunk_problems", "passes", "solutions_per_problem", "teacher_workers"):
+    if cs[key] < 1:
+      raise ValueError(f"config.coldstart.{key}={cs[key]}: must be >= 1")
+  if cs.constructions == 0 and cs.solutions == 0:
+    raise ValueError("config.coldstart.constructions and .solutions are both 0: nothing to build")
+  if cs.constructions and cfg.tapo.n_pos + cfg.tapo.n_neg > cfg.rollout.n:
+    raise ValueError(
+      f"config.tapo.n_pos + tapo.n_neg = {cfg.tapo.n_pos + cfg.tapo.n_neg} > rollout.n="
+      f"{cfg.rollout.n}: no problem can have a DCS pair; lower them or raise rollout.n"
+    )
+  if cs.teacher_temperature < 0 or not 0 < cs.teacher_top_p <= 1:
+    raise ValueError(
+      f"config.coldstart.teacher_temperature={cs.teacher_temperature}, teacher_top_p="
+      f"{cs.teacher_top_p}: expected temperature >= 0 and top_p in (0, 1]"
+    )
+  t = cs.teacher_timeout_s
+  if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < math.inf:
+    raise ValueError(f"config.coldstart.teacher_timeout_s={t!r}: must be a finite number > 0")
+  if cs.teacher_url and cs.teacher_path:
+    raise ValueError("config.coldstart.teacher_url and teacher_path are both set: choose one")
+  if cs.teacher_url:
+    if not cs.teacher_url.startswith(("http://", "https://")):
+      raise ValueError(f"config.coldstart.teacher_url={cs.teacher_url!r}: expected http(s)://...")
+    if not cs.teacher_model:
+      raise ValueError("config.coldstart.teacher_model is empty: the model name the server serves")
+  if cs.teacher_path:
+    if not os.path.exists(os.path.join(cs.teacher_path, "config.json")):
+      raise ValueError(
+        f"config.coldstart.teacher_path={cs.teacher_path!r}: not a Hugging Face model directory "
+        "(no config.json)"
+      )
 
 
 def chunk_of(problems: list[Problem], size: int, seed: int, shuffle: bool, chunk: int):
@@ -339,7 +386,7 @@ def _build(cfg, workdir, output, progress_path, template, problems, total, progr
 
   t0 = time.time()
   if start < stop and not (reached("constructions") and reached("solutions")):
-    mesh, model, tokenizer = state_lib.load_policy(cfg)
+    mesh, model, tokenizer = policy_lib.load_policy(cfg)
     eos = text_lib.default_eos_ids(tokenizer)
     engine = engines_lib.rollout_engine(cfg, model, mesh)
     params = engine.load_params(model)  # the decode copy, made once

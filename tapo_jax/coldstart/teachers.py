@@ -25,8 +25,8 @@ from tapo_jax import sampling
 from tapo_jax.data import text as text_lib
 from tapo_jax.data.prompts import format_prompt
 from tapo_jax.models import load_pretrained
+from tapo_jax.sampling import engines as engines_lib
 from tapo_jax.tapo import synthesis
-from tapo_jax.train import engines as engines_lib
 
 
 class TeacherError(RuntimeError):

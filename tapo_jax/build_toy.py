@@ -1,7 +1,7 @@
 r"""Rebuilds a shipped toy checkpoint: a tiny Qwen2 trained from scratch by our own SFT mode.
 
-python -m tapo_jax.toy.build --domain=arith [--steps=1100] [--out=tapo_jax/toy/arith]
-python -m tapo_jax.toy.build --domain=chain [--out=tapo_jax/toy/chain]
+python -m tapo_jax.build_toy --domain=arith [--steps=1100] [--out=tapo_jax/toy/arith]
+python -m tapo_jax.build_toy --domain=chain [--out=tapo_jax/toy/chain]
 
 arith: chained two-digit additions (tapo_jax.toy.arith), one SFT phase on worked solutions.
 chain: + - * chains over 0..99 (tapo_jax.toy.chain), cold-started by the SFT phases of
@@ -13,6 +13,7 @@ chain: + - * chains over 0..99 (tapo_jax.toy.chain), cold-started by the SFT pha
   TRIED_PHASES (copying curricula tried after the shipped schedule, not shipped).
 Both are undertrained on purpose: the model should solve some problems and fail others, so that RL
 has groups with both correct and incorrect samples.
+It sits above train/ (it runs `sft`), the domain it trains on (tapo_jax.toy) below it.
 """
 
 from __future__ import annotations

@@ -9,29 +9,27 @@ import json
 import os
 import sys
 
-from tapo_jax import distributed
-from tapo_jax import eval as eval_lib
+from tapo_jax import distributed, metrics
+from tapo_jax import policy as policy_lib
 from tapo_jax import rewards as rewards_lib
-from tapo_jax.train import engines as engines_lib
-from tapo_jax.train import metrics
-from tapo_jax.train import problems as problems_lib
-from tapo_jax.train import state as state_lib
+from tapo_jax.eval.evaluate import checked_eval_sets, eval_kwargs, evaluate_sets
+from tapo_jax.sampling import engines as engines_lib
 
 
 def run(cfg, workdir: str) -> dict[str, float]:
   """Evaluates the configured model; writes eval/<set>.jsonl, metrics.jsonl and a summary."""
-  mesh, model, tokenizer = state_lib.load_policy(cfg)
-  sets = problems_lib.checked_eval_sets(cfg, tokenizer)
+  mesh, model, tokenizer = policy_lib.load_policy(cfg)
+  sets = checked_eval_sets(cfg, tokenizer)
   engine = engines_lib.eval_engine(cfg, model, mesh)
   os.makedirs(workdir, exist_ok=True)
   pool = rewards_lib.VerifierPool(
     workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s, extract=cfg.reward.extract
   )
   with pool:
-    summary = eval_lib.evaluate_sets(
+    summary = evaluate_sets(
       engine, engine.load_params(model), tokenizer, sets,
       out_dir=os.path.join(workdir, "eval") if distributed.is_main() else None,
-      grade_fn=distributed.divided(pool.grade), **eval_lib.eval_kwargs(cfg),
+      grade_fn=distributed.divided(pool.grade), **eval_kwargs(cfg),
     )  # fmt: skip
   writer = metrics.MetricWriter(workdir, total_steps=0, quiet=True)
   writer.write(0, summary, prefix="eval/")
