@@ -245,7 +245,7 @@ def test_divergence_is_zero_when_the_teacher_sees_the_students_prompt():
   def f(p):
     return opsd.opsd_loss(nnx.merge(graphdef, p), batch, loss_cfg)
 
-  (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
   assert abs(float(loss)) < 1e-8  # float noise of a differently padded forward
   assert float(metrics["opsd/agreement"]) == pytest.approx(1.0)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
@@ -266,8 +266,9 @@ def test_micro_batches_add_up_to_the_full_batch(grpo_coef):
     return opsd.opsd_loss(nnx.merge(graphdef, p), b, loss_cfg)[0]
 
   half = lambda lo: jax.tree.map(lambda x: x[lo : lo + 2], batch)  # noqa: E731
-  full, g = jax.value_and_grad(f)(params, batch)
-  (a, ga), (b, gb) = (jax.value_and_grad(f)(params, half(i)) for i in (0, 2))
+  grad = jax.jit(jax.value_and_grad(f))  # one compile per shape, not op by op
+  full, g = grad(params, batch)
+  (a, ga), (b, gb) = (grad(params, half(i)) for i in (0, 2))
   np.testing.assert_allclose(a + b, full, rtol=1e-5)
   for x, y, z in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), jax.tree.leaves(g), strict=True):
     np.testing.assert_allclose(x + y, z, rtol=1e-4, atol=1e-7)
@@ -355,13 +356,14 @@ def test_packed_loss_equals_the_padded_loss(grpo_coef, n, m):
   def f(p, b):
     return opsd.opsd_loss(nnx.merge(graphdef, p), b, loss_cfg)
 
-  (want, want_metrics), g_want = jax.value_and_grad(f, has_aux=True)(params, batch)
+  grad = jax.jit(jax.value_and_grad(f, has_aux=True))  # one compile per shape, not op by op
+  (want, want_metrics), g_want = grad(params, batch)
   parts, layout = _packed(batch, n, m, grpo=bool(grpo_coef))
   got, g_got, agree = 0.0, jax.tree.map(jnp.zeros_like, params), 0.0
   for part in parts:
     for i in range(part.tokens.shape[0]):
       micro = jax.tree.map(lambda x, i=i: x[i], part)
-      (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(params, micro)
+      (loss, metrics), g = grad(params, micro)
       got, agree = got + loss, agree + metrics["opsd/agreement"]
       g_got = jax.tree.map(jnp.add, g_got, g)
   assert max(np.asarray(p.segment_ids).max() for p in parts) == 2  # packed: two in a row
