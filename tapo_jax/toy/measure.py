@@ -186,20 +186,18 @@ def loop_constructions(model, tokenizer, eos, problems, groups: Groups, seed: in
   cands = construct.select(originals, jax.random.key(seed), k=k, n_pos=2, n_neg=4, m_max=4)
   template = synthesis.encode_template(tokenizer, teacher.SYNTHESIS_TEMPLATE, chat=True)
   tables = construct.token_tables(tokenizer, model.cfg.vocab_size, eos)
-  q_tokens, q_lens = synthesis.encode_queries(tokenizer, [p.problem for p in problems])
-  sp = synthesis.synthesis_prompts(
-    originals, cands, q_tokens, q_lens, tables.is_eos, k=k, template=template
-  )
-  neg, _, _, valid = construct.pair_rows(originals, cands, k)
-  todo, prompts = synthesis.prompt_lists(sp, valid)
-  negatives = batch_lib.response_ids(batch_lib.take_rows(originals, neg), eos)
+  req = synthesis.requests(
+    originals, cands, [p.problem for p in problems], tokenizer, tables.is_eos,
+    k=k, template=template, eos_ids=eos,
+  )  # fmt: skip
+  neg = construct.pair_rows(originals, cands, k)[0]
   golds = [problems[int(j) // k].answer for j in np.asarray(neg)]
   sampling = Sampling(1.0, 1.0, 0, tuple(eos))
   out = sample_from(
-    model, prompts, sampling, n=1, max_new_tokens=SYNTHESIS_MAX_NEW_TOKENS, seed=seed + 7919,
-    prefill_buckets=synthesis.prompt_buckets(max(map(len, prompts), default=64)),
+    model, req.prompts, sampling, n=1, max_new_tokens=SYNTHESIS_MAX_NEW_TOKENS, seed=seed + 7919,
+    prefill_buckets=synthesis.prompt_buckets(max(map(len, req.prompts), default=64)),
   )  # fmt: skip
-  return _anchored_stats(tokenizer, eos, todo, out.completions, negatives, golds)
+  return _anchored_stats(tokenizer, eos, req.todo, out.completions, req.negatives, golds)
 
 
 def teacher_constructions(model, tokenizer, eos, problems, seed: int = 0) -> dict:
