@@ -54,6 +54,7 @@ def enums() -> dict[str, tuple[str, ...]]:
   as the module that reads the key defines it."""
   from tapo_jax import config, toy
   from tapo_jax.models import attention, qwen
+  from tapo_jax.opsd import teacher
   from tapo_jax.rewards import extract
   from tapo_jax.sampling import engine
   from tapo_jax.tapo import advantages, construct, loss
@@ -72,7 +73,7 @@ def enums() -> dict[str, tuple[str, ...]]:
     "reward.extract": extract.EXTRACT_MODES,
     "loss.rollout_is": loss.ROLLOUT_IS,
     "loss.aggregation": loss.AGGREGATIONS,
-    "opsd.solution_source": ("group", "reference"),  # read by opsd/teacher.py
+    "opsd.solution_source": teacher.SOLUTION_SOURCES,
   }
 
 

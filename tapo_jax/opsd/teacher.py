@@ -52,6 +52,9 @@ def template_fields(template: str) -> list[str]:
   return fields
 
 
+SOLUTION_SOURCES = ("group", "reference")  # opsd.solution_source, read by choose_solutions
+
+
 def choose_solutions(
   rewards: np.ndarray, k: int, has_reference: Sequence[bool], source: str, seed: Sequence[int]
 ) -> np.ndarray:

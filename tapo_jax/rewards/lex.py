@@ -46,7 +46,7 @@ _UNIT_WORDS = set(
     "days week weeks year years month months dollar dollars cent cents unit units sq square "
     "cubic degree degrees percent gram grams liter liters litre litres people students ways "
     "times points pounds lbs oz ounces gallons cups pages boxes marbles apples pct percentage "
-    "hundred thousand million billion trillion"  # scale words: parse.units_agree
+    "hundred thousand million billion trillion"  # scale words: units.units_agree
   ).split()
 )
 PERCENT_WORDS = ("percent", "pct", "percentage", "percents", "percentages", "percentpoints")

@@ -57,8 +57,9 @@ import sympy
 from tapo_jax.rewards.extract import extract_answer
 from tapo_jax.rewards.intervals import to_set
 from tapo_jax.rewards.lex import ParseError
-from tapo_jax.rewards.parse import MAX_CHARS, normalize_text, parse, units_agree
+from tapo_jax.rewards.parse import MAX_CHARS, normalize_text, parse
 from tapo_jax.rewards.screen import MAX_EXPANDED_TERMS, expanded_terms, small_for_proof
+from tapo_jax.rewards.units import units_agree
 from tapo_jax.rewards.values import Choice, Parsed, Rel, Seq, Text
 
 # Thousands separators as lex.py reads them: 7,425,000 | 14{,}916 | 11,\! 111 | 1 000 | 1\;000.

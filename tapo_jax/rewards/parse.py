@@ -10,7 +10,7 @@ relations down to atoms), and its bounds only stay auditable when every producti
 one place.
 
 Values returned by `parse` (the non-sympy ones: values.py; what a set-valued one denotes:
-intervals.py):
+intervals.py; the unit words it drops: units.py):
   sympy.Expr         a scalar (numbers exact: 0.25 is Rational(1, 4))
   Rel                a relation chain, e.g. x = 5, 1 < x <= 3, 2 + 3 = 5
   Seq                a comma list, a tuple, a set, the two branches of a \pm, a ratio 3:4
@@ -53,10 +53,12 @@ from tapo_jax.rewards.screen import (
   root,
   scalar,
 )
+from tapo_jax.rewards.units import unit_key
 from tapo_jax.rewards.values import PM, Choice, Parsed, Rel, Seq, Text
 
 MAX_CHARS = 1000  # longer answers are not parsed
 MAX_DEPTH = 40  # bracket nesting
+_CURRENCY = re.compile(r"\\\$")  # \$5: a dollar amount (a plain $ delimits math)
 
 
 def _subs_pm(v, sign: int):
@@ -619,58 +621,6 @@ def parse(s: str, thousands: bool = True) -> Parsed:
     digits = sympy.Integer(int(toks[0].raw))  # 101_2 also reads as the digit string 101
   units = set(parser.units) | ({"dollar"} if _CURRENCY.search(s) else set())
   return Parsed(value, parser.percent, parser.degree, digits, frozenset(units))
-
-
-# --- units: what a dropped unit word was, so that 5 km and 5 cm (or 2 million and 2) differ ---
-
-_CURRENCY = re.compile(r"\\\$")  # \$5: a dollar amount (a plain $ delimits math)
-SCALE_WORDS = frozenset(("hundred", "thousand", "million", "billion", "trillion"))
-_UNIT_SYNONYMS = {  # one key per unit: its spellings
-  "meter": "m meter meters metre metres",
-  "cm": "cm centimeter centimeters centimetre centimetres",
-  "mm": "mm millimeter millimeters millimetre millimetres",
-  "km": "km kilometer kilometers kilometre kilometres",
-  "inch": "in inch inches",
-  "foot": "ft foot feet",
-  "yard": "yd yard yards",
-  "mile": "mi mile miles",
-  "gram": "g gram grams",
-  "kg": "kg kilogram kilograms",
-  "mg": "mg milligram milligrams",
-  "ml": "ml milliliter milliliters millilitre millilitres",
-  "liter": "l liter liters litre litres",
-  "pound": "lb lbs pound pounds",
-  "ounce": "oz ounce ounces",
-  "gallon": "gal gallon gallons",
-  "second": "s sec secs second seconds",
-  "minute": "min mins minute minutes",
-  "hour": "h hr hrs hour hours",
-  "dollar": "dollar dollars",
-  "cent": "cent cents",
-  "person": "people person persons",
-  "box": "box boxes",
-}
-_UNIT_KEYS = {name: key for key, names in _UNIT_SYNONYMS.items() for name in names.split()}
-
-
-def unit_key(words: str) -> str:
-  """One spelling per unit: lower case, synonyms and plurals merged (meters, metre, m: meter)."""
-  out = []
-  for w in words.lower().replace("-", " ").split():
-    if w not in _UNIT_KEYS and len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-      w = w[:-1]  # apples, ways, units
-    out.append(_UNIT_KEYS.get(w, w))
-  return " ".join(out)
-
-
-def units_agree(gold: frozenset, answer: frozenset) -> bool:
-  """Whether two answers' units allow comparing their values: scale words (million) must be the
-  same on both sides; other units must be the same when both sides carry some (5 km is not
-  5 cm, \\$5 is not 5 cents); a unit on one side only compares the values (5 vs 5 cm)."""
-  if gold & SCALE_WORDS != answer & SCALE_WORDS:
-    return False
-  g, a = gold - SCALE_WORDS, answer - SCALE_WORDS
-  return not (g and a and g != a)
 
 
 def _check_finite(v) -> None:
