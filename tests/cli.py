@@ -75,7 +75,8 @@ class Result:
 def main_in_process(*args: str) -> Result:
   """tapo_jax.main's flag parsing and main() in this process, on its 8 devices, as `python -m
   tapo_jax.main ARGS` from the repository root: the exit status and what was printed. For runs
-  that end before any work; an exception other than SystemExit (a traceback) propagates."""
+  that end before any work and small single-process runs (an SFT of two steps); an exception
+  other than SystemExit (a traceback) propagates."""
   from absl import flags
   from absl import logging as absl_logging
 

@@ -104,3 +104,16 @@ def qwen_tokenizer():
   from qwen_tokenizer import qwen2_tokenizer
 
   return qwen2_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_given_back():
+  """A test (an in-process run) leaves SIGINT and SIGTERM as it found them: a run that kept its
+  PreemptionGuard's handlers would swallow a notebook's Ctrl-C (and _thread.interrupt_main in
+  later tests)."""
+  import signal
+
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  after = {s: signal.getsignal(s) for s in before}
+  assert after == before, f"signal handlers left changed: {after}"

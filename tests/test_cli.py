@@ -385,7 +385,6 @@ def test_eval_mode_reads_every_layout(tmp_path):
   assert len({summary[f"{n.split('.')[0]}/avg@2"] for n in rows}) == 1
 
 
-@pytest.mark.slow
 def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   import torch
   import transformers
@@ -398,12 +397,15 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
                           {"role": "assistant", "content": "1+1=2\n\\boxed{2}"}]}  # fmt: skip
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   workdir = tmp_path / "wd"
-  out = cli.run(
-    workdir, "--config.mode=sft", f"--config.sft.path={data}",
+  before = signal.getsignal(signal.SIGINT)
+  # in this process (its 8 devices): the run gives the caller's Ctrl-C handler back at the end
+  out = cli.main_in_process(
+    f"--config={cli.CI}", f"--workdir={workdir}", "--config.mode=sft", f"--config.sft.path={data}",
     "--config.sft.steps=2", "--config.sft.batch_size=4", "--config.optim.micro_batch=2",
     "--config.sft.max_len=64",
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
+  assert signal.getsignal(signal.SIGINT) is before
   assert _steps_logged(workdir) == [1, 2]
   assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
   nll = [json.loads(line)["nll"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -107,6 +107,7 @@ class Run:
   syncs: int = 0
 
   def close(self) -> None:
+    self.stop.restore()  # the caller's SIGINT/SIGTERM handlers again (a notebook's Ctrl-C)
     self.compiles.close()
     self.producer.close()
     self.writer.close()
@@ -182,7 +183,11 @@ def setup(cfg, workdir: str):
     sharding.data_parallel_size(mesh),
   )
   stop = checkpoint.PreemptionGuard()  # before the writer: its metrics.jsonl says "guarded"
-  writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
+  try:
+    writer = metrics.MetricWriter(workdir, total_steps=cfg.train.steps, start_step=start)
+  except BaseException:
+    stop.restore()
+    raise
   run = Run(
     cfg=cfg,
     workdir=workdir,

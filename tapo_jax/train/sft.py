@@ -107,28 +107,31 @@ def run(cfg, workdir: str) -> None:
     )
   dp = sharding.data_parallel_size(mesh)
   stop = checkpoint.PreemptionGuard()
-  writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
-  for step in range(start, steps):
-    t0 = time.time()
-    examples = it.next()
-    width = sft_width(examples, cfg.sft.max_len)
-    rows = minibatches.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, dp)
-    batch = pack_sft(examples, width, rows, pad)  # the same on every process
-    micro_batches = sharding.put_global(batch, sharding.batch_shardings(batch, mesh, row_axis=1))
-    ckpt.wait()  # a failed asynchronous save stops the run before another update
-    with jax.set_mesh(mesh):
-      state, m = train_step(state, micro_batches)
-    m = metrics.to_host(m)
-    real = int((batch["segment_ids"] > 0).sum())
-    used = int(batch["segment_ids"].any(axis=(1, 2)).sum())  # micro-batches the update ran
-    m["tokens_per_s"] = float(batch["loss_mask"].sum()) / max(time.time() - t0, 1e-9)
-    m["perf/pad_fraction"] = 1.0 - real / max(used * rows * width, 1)
-    writer.write(step + 1, m)
-    writer.advance({"nll": m["nll"]})
-    ckpt.save(step + 1, state, {"data": it.state()}, force=stop.requested or step + 1 == steps)
-    if stop.requested:
-      print(f"SIGTERM: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
-      break
+  try:
+    writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
+    for step in range(start, steps):
+      t0 = time.time()
+      examples = it.next()
+      width = sft_width(examples, cfg.sft.max_len)
+      rows = minibatches.rows_per_micro_batch(config_lib.micro_batch_tokens(cfg, width), width, dp)
+      batch = pack_sft(examples, width, rows, pad)  # the same on every process
+      micro_batches = sharding.put_global(batch, sharding.batch_shardings(batch, mesh, row_axis=1))
+      ckpt.wait()  # a failed asynchronous save stops the run before another update
+      with jax.set_mesh(mesh):
+        state, m = train_step(state, micro_batches)
+      m = metrics.to_host(m)
+      real = int((batch["segment_ids"] > 0).sum())
+      used = int(batch["segment_ids"].any(axis=(1, 2)).sum())  # micro-batches the update ran
+      m["tokens_per_s"] = float(batch["loss_mask"].sum()) / max(time.time() - t0, 1e-9)
+      m["perf/pad_fraction"] = 1.0 - real / max(used * rows * width, 1)
+      writer.write(step + 1, m)
+      writer.advance({"nll": m["nll"]})
+      ckpt.save(step + 1, state, {"data": it.state()}, force=stop.requested or step + 1 == steps)
+      if stop.requested:
+        print(f"{stop.reason}: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
+        break
+  finally:
+    stop.restore()  # the caller's SIGINT/SIGTERM handlers again (a notebook's Ctrl-C)
   ckpt.close()
   writer.close()
   jax.block_until_ready(state.params)
