@@ -36,12 +36,14 @@ def config(name: str = "smoke", **overrides):
   return cfg
 
 
-def env(devices: int = 1) -> dict:
-  """os.environ for a child on `devices` fake CPU devices (1: like a user's laptop)."""
-  out = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  out.pop("XLA_FLAGS", None)
-  if devices > 1:
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+def env(devices: int = 1, **extra: str) -> dict:
+  """os.environ (and `extra`) for a child on `devices` fake CPU devices (1: like a user's
+  laptop), with this process's other XLA flags (conftest's FAST_COMPILE)."""
+  out = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+  count = "--xla_force_host_platform_device_count"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+  flags += [f"{count}={devices}"] if devices > 1 else []
+  out["XLA_FLAGS"] = " ".join(flags)
   return out
 
 

@@ -1,12 +1,21 @@
 """Eight fake CPU devices for every test, set before JAX is imported anywhere; one persistent
-compilation cache for the whole run."""
+compilation cache for the whole run; programs compiled without LLVM's optimizations.
+
+The tests' programs are tiny, so compiling them costs far more than running them: XLA:CPU's
+`--xla_backend_optimization_level=0` (LLVM -O0 for the generated code) takes ~30% off the CPU time
+of a CLI test run and ~38% off the loss tests (measured on 2 cores). It changes how fast the code
+runs, not what it computes (the parity and bit-identity tests hold under it); the processes the
+tests start inherit it (cli.env), and the deviceless TPU compiles of test_aot give the same
+compiled memory and collectives with or without it.
+"""
 
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(
+  [os.environ.get("XLA_FLAGS", ""), FAST_COMPILE, "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,3 +126,10 @@ def signal_handlers_given_back():
   yield
   after = {s: signal.getsignal(s) for s in before}
   assert after == before, f"signal handlers left changed: {after}"
+
+
+def pytest_collection_modifyitems(config, items):
+  """The `slow` tests first (in file order), so that with -n 2 and --maxschedchunk=1 (pyproject)
+  the minute-long process tests start early and the short ones fill both workers up to the end:
+  on the measured durations, a whole minute-long test no longer starts when the rest is done."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,9 +274,7 @@ CHILD = textwrap.dedent(
 
 
 def _start_child(workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-  env.pop("XLA_FLAGS", None)
+  env = cli.env(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
   return subprocess.Popen(
     [sys.executable, "-c", CHILD, str(workdir)],
     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

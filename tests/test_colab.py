@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import cli
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -86,8 +87,7 @@ def test_notebook_code_cells_run_against_the_checkout(tmp_path):
   script = PRELUDE + "\n".join(translate(c) for c in cells if not is_setup(c))
   (tmp_path / "configs").symlink_to(ROOT / "configs")  # the notebook runs from the repo root
   path = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PATH=path)  # `python` is ours
-  env.pop("XLA_FLAGS", None)
+  env = cli.env(PYTHONPATH=str(ROOT), PATH=path)  # `python` is ours
   out = subprocess.run(
     [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
     timeout=900,

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,8 +136,7 @@ def test_bad_requests_are_checkpoint_errors(run_dir, tmp_path):
 
 def test_export_command(run_dir, tmp_path):
   workdir, _, _ = run_dir
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = cli.env()
   cmd = [sys.executable, "-m", "tapo_jax.export", str(workdir)]
   out = subprocess.run(
     [*cmd, "--step=1", f"--out={tmp_path / 'x'}"], cwd=ROOT, env=env, capture_output=True,
