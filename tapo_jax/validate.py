@@ -159,6 +159,8 @@ def validate(cfg, num_devices: int) -> None:
         raise ConfigError(f"config.eval.paths: {path!r}: no such file")
       if os.path.isdir(path):
         raise ConfigError(f"config.eval.paths: {path!r}: is a directory; expected a data file")
+    if cfg.eval.toy_problems < 1:
+      raise ConfigError(f"config.eval.toy_problems={cfg.eval.toy_problems}: must be >= 1")
     if cfg.eval.k < 1:
       raise ConfigError(f"config.eval.k={cfg.eval.k}: must be >= 1")
     bad = [k for k in cfg.eval.pass_ks if not 1 <= k <= cfg.eval.k]

@@ -298,29 +298,37 @@ def test_evaluate_end_to_end(tok, tmp_path):
   assert out["mean_len"] == pytest.approx(sum(lens) / 4)
   assert out["dsr"] == 1.0  # "so \\boxed{2}", "\\boxed{5}"
   assert out["err"] == 0.5  # "Wait, \\boxed{3}" wrong, "Actually, ..." right
+  assert out["first_pass"] == 0.5 and out["fix_rate"] == 0.5  # (tests/test_eval_reflection.py)
   assert out["n_problems"] == 2
 
   rows = [json.loads(line) for line in (tmp_path / "res" / "e.jsonl").read_text().splitlines()]
-  assert rows == [
-    dict(
-      id="p0",
-      gold="2",
-      responses=TEXTS[:2],
-      answers=["2", "3"],
-      correct=[True, False],
-      lengths=lens[:2],
-      truncated=[False, False],
-    ),
-    dict(
-      id="p1",
-      gold="5",
-      responses=TEXTS[2:],
-      answers=["5", "5"],
-      correct=[True, True],
-      lengths=lens[2:],
-      truncated=[True, False],
-    ),
-  ]
+  assert (
+    rows
+    == [
+      dict(
+        id="p0",
+        gold="2",
+        responses=TEXTS[:2],
+        answers=["2", "3"],
+        correct=[True, False],
+        lengths=lens[:2],
+        truncated=[False, False],
+        first_pass=[True, False],  # "Wait, ..." cut before its line: no answer
+        fixed=[None, False],  # no step reference: a first pass graded wrong, then a wrong answer
+      ),
+      dict(
+        id="p1",
+        gold="5",
+        responses=TEXTS[2:],
+        answers=["5", "5"],
+        correct=[True, True],
+        lengths=lens[2:],
+        truncated=[True, False],
+        first_pass=[True, False],
+        fixed=[None, True],
+      ),
+    ]
+  )
 
 
 def test_evaluate_infers_truncation_when_the_sampler_does_not_say(tok, tmp_path):
