@@ -9,7 +9,9 @@ Each (variant, seed) is one real CLI run, `python -m tapo_jax.main --config=CONF
 --workdir=OUT/VARIANT/seed_S --config.seed=S` plus the profile's overrides, the variant's and
 every --set (in that order; the last wins), so a run is reproduced by that one command. Its output
 goes to OUT/VARIANT/seed_S.log. A run whose workdir already holds its final eval is not run again,
-and an interrupted one resumes from its last checkpoint (the study resumes what is missing).
+and an interrupted one resumes from its last checkpoint (the study resumes what is missing); a
+run in OUT that recorded another config (another profile or --set) stops the study before any
+run (exit 2), so one --out holds one study.
 --jobs=N runs N at a time; a run that fails is reported with its log and stops new launches (the
 running ones finish), and the study exits 1. The config must evaluate at the start and at the end
 (train.eval_at_start, train.eval_every dividing train.steps); configs/tiny.py does.
@@ -371,6 +373,7 @@ def plot_curves(results: dict[str, dict[int, dict]], out: str) -> str:
   against training seconds (one line per run) (columns)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
 
   fig = Figure(figsize=(11.0, 7.0), layout="constrained")
   FigureCanvasAgg(fig)
@@ -403,7 +406,8 @@ def plot_curves(results: dict[str, dict[int, dict]], out: str) -> str:
           label=name if i == 0 else None,
         )  # fmt: skip
     by_steps.set_xlabel("RL step")
-    by_seconds.set_xlabel("training seconds (sum of time/step)")
+    by_steps.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_seconds.set_xlabel("training seconds (sum of time/step; the first step at the median)")
     for ax in (by_steps, by_seconds):
       ax.set_ylabel(label)
       ax.grid(alpha=0.3)
@@ -513,6 +517,46 @@ def check_runs(a) -> None:
       )
 
 
+def _flat(tree, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}, values as JSON reads them back (tuples: lists)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=list))
+  return out
+
+
+def check_existing(a, todo) -> None:
+  """A run already in OUT (its WORKDIR/config.json, written by main) must have this study's
+  config: a finished run is reused as is, and main resumes an unfinished one with a new step
+  budget or eval cadence without a word. Exits 2 naming the run and its changed keys."""
+  for variant, seed in todo:
+    workdir = os.path.join(a.out, variant, f"seed_{seed}")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path) as f:
+        recorded = _flat(json.load(f)["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      _fail(f"{path}: unreadable ({e}); remove {workdir} to run it again")
+    cfg = load_config(a.config, [f"seed={seed}", *run_overrides(a, variant)])
+    expected = _flat(json.loads(json.dumps(cfg.to_dict(), default=list)))
+    changed = [
+      f"{k} {recorded.get(k)!r} -> {expected.get(k)!r}"
+      for k in sorted(set(recorded) | set(expected))
+      if k != "workdir" and recorded.get(k) != expected.get(k)
+    ]
+    if changed:
+      more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+      _fail(
+        f"{workdir}: ran another config than this study's ({', '.join(changed[:3])}{more}); "
+        f"use another --out, or remove that run"
+      )
+
+
 # ------------------------------------------------------------------------------------------- runs
 
 
@@ -599,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
   check_runs(a)
   os.makedirs(a.out, exist_ok=True)
   todo = [(v, s) for s in a.seeds for v in a.variants]  # variants side by side in time
+  check_existing(a, todo)
   failures = run_missing(a, todo)
   results: dict[str, dict[int, dict]] = {}
   for variant, seed in todo:

@@ -329,3 +329,24 @@ def test_quick_study_end_to_end(tmp_path, monkeypatch, capsys):
   pairs = summary["paired"]["tapo-divergence"]
   assert pairs["avg@k end"]["seeds"] == [0, 1] and pairs["greedy equal compute"]["mean"] is not None
   assert (out / "study.png").exists() and "Paired with grpo" in (out / "study.md").read_text()
+
+
+def test_a_run_of_another_config_in_out_stops_the_study(tmp_path, fake_runs, capsys):
+  """A finished 20-step run would pass for a finished run of a 100-step study (and main resumes
+  an unfinished one with a new step budget silently): the study refuses before running."""
+  out = tmp_path / "study"
+  flags = [f"--out={out}", "--variants=grpo", "--seeds=0"]
+  assert study.main(flags) == 0  # a run of this config: its config.json matches
+  cfg = study.load_config("configs/tiny.py", ["seed=0", *study.VARIANTS["grpo"]])
+  (out / "grpo" / "seed_0" / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+  for f in fake_runs.iterdir():
+    f.unlink()
+  assert study.main(flags) == 0 and not list(fake_runs.iterdir())  # the same config: reused
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    study.main([*flags, "--profile=full"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1, err
+  assert err[0].startswith(f"error: {out / 'grpo' / 'seed_0'}: ran another config than this")
+  assert "eval.k 4 -> 8" in err[0] and "use another --out" in err[0]
+  assert not list(fake_runs.iterdir())
