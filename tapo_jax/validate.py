@@ -159,8 +159,6 @@ def validate(cfg, num_devices: int) -> None:
         raise ConfigError(f"config.eval.paths: {path!r}: no such file")
       if os.path.isdir(path):
         raise ConfigError(f"config.eval.paths: {path!r}: is a directory; expected a data file")
-    if cfg.eval.toy_problems < 1:
-      raise ConfigError(f"config.eval.toy_problems={cfg.eval.toy_problems}: must be >= 1")
     if cfg.eval.k < 1:
       raise ConfigError(f"config.eval.k={cfg.eval.k}: must be >= 1")
     bad = [k for k in cfg.eval.pass_ks if not 1 <= k <= cfg.eval.k]
@@ -361,7 +359,7 @@ FINITE = (
 AT_LEAST_1 = (
   "optim.micro_batch", "optim.ppo_epochs", "optim.minibatches", "reward.workers",
   "data.max_prompt_tokens", "rollout.slots", "tapo.max_len", "loss.vocab_chunk",
-  "sft.batch_size", "sft.max_len", "sft.epochs", "eval.max_new_tokens",
+  "sft.batch_size", "sft.max_len", "sft.epochs", "eval.max_new_tokens", "eval.toy_problems",
 )  # fmt: skip
 AT_LEAST_0 = (
   "rollout.top_k", "rollout.resample_rounds", "sft.steps", "train.eval_every",
