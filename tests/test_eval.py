@@ -302,33 +302,32 @@ def test_evaluate_end_to_end(tok, tmp_path):
   assert out["n_problems"] == 2
 
   rows = [json.loads(line) for line in (tmp_path / "res" / "e.jsonl").read_text().splitlines()]
-  assert (
-    rows
-    == [
-      dict(
-        id="p0",
-        gold="2",
-        responses=TEXTS[:2],
-        answers=["2", "3"],
-        correct=[True, False],
-        lengths=lens[:2],
-        truncated=[False, False],
-        first_pass=[True, False],  # "Wait, ..." cut before its line: no answer
-        fixed=[None, False],  # no step reference: a first pass graded wrong, then a wrong answer
-      ),
-      dict(
-        id="p1",
-        gold="5",
-        responses=TEXTS[2:],
-        answers=["5", "5"],
-        correct=[True, True],
-        lengths=lens[2:],
-        truncated=[True, False],
-        first_pass=[True, False],
-        fixed=[None, True],
-      ),
-    ]
-  )
+  # "Wait, ..." is cut before its line: no answer, a wrong first pass; with no step reference a
+  # first pass graded wrong makes its correction count for the fix rate
+  assert rows == [
+    dict(
+      id="p0",
+      gold="2",
+      responses=TEXTS[:2],
+      answers=["2", "3"],
+      correct=[True, False],
+      lengths=lens[:2],
+      truncated=[False, False],
+      first_pass=[True, False],
+      fixed=[None, False],
+    ),
+    dict(
+      id="p1",
+      gold="5",
+      responses=TEXTS[2:],
+      answers=["5", "5"],
+      correct=[True, True],
+      lengths=lens[2:],
+      truncated=[True, False],
+      first_pass=[True, False],
+      fixed=[None, True],
+    ),
+  ]
 
 
 def test_evaluate_infers_truncation_when_the_sampler_does_not_say(tok, tmp_path):
