@@ -46,6 +46,7 @@ Report (OUT/study.md, OUT/summary.json, OUT/study.png):
                       programs) counted as its median step; v_s is the variant's eval curve
                       linearly interpolated at the budget B_s = grpo seed s's train seconds at
                       its last eval (a variant that finished under B_s counts with its final eval);
+  - the same paired differences of first-pass accuracy and the correction-fix rate;
   - held-out avg@k and greedy against RL steps (mean over seeds, band min..max) and against
     training seconds (one line per run).
 Seconds compare only runs that had the same machine under the same load (--jobs=2 shares it).
@@ -147,7 +148,8 @@ COLUMNS = (
   "s / step",
   "train tok / s",
 )
-PAIRED = ("avg@k", "greedy")  # the eval metrics compared with grpo, seed by seed
+# the eval metrics compared with grpo, seed by seed: accuracy, then the two analyses
+PAIRED = ("avg@k", "greedy", "first_pass", "fix_rate")
 
 
 def command(config: str, workdir: str, seed: int, overrides) -> list[str]:
@@ -329,12 +331,12 @@ def paired(results: dict[str, dict[int, dict]], reference: str = REFERENCE) -> d
   return out
 
 
-def paired_table(pairs: dict[str, dict], reference: str = REFERENCE) -> str:
-  """Markdown: per variant and metric, the per-seed differences to the reference, their mean and
-  95% bootstrap interval, at the end and at equal compute."""
+def paired_table(pairs: dict[str, dict], metrics=PAIRED[:2], reference: str = REFERENCE) -> str:
+  """Markdown: per variant and metric of `metrics`, the per-seed differences to the reference,
+  their mean and 95% bootstrap interval, at the end and at equal compute."""
   if not pairs:
     return f"(no paired differences: no finished {reference} run)"
-  cols = [f"{m} {w}" for m in PAIRED for w in ("end", "equal compute")]
+  cols = [f"{m} {w}" for m in metrics for w in ("end", "equal compute")]
   lines = [
     f"| variant − {reference} | seeds | " + " | ".join(f"Δ {c}" for c in cols) + " |",
     "|---|---|" + "---|" * len(cols),
@@ -347,10 +349,11 @@ def paired_table(pairs: dict[str, dict], reference: str = REFERENCE) -> str:
         cells.append("–")
         continue
       ci = "" if e["ci"] is None else f" [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}]"
-      per = ", ".join(f"{d:+.3f}" for d in e["diffs"])
+      per = ", ".join(f"{s}: {d:+.3f}" for s, d in zip(e["seeds"], e["diffs"], strict=True))
       cells.append(f"{e['mean']:+.3f}{ci} ({per})")
-    seeds = entry[cols[0]]["seeds"]
-    lines.append(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    seeds = sorted({s for c in cols for s in entry[c]["seeds"]})
+    used = ",".join(map(str, seeds)) or "–"
+    lines.append(f"| {name} | {used} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -629,7 +632,11 @@ def report(a, results: dict[str, dict[int, dict]]) -> str:
     [
       table(results),
       f"Paired with {REFERENCE}. " + EQUAL_COMPUTE.format(ref=REFERENCE),
-      paired_table(pairs),
+      paired_table(pairs, PAIRED[:2]),
+      "First-pass accuracy and the correction-fix rate (tapo_jax/eval/reflection.py), paired "
+      "the same way (a seed counts for fix_rate only where both runs wrote a correction after a "
+      "wrong first pass):",
+      paired_table(pairs, PAIRED[2:]),
     ]
   )
   with open(os.path.join(a.out, "study.md"), "w") as f:

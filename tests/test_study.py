@@ -90,9 +90,10 @@ def test_finished_runs_are_not_run_again(tmp_path, capsys):
   assert "study 1/" not in out  # nothing was launched
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary["runs"]) == {"grpo", "tapo-divergence"}
-  table, _, paired = (tmp_path / "study.md").read_text().split("\n\n")
-  assert table.count("\n") == 3 and "Paired with grpo" in _
-  assert paired.splitlines()[2].startswith("| tapo-divergence | 0 | +0.000 (+0.000) |")
+  table, legend, paired, _, analyses = (tmp_path / "study.md").read_text().split("\n\n")
+  assert table.count("\n") == 3 and "Paired with grpo" in legend
+  assert analyses.splitlines()[2] == "| tapo-divergence | – | – | – | – | – |"  # none logged
+  assert paired.splitlines()[2].startswith("| tapo-divergence | 0 | +0.000 (0: +0.000) |")
   assert (tmp_path / "study.png").exists()
 
 
@@ -183,6 +184,9 @@ def test_paired_differences_per_seed_at_the_end_and_at_equal_compute(tmp_path):
   assert eq["diffs"] == pytest.approx([(0.3 + 0.5) / 2 - 0.4, 0.4 - 0.5, 0.45 - 0.45])
   text = study.paired_table(pairs)
   assert text.splitlines()[2].startswith("| tapo-policy | 0,1,2 | +0.083 [")
+  assert "(0: +0.100, 1: +0.000, 2: +0.150)" in text
+  analyses = study.paired_table(pairs, study.PAIRED[2:])
+  assert analyses.splitlines()[2] == "| tapo-policy | – | – | – | – | – |"  # not in these metrics
   assert study.paired({"tapo-policy": results["tapo-policy"]}) == {}  # no grpo: nothing paired
 
 
