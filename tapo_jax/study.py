@@ -59,6 +59,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -511,10 +512,16 @@ def check_runs(a) -> None:
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       _fail(f"{variant}: {lines[-1] if lines else type(e).__name__}")
     t = cfg.train
-    if cfg.mode != "rl" or not t.eval_at_start or not t.eval_every or t.steps % t.eval_every:
+    if (
+      cfg.mode != "rl"
+      or not t.eval_at_start
+      or not t.eval_every
+      or t.steps < 1
+      or t.steps % t.eval_every
+    ):
       _fail(
         f"--config={a.config}: a study needs an eval before and after training (mode=rl, "
-        f"train.eval_at_start=True, train.eval_every dividing train.steps); got "
+        f"train.eval_at_start=True, train.eval_every dividing train.steps >= 1); got "
         f"mode={cfg.mode}, eval_at_start={t.eval_at_start}, eval_every={t.eval_every}, "
         f"steps={t.steps}"
       )
@@ -591,7 +598,7 @@ def run_missing(a, todo: list[tuple[str, int]]) -> list[str]:
       started += 1
       print(
         f"study {started}/{started + len(missing)}: {variant} seed {seed}: "
-        f"{' '.join(cmd[1:])}  (log: {workdir}.log)",
+        f"python {shlex.join(cmd[1:])}  (log: {workdir}.log)",
         flush=True,
       )
       os.makedirs(os.path.dirname(workdir), exist_ok=True)

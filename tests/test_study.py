@@ -126,6 +126,7 @@ def test_describe_change_names_first_and_last_eval():
     (["--set=train.eval_every=0"], "a study needs an eval before and after training"),
     (["--set=train.eval_at_start=False"], "eval_at_start=False, eval_every=20, steps=20"),
     (["--set=train.steps=30"], "eval_every=20, steps=30"),
+    (["--set=train.steps=0"], "eval_every=20, steps=0"),
     (["--set=rollout.n=1"], "error: grpo: config.rollout.n=1"),
     (["--set=no_such.key=1"], "error: grpo: unknown config key 'no_such' in --set"),
     (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such file"),
