@@ -319,6 +319,9 @@ def test_a_failed_run_names_its_log_exits_1_and_does_not_stop_the_other(
 def test_quick_study_end_to_end(tmp_path, monkeypatch, capsys):
   """--quick: real `python -m tapo_jax.main` runs (2 variants x 2 seeds x 2 steps, two at a time)
   and the whole report; keeps the machinery working, concludes nothing."""
+  import jax
+
+  jax.device_count()  # this process's 8 devices initialized before XLA_FLAGS goes
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # the children on one CPU device, like a user's
   out = tmp_path / "study"
   assert study.main(["--quick", f"--out={out}", "--jobs=2"]) == 0, capsys.readouterr().err
