@@ -211,6 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.paths = ""  # comma-separated eval files (each in one of the data layouts)
+  c.eval.toy_problems = 64  # no eval.paths: the first n of the toy domain's held-out problems
   c.eval.k = 4  # samples per problem
   c.eval.temperature = 0.6
   c.eval.top_p = 0.95

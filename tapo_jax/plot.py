@@ -3,7 +3,8 @@
 One panel per group of metrics that the run logged (a panel with no data is left out):
 
   reward            reward/accuracy, reward/mean (fraction of rollouts graded correct)
-  held-out eval     eval/<set>/avg@k, pass@k, maj@k, greedy (periodic eval during RL, or eval mode)
+  held-out eval     eval/<set>/avg@k, pass@k, maj@k, greedy (periodic eval during RL, or eval
+                    mode), first_pass and fix_rate (tapo_jax/eval/reflection.py)
   response length   response/len_mean, response/len_max (tokens)
   loss              loss, loss/orig, loss/ref (RL) or nll (SFT)
   TAPO constructions  tapo/constructions_attempted, _parsed, _correct (per step)
@@ -28,7 +29,10 @@ from collections.abc import Sequence
 
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
   ("reward", (r"reward/accuracy", r"reward/mean")),
-  ("held-out eval", (r"eval/.+/(avg|pass|maj)@\d+", r"eval/.+/greedy")),
+  (
+    "held-out eval",
+    (r"eval/.+/(avg|pass|maj)@\d+", r"eval/.+/greedy", r"eval/.+/first_pass", r"eval/.+/fix_rate"),
+  ),
   ("response length (tokens)", (r"response/len_mean", r"response/len_max")),
   ("loss", (r"loss", r"loss/orig", r"loss/ref", r"nll")),
   (

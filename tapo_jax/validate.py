@@ -360,7 +360,7 @@ FINITE = (
 AT_LEAST_1 = (
   "optim.micro_batch", "optim.ppo_epochs", "optim.minibatches", "reward.workers",
   "data.max_prompt_tokens", "rollout.slots", "tapo.max_len", "loss.vocab_chunk",
-  "sft.batch_size", "sft.max_len", "sft.epochs", "eval.max_new_tokens",
+  "sft.batch_size", "sft.max_len", "sft.epochs", "eval.max_new_tokens", "eval.toy_problems",
 )  # fmt: skip
 AT_LEAST_0 = (
   "rollout.top_k", "rollout.resample_rounds", "sft.steps", "train.eval_every",

@@ -298,9 +298,12 @@ def test_evaluate_end_to_end(tok, tmp_path):
   assert out["mean_len"] == pytest.approx(sum(lens) / 4)
   assert out["dsr"] == 1.0  # "so \\boxed{2}", "\\boxed{5}"
   assert out["err"] == 0.5  # "Wait, \\boxed{3}" wrong, "Actually, ..." right
+  assert out["first_pass"] == 0.5 and out["fix_rate"] == 0.5  # (tests/test_eval_reflection.py)
   assert out["n_problems"] == 2
 
   rows = [json.loads(line) for line in (tmp_path / "res" / "e.jsonl").read_text().splitlines()]
+  # "Wait, ..." is cut before its line: no answer, a wrong first pass; with no step reference a
+  # first pass graded wrong makes its correction count for the fix rate
   assert rows == [
     dict(
       id="p0",
@@ -310,6 +313,8 @@ def test_evaluate_end_to_end(tok, tmp_path):
       correct=[True, False],
       lengths=lens[:2],
       truncated=[False, False],
+      first_pass=[True, False],
+      fixed=[None, False],
     ),
     dict(
       id="p1",
@@ -319,6 +324,8 @@ def test_evaluate_end_to_end(tok, tmp_path):
       correct=[True, True],
       lengths=lens[2:],
       truncated=[True, False],
+      first_pass=[True, False],
+      fixed=[None, True],
     ),
   ]
 

@@ -39,6 +39,7 @@ LATE = [
   ({"sft.batch_size": 0}, "config.sft.batch_size=0: must be an integer >= 1"),
   ({"sft.max_len": 0}, "config.sft.max_len=0: must be an integer >= 1"),
   ({"eval.max_new_tokens": 0}, "config.eval.max_new_tokens=0: must be an integer >= 1"),
+  ({"eval.toy_problems": 0}, "config.eval.toy_problems=0: must be an integer >= 1"),
   ({"rollout.async_steps": 5}, "config.rollout.async_steps=5: expected 0"),
   ({"rollout.async_steps": -1}, "config.rollout.async_steps=-1: expected 0"),
   ({"optim.max_update_ratio": -1.0}, "config.optim.max_update_ratio=-1.0: must be a finite"),

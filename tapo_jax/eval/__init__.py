@@ -1,5 +1,6 @@
-"""Evaluation: pure metrics (avg@k, pass@k, maj@k, DSR/ERR), the sample-grade-summarize loop and
-the eval sets of a config (`evaluate`); mode = eval is `mode.run`. The text helpers it uses
+"""Evaluation: pure metrics (avg@k, pass@k, maj@k, DSR/ERR), first-pass accuracy and the
+correction-fix rate (`reflection`), the sample-grade-summarize loop and the eval sets of a config
+(`evaluate`); mode = eval is `mode.run`. The text helpers it uses
 (decoding, EOS ids) live in tapo_jax/data/text.py, below sampling and eval both."""
 
 from tapo_jax.eval.evaluate import (

@@ -19,6 +19,7 @@ from tapo_jax import toy
 from tapo_jax.data.datasets import Problem, load_problems
 from tapo_jax.data.prompts import DEFAULT_TEMPLATE, check_prompt_lengths
 from tapo_jax.data.text import default_eos_ids
+from tapo_jax.eval import reflection
 from tapo_jax.eval.metrics import Equiv, ProblemResult, summarize
 
 GradeFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]  # (responses, golds) -> scores
@@ -121,9 +122,12 @@ def evaluate(
   use_chat_template: bool = True,
   extract: str = "boxed",
   greedy: bool = False,
+  steps_fn: reflection.StepsFn | None = None,
 ) -> dict[str, float]:
   """Samples k responses per problem, grades them and returns summarize()'s metrics; with
-  `greedy`, also "greedy": the share of problems whose one temperature-0 response is correct."""
+  `greedy`, also "greedy": the share of problems whose one temperature-0 response is correct;
+  with `markers`, also reflection.summarize()'s first_pass, fix_rate and fix_share of the sampled
+  responses (`steps_fn`: each problem's gold solution lines, to tell a wrong first pass)."""
   common = dict(
     max_new_tokens=max_new_tokens,
     template=template,
@@ -139,9 +143,12 @@ def evaluate(
     engine, params, tokenizer, problems, k=k, temperature=temperature, top_p=top_p, top_k=top_k,
     **common,
   )  # fmt: skip
+  if markers:
+    results = reflection.annotate(results, problems, grade_fn, markers, steps_fn)
   if out_path is not None:
     write_results(results, out_path)
   out = summarize(results, k=k, pass_ks=pass_ks, markers=markers, equiv=equiv_fn)
+  out.update(reflection.summarize(results))
   if greedy:
     greedy_results = sample_and_grade(
       engine, params, tokenizer, problems, k=1, temperature=0.0, top_p=1.0, **common
@@ -187,7 +194,7 @@ def eval_sets(cfg) -> dict[str, list[Problem]]:
   """{name: problems} from config eval.paths, or the toy model's held-out set."""
   if cfg.eval.paths:
     return load_eval_sets(cfg.eval.paths)
-  return {cfg.model.toy: toy.eval_problems(cfg.model.toy, cfg.seed)}
+  return {cfg.model.toy: toy.eval_problems(cfg.model.toy, cfg.seed, cfg.eval.toy_problems)}
 
 
 def checked_eval_sets(cfg, tokenizer) -> dict[str, list[Problem]]:
@@ -216,6 +223,10 @@ def eval_kwargs(cfg: Any) -> dict[str, Any]:
     seed=cfg.seed,
     extract=cfg.reward.extract,
     greedy=cfg.eval.greedy,
+    # the chain toy's held-out set: each problem's gold lines tell a wrong first pass
+    steps_fn=reflection.chain_solution_lines
+    if cfg.model.toy == "chain" and not cfg.eval.paths
+    else None,
   )
 
 

@@ -25,6 +25,10 @@ class ProblemResult:
   correct: list[bool]
   lengths: list[int]  # response tokens, EOS included when emitted
   truncated: list[bool]  # stopped by max_new_tokens
+  # tapo_jax/eval/reflection.py (None: not annotated): the first pass graded right, and the final
+  # verdict of a response that writes a correction line after a wrong first pass (None: it does not)
+  first_pass: list[bool] | None = None
+  fixed: list[bool | None] | None = None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
