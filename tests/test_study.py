@@ -5,6 +5,7 @@ import os
 import sys
 import textwrap
 
+import cli
 import numpy as np
 import pytest
 
@@ -321,8 +322,8 @@ def test_quick_study_end_to_end(tmp_path, monkeypatch, capsys):
   and the whole report; keeps the machinery working, concludes nothing."""
   import jax
 
-  jax.device_count()  # this process's 8 devices initialized before XLA_FLAGS goes
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # the children on one CPU device, like a user's
+  jax.device_count()  # this process's 8 devices initialized before XLA_FLAGS changes
+  monkeypatch.setenv("XLA_FLAGS", cli.env()["XLA_FLAGS"])  # children on one device, like a user's
   out = tmp_path / "study"
   assert study.main(["--quick", f"--out={out}", "--jobs=2"]) == 0, capsys.readouterr().err
   summary = json.loads((out / "summary.json").read_text())
