@@ -233,7 +233,8 @@ def build_chain(
         hf, data, os.path.join(tmp, f"phase{i + 1}"), steps=ph.steps, batch=ph.batch,
         max_len=max(lengths), lr=ph.lr, warmup=ph.warmup, seed=ph.seed, stop_at=ph.stop_at,
       )  # fmt: skip
-      print(f"phase {i + 1}/{len(phases)} done ({ph.steps} steps)", file=sys.stderr)
+      ran = f"{ph.stop_at} of {ph.steps}" if ph.stop_at else ph.steps
+      print(f"phase {i + 1}/{len(phases)} done ({ran} steps)", file=sys.stderr)
     _publish(hf, out_dir)
 
 
