@@ -9,8 +9,9 @@ chain: + - * chains over 0..99 (tapo_jax.toy.chain), cold-started by the SFT pha
   mix of worked solutions and synthesis examples (tapo_jax.toy.teacher: synthesis prompt with a
   wrong and a right solution -> <analysis>...</analysis><reconstruction>...</reconstruction>),
   rendered with the chat template exactly as the RL loop renders its synthesis prompts. ~55 min
-  on 2 CPU cores; --init=DIR --first=N resumes from a saved phase's output; --tried appends
-  TRIED_PHASES (copying curricula tried after the shipped schedule, not shipped).
+  on 2 CPU cores for the first four phases, ~30 min more for the copying curriculum after them;
+  --init=DIR --first=N resumes from a saved phase's output; --tried runs TRIED_PHASES after the
+  first TRIED_AFTER phases instead (copying curricula tried before, not shipped).
 Both are undertrained on purpose: the model should solve some problems and fail others, so that RL
 has groups with both correct and incorrect samples.
 It sits above train/ (it runs `sft`), the domain it trains on (tapo_jax.toy) below it.
@@ -36,7 +37,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Init, data and data-order seed.")
 _INIT = flags.DEFINE_string("init", None, "chain: start from this HF directory (with --first).")
 _FIRST = flags.DEFINE_integer("first", 0, "chain: the first phase to run (0-based).")
 _TRIED = flags.DEFINE_bool(
-  "tried", False, "chain: append TRIED_PHASES (e.g. --init=tapo_jax/toy/chain --first=4)."
+  "tried", False, "chain: CHAIN_PHASES[:TRIED_AFTER] + TRIED_PHASES (e.g. --init=DIR --first=4)."
 )
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: the shipped checkpoint dir).")
 
@@ -78,21 +79,42 @@ class Phase:
   seed: int = 0  # the SFT run's config.seed
   scrambled_share: float = 0.0  # of the synthesis examples: of teacher.scramble'd solutions
   copy_share: float = 0.0  # of all rows: "Copy:" + a scrambled solution -> that solution
+  stop_at: int = 0  # stopped after this many of its `steps` (its lr schedule spans all); 0 = none
+
+
+def _copying(c, synth, scrambled, copy, data: int, run: int, stop_at: int = 0) -> Phase:
+  """A 250-step phase of the copying curriculum: data seed data + c, order and run seeds run + c."""
+  return Phase(
+    250, 32, 2e-3, 10, synth, chain.SPEC, data_seed=data + c, order_seed=run + c, seed=run + c,
+    scrambled_share=scrambled, copy_share=copy, stop_at=stop_at,
+  )  # fmt: skip
 
 
 # The shipped checkpoint's schedule, as it was run (docs/toy.md): arithmetic on WIDE, arithmetic
-# on chain.SPEC, then the cold start: half, then 80% synthesis examples (the rest worked solutions).
+# on chain.SPEC, then the cold start: half, then 80% synthesis examples (the rest worked solutions);
+# then the copying curriculum (each phase 250 x 32 rows at lr 2e-3): 2.6 phases of 10% "Copy:"
+# rows and 58.5% synthesis examples (60% of them scrambled), which did not teach copying (greedy
+# exact copies 0/64 after 500 steps); 1 phase of 60% "Copy:" rows, 10% synthesis examples (half
+# scrambled), 30% worked solutions, which did (57/64); then SHIPPED_COPY_PHASES phases of 20%
+# "Copy:" rows and 52% synthesis examples (half scrambled), which carried it into the
+# constructions (2 more such phases were measured, not shipped: docs/toy.md).
+SHIPPED_COPY_PHASES = 2
 CHAIN_PHASES = (
   Phase(1000, 64, 3e-3, 50, 0.0, WIDE, data_seed=0, order_seed=0),
   Phase(500, 64, 2e-3, 20, 0.0, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 1e-3, 20, 0.5, chain.SPEC, data_seed=100, order_seed=1),
   Phase(500, 32, 2e-3, 20, 0.8, chain.SPEC, data_seed=101, order_seed=2, seed=1),
+  *(_copying(c, 0.65, 0.6, 0.1, 200, 10) for c in range(2)),
+  _copying(2, 0.65, 0.6, 0.1, 200, 10, stop_at=148),  # interrupted at step 148 of 250
+  _copying(0, 0.25, 0.5, 0.6, 300, 30),
+  *(_copying(c, 0.65, 0.5, 0.2, 300, 30) for c in range(SHIPPED_COPY_PHASES)),
 )
 
-# Tried after the shipped schedule (--tried appends them; docs/toy.md "Open"), not shipped: a
-# phase with half the synthesis examples of scramble'd solutions (random results, so only
+# Tried after the first four phases (then shipped; --tried runs them there; docs/toy.md), not
+# shipped: a phase with half the synthesis examples of scramble'd solutions (random results, so only
 # copying predicts them) left the constructions where they were and cost accuracy; pure "Copy:"
 # rows of scrambled solutions do teach copying (their loss 1.5 -> 0.14 in 200 steps).
+TRIED_AFTER = 4  # they were run from the checkpoint of CHAIN_PHASES[:4] (shipped back then)
 TRIED_PHASES = (
   Phase(
     500, 32, 2e-3, 20, 0.9, chain.SPEC, data_seed=102, order_seed=3, seed=2, scrambled_share=0.5
@@ -122,8 +144,11 @@ def _write_jsonl(path: str, rows) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def _sft(model_dir: str, data: str, work: str, *, steps, batch, max_len, lr, warmup, seed) -> str:
-  """One `sft.run` from `model_dir` on `data`; returns the trained HF directory."""
+def _sft(
+  model_dir: str, data: str, work: str, *, steps, batch, max_len, lr, warmup, seed, stop_at=0
+) -> str:
+  """One `sft.run` from `model_dir` on `data` (stopped after `stop_at` of its `steps` when > 0);
+  returns the trained HF directory."""
   from tapo_jax import config as base
   from tapo_jax.train import sft
 
@@ -134,6 +159,7 @@ def _sft(model_dir: str, data: str, work: str, *, steps, batch, max_len, lr, war
   c.optim.lr, c.optim.warmup_steps, c.optim.micro_batch = lr, warmup, batch
   c.optim.weight_decay = 0.0
   c.sft.steps, c.train.checkpoint_every = steps, steps
+  c.sft.stop_at = stop_at
   c.data.shuffle = False  # rows come in length blocks (see _in_length_blocks)
   c.loss.vocab_chunk = 512
   sft.run(c, work)
@@ -205,9 +231,10 @@ def build_chain(
       _write_jsonl(data, rows)
       hf = _sft(
         hf, data, os.path.join(tmp, f"phase{i + 1}"), steps=ph.steps, batch=ph.batch,
-        max_len=max(lengths), lr=ph.lr, warmup=ph.warmup, seed=ph.seed,
+        max_len=max(lengths), lr=ph.lr, warmup=ph.warmup, seed=ph.seed, stop_at=ph.stop_at,
       )  # fmt: skip
-      print(f"phase {i + 1}/{len(phases)} done ({ph.steps} steps)", file=sys.stderr)
+      ran = f"{ph.stop_at} of {ph.steps}" if ph.stop_at else ph.steps
+      print(f"phase {i + 1}/{len(phases)} done ({ran} steps)", file=sys.stderr)
     _publish(hf, out_dir)
 
 
@@ -231,7 +258,7 @@ def main(argv) -> None:
     build_arith(out, _STEPS.value or 1100, _SEED.value)
   else:
     out = _OUT.value or str(chain.CHECKPOINT_DIR)
-    phases = CHAIN_PHASES + (TRIED_PHASES if _TRIED.value else ())
+    phases = CHAIN_PHASES[:TRIED_AFTER] + TRIED_PHASES if _TRIED.value else CHAIN_PHASES
     build_chain(out, phases, _SEED.value, _INIT.value, _FIRST.value)
   print(f"wrote {out}", file=sys.stderr)
 

@@ -186,6 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.max_len = 2048
   c.sft.epochs = 1
   c.sft.steps = 0  # optimizer steps; 0 = epochs over the data
+  c.sft.stop_at = 0  # stop (checkpoint, export) after this many of those steps; 0 = run them all
 
   # mode=coldstart: rollout.n rollouts of the policy (model.path) per problem of data.train_path,
   # DCS pairs (tapo.n_pos / n_neg / m_max), a teacher rewrites each y- with the synthesis template

@@ -363,7 +363,7 @@ AT_LEAST_1 = (
   "sft.batch_size", "sft.max_len", "sft.epochs", "eval.max_new_tokens", "eval.toy_problems",
 )  # fmt: skip
 AT_LEAST_0 = (
-  "rollout.top_k", "rollout.resample_rounds", "sft.steps", "train.eval_every",
+  "rollout.top_k", "rollout.resample_rounds", "sft.steps", "sft.stop_at", "train.eval_every",
   "train.dump_rollouts_every",
 )  # fmt: skip
 

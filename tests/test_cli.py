@@ -386,6 +386,8 @@ def test_eval_mode_reads_every_layout(tmp_path):
 
 
 def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
+  """(With sft.stop_at: a 3-step run stopped after 2 steps, as build_toy replays an interrupted
+  phase: it still checkpoints and exports.)"""
   import torch
   import transformers
 
@@ -401,8 +403,8 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   # in this process (its 8 devices): the run gives the caller's Ctrl-C handler back at the end
   out = cli.main_in_process(
     f"--config={cli.CI}", f"--workdir={workdir}", "--config.mode=sft", f"--config.sft.path={data}",
-    "--config.sft.steps=2", "--config.sft.batch_size=4", "--config.optim.micro_batch=2",
-    "--config.sft.max_len=64",
+    "--config.sft.steps=3", "--config.sft.stop_at=2", "--config.sft.batch_size=4",
+    "--config.optim.micro_batch=2", "--config.sft.max_len=64",
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   assert signal.getsignal(signal.SIGINT) is before

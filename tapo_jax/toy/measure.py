@@ -18,7 +18,8 @@ python -m tapo_jax.toy.measure [--model=tapo_jax/toy/chain] [--n=128] [--k=8] [-
    y⁻ and y⁺, one completion each at T=1 (the rollout temperature), parsed and anchored to y⁻
    (`synthesis.anchor`), graded against the gold. Reported over the attempted constructions:
    parse rate, kept share of y⁻ (anchored prefix / |y⁻|, 0 when unparsed) and the share that
-   reaches the gold answer; the same on teacher-made pairs (y⁻ from `teacher.corrupt`, y⁺ the
+   reaches the gold answer ("ideal": the same rates of the teacher's construction of those pairs,
+   i.e. of a perfect copier); the same on teacher-made pairs (y⁻ from `teacher.corrupt`, y⁺ the
    worked solution, one per problem).
 """
 
@@ -197,7 +198,16 @@ def loop_constructions(model, tokenizer, eos, problems, groups: Groups, seed: in
     model, req.prompts, sampling, n=1, max_new_tokens=SYNTHESIS_MAX_NEW_TOKENS, seed=seed + 7919,
     prefill_buckets=synthesis.prompt_buckets(max(map(len, req.prompts), default=64)),
   )  # fmt: skip
-  return _anchored_stats(tokenizer, eos, req.todo, out.completions, req.negatives, golds)
+  stats = _anchored_stats(tokenizer, eos, req.todo, out.completions, req.negatives, golds)
+  # The teacher's construction of the same pairs: what a perfect copier would reach.
+  pos = np.asarray(construct.pair_rows(originals, cands, k)[1])
+  ideal = [
+    teacher.construction(groups.texts[int(neg[i])], groups.texts[int(pos[i])]) or ""
+    for i in req.todo
+  ]
+  ideal_ids = [tokenizer.encode(t, add_special_tokens=False) for t in ideal]
+  stats["ideal"] = _anchored_stats(tokenizer, eos, req.todo, ideal_ids, req.negatives, golds)
+  return stats
 
 
 def teacher_constructions(model, tokenizer, eos, problems, seed: int = 0) -> dict:

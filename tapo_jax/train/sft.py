@@ -109,7 +109,8 @@ def run(cfg, workdir: str) -> None:
   stop = checkpoint.PreemptionGuard()
   try:
     writer = metrics.MetricWriter(workdir, total_steps=steps, start_step=start)
-    for step in range(start, steps):
+    last = min(steps, cfg.sft.stop_at or steps)  # the schedule still spans `steps`
+    for step in range(start, last):
       t0 = time.time()
       examples = it.next()
       width = sft_width(examples, cfg.sft.max_len)
@@ -126,7 +127,7 @@ def run(cfg, workdir: str) -> None:
       m["perf/pad_fraction"] = 1.0 - real / max(used * rows * width, 1)
       writer.write(step + 1, m)
       writer.advance({"nll": m["nll"]})
-      ckpt.save(step + 1, state, {"data": it.state()}, force=stop.requested or step + 1 == steps)
+      ckpt.save(step + 1, state, {"data": it.state()}, force=stop.requested or step + 1 == last)
       if stop.requested:
         print(f"{stop.reason}: checkpointed step {step + 1} in {workdir}; exiting", file=sys.stderr)
         break

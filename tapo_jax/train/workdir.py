@@ -64,6 +64,7 @@ EXPECTED = (
   "rollout.slots",
   "sft.steps",
   "sft.epochs",
+  "sft.stop_at",
 )
 
 
