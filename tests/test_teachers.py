@@ -3,19 +3,24 @@ attempt ends by its deadline however slowly the server sends, replies are capped
 Ctrl-C aborts the requests in flight instead of waiting for them, and whatever the server sends
 reaches the error line as one printable line."""
 
-import _thread
 import json
+import os
+import pathlib
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import cli
 import local_http
 import pytest
 
 from tapo_jax import config as base
 from tapo_jax.coldstart import teachers
 
+TESTS = pathlib.Path(__file__).resolve().parent
 PATIENCE = 20.0  # s a hostile handler keeps going before it gives up on the client
 
 
@@ -153,24 +158,36 @@ def test_a_failed_request_aborts_the_others_in_flight(server):
   assert not [t for t in threading.enumerate() if t.name == "teacher" and not t.daemon]
 
 
-def test_ctrl_c_aborts_the_requests_in_flight(server):
-  server.expect_hung = 2
-  caught, sent = threading.Event(), []
+_CTRL_C_CHILD = """
+import threading
+import test_teachers as t
 
-  def ctrl_c():  # once both requests hang; again after 5 s if the first was lost (said below)
-    if server.all_hung.wait(PATIENCE):
-      while not caught.is_set() and len(sent) < 3:
-        sent.append(signal.getsignal(signal.SIGINT))
-        _thread.interrupt_main()
-        caught.wait(5.0)
+server = t._Server()
+threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+server.expect_hung = 2
+threading.Thread(
+  target=lambda: server.all_hung.wait(t.PATIENCE) and print("hung", flush=True), daemon=True
+).start()
+try:
+  t._teacher(server, workers=2).write(["hang", "hang"], seed=0)
+except KeyboardInterrupt:
+  print("interrupted; aborted", t._wait_aborted(server, 2), flush=True)
+"""
 
-  threading.Thread(target=ctrl_c, daemon=True).start()
+
+def test_ctrl_c_aborts_the_requests_in_flight():
+  """A real Ctrl-C (SIGINT to a fresh process, Python's own handler) while both requests hang:
+  write() raises KeyboardInterrupt at once and both connections are cut."""
+  env = cli.env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _CTRL_C_CHILD], cwd=TESTS.parent, env=env, stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
   try:
-    with pytest.raises(KeyboardInterrupt):
-      _teacher(server, workers=2).write(["hang", "hang"], seed=0)
+    first = proc.stdout.readline()  # "hung", or "" when the child ended first
+    assert first == "hung\n", (first, proc.communicate(timeout=60))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
   finally:
-    caught.set()
-  if len(sent) > 1:
-    print(f"Ctrl-C sent {len(sent)} times before it arrived; SIGINT handlers: {sent}")
-  assert sent, f"the requests never both hung ({server.hung} of 2)"
-  assert _wait_aborted(server, 2) == 2
+    proc.kill()
+  assert out == "interrupted; aborted 2\n", (out, err[-3000:])
