@@ -19,7 +19,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check tapo_jax tests configs
 	$(BIN)/ruff format --check tapo_jax tests configs
-	$(BIN)/python -m pytest -q -n 2 --durations=25
+	$(BIN)/python -m pytest -q -n 3 --durations=25
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

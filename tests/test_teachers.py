@@ -159,7 +159,19 @@ def test_a_failed_request_aborts_the_others_in_flight(server):
 
 
 _CTRL_C_CHILD = """
+import signal
+import sys
 import threading
+
+# Ctrl-C as in a user's shell: delivered, and Python's own handler. A test worker late in the
+# suite hands its children SIGINT blocked or ignored (not visible to signal.getsignal there; either
+# way, a SIGINT then never arrives: reproduced by starting this child from a parent that blocks or
+# ignores SIGINT), so the child says what it inherited and sets Ctrl-C up as a shell would.
+blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+inherited = signal.getsignal(signal.SIGINT)
+print("inherited SIGINT:", inherited, "blocked" if blocked else "", file=sys.stderr)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import test_teachers as t
 
 server = t._Server()
