@@ -130,6 +130,6 @@ def signal_handlers_given_back():
 
 def pytest_collection_modifyitems(config, items):
   """The `slow` tests first (in file order), so that with -n 3 and --maxschedchunk=1 (pyproject)
-  the minute-long process tests start early and the short ones fill both workers up to the end:
+  the minute-long process tests start early and the short ones fill the workers up to the end:
   on the measured durations, a whole minute-long test no longer starts when the rest is done."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
