@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from tapo_jax import config
+from tapo_jax import config, toy
 from tapo_jax.data import Problem, last_boxed
 from tapo_jax.eval import ProblemResult, eval_kwargs, evaluate, summarize
 from tapo_jax.eval import reflection as refl
@@ -16,8 +16,8 @@ from tapo_jax.toy import chain, teacher
 
 MARKERS = config.base_config().eval.reflection_markers
 PATTERN = reflection_pattern(MARKERS)
-PROBLEM = Problem(id="c0", problem="Compute (21-16+26)*3-12.", answer="81")
 GOLD = "21-16=5\n5+26=31\n31*3=93\n93-12=81\n\\boxed{81}"
+PROBLEM = Problem(id="c0", problem="Compute (21-16+26)*3-12.", answer="81", solution=GOLD)
 # a wrong step, the toy's correction line, then the right lines from the wrong step on: fixed
 FIXED = "21-16=5\n5+26=32\nWait, 5+26 is not 32.\n5+26=31\n31*3=93\n93-12=81\n\\boxed{81}"
 # the same correction that goes wrong again later: not fixed
@@ -41,13 +41,12 @@ def test_first_pass_is_the_text_before_the_correction_line():
   assert refl.first_pass("await\n\\boxed{2}", PATTERN) is None  # "wait" inside a word
 
 
-def test_chain_solution_lines_are_the_generators_solution():
-  assert refl.chain_solution_lines(PROBLEM) == GOLD.split("\n")
-  for p in chain.make_split("heldout", 50, seed=3):
-    assert refl.chain_solution_lines(Problem(id="x", problem=p.problem, answer=p.answer)) == (
-      p.solution.split("\n")
-    )
-  assert refl.chain_solution_lines(Problem(id="x", problem="What is 2+2?", answer="4")) is None
+def test_the_chain_held_out_problems_carry_the_generators_solution_lines():
+  assert refl.solution_lines(PROBLEM) == GOLD.split("\n")
+  held = toy.eval_problems("chain", seed=0, n=50)
+  for p, gen in zip(held, chain.make_split("heldout", 50, seed=0), strict=True):
+    assert p.problem == gen.problem and refl.solution_lines(p) == gen.solution.split("\n")
+  assert refl.solution_lines(Problem(id="x", problem="What is 2+2?", answer="4")) is None
 
 
 def test_the_teachers_constructions_are_fixes_of_a_wrong_first_pass():
@@ -62,7 +61,7 @@ def test_the_teachers_constructions_are_fixes_of_a_wrong_first_pass():
     assert last_boxed(recon) == p.answer
 
 
-def _annotated(texts, steps_fn=refl.chain_solution_lines):
+def _annotated(texts, steps_fn=refl.solution_lines):
   result = ProblemResult(
     id="c0", gold="81", responses=texts, answers=[last_boxed(t) for t in texts],
     correct=[g > 0.5 for g in grade(texts, ["81"] * len(texts))], lengths=[1] * len(texts),
@@ -99,7 +98,7 @@ def test_no_reflection_no_extra_grading_and_undefined_fix_rate():
     return grade(responses, golds)
 
   result = ProblemResult("c0", "81", [GOLD, WRONG], ["81", "84"], [True, False], [1, 1], [0, 0])
-  (r,) = refl.annotate([result], [PROBLEM], counting, MARKERS, refl.chain_solution_lines)
+  (r,) = refl.annotate([result], [PROBLEM], counting, MARKERS, refl.solution_lines)
   assert calls == [] and r.first_pass == [True, False]
   out = refl.summarize([r])
   assert out["first_pass"] == 0.5 and math.isnan(out["fix_rate"]) and out["fix_share"] == 0
@@ -125,7 +124,7 @@ def test_evaluate_reports_both_and_eval_kwargs_picks_the_chain_reference():
   cfg.eval.k, cfg.eval.pass_ks, cfg.eval.greedy = 4, (1,), False
   cfg.data.prompt_template, cfg.data.use_chat_template = "{problem}", False
   kw = eval_kwargs(cfg)
-  assert kw["steps_fn"] is refl.chain_solution_lines
+  assert kw["steps_fn"] is refl.solution_lines
   cfg.eval.paths = "x.jsonl"
   assert eval_kwargs(cfg)["steps_fn"] is None
   out = evaluate(

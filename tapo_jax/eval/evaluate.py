@@ -224,9 +224,7 @@ def eval_kwargs(cfg: Any) -> dict[str, Any]:
     extract=cfg.reward.extract,
     greedy=cfg.eval.greedy,
     # the chain toy's held-out set: each problem's gold lines tell a wrong first pass
-    steps_fn=reflection.chain_solution_lines
-    if cfg.model.toy == "chain" and not cfg.eval.paths
-    else None,
+    steps_fn=reflection.solution_lines if cfg.model.toy == "chain" and not cfg.eval.paths else None,
   )
 
 

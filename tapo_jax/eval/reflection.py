@@ -14,9 +14,9 @@ the first correction marker; a response with no correction line is its own first
   correction-fix rate  among responses that write a correction line after a wrong first pass,
                        the share whose final answer is right. "After a wrong first pass": on the
                        chain toy, some line of the first pass is not the gold solution's line at
-                       its position (the chain domain has one right line per step, recovered from
-                       the problem text: `chain_solution_lines`); elsewhere (no step reference),
-                       the first pass is graded wrong.
+                       its position (the chain domain has one right line per step: the generator's
+                       worked solution, `Problem.solution`, via `solution_lines`); elsewhere (no
+                       step reference), the first pass is graded wrong.
 
 Why the final answer and not the flagged step: the final answer is what the reward and the paper's
 ERR grade, and a correction that fixes the flagged line but errs again later has not fixed the
@@ -40,8 +40,6 @@ from tapo_jax.eval.metrics import ProblemResult, reflection_pattern
 
 StepsFn = Callable[[Problem], "list[str] | None"]  # a problem's gold solution lines, if known
 
-_CHAIN = re.compile(r"\ACompute ([0-9+*()\-]+)\.\Z")
-
 
 def first_pass(text: str, pattern: re.Pattern[str]) -> str | None:
   """`text` before the line holding the first correction marker; None when there is none."""
@@ -51,26 +49,10 @@ def first_pass(text: str, pattern: re.Pattern[str]) -> str | None:
   return text[: text.rfind("\n", 0, m.start()) + 1].rstrip("\n")
 
 
-def chain_solution_lines(problem: Problem) -> list[str] | None:
-  r"""The gold solution lines of a chain-domain problem ("Compute (21-16+26)*3-12." -> 21-16=5,
-  5+26=31, 31*3=93, 93-12=81, \boxed{81}: left to right, as tapo_jax.toy.chain writes them);
-  None when the text is not one."""
-  from tapo_jax.toy import chain
-
-  m = _CHAIN.match(problem.problem.strip())
-  if m is None:
-    return None
-  tokens = re.findall(r"\d+|[+*-]", m[1].replace("(", "").replace(")", ""))
-  if len(tokens) < 3 or len(tokens) % 2 == 0:
-    return None
-  a, steps = int(tokens[0]), []
-  for op, b in zip(tokens[1::2], tokens[2::2], strict=True):
-    if op not in chain.OPS or not b.isdigit():
-      return None
-    c = chain.apply(a, op, int(b))
-    steps.append(chain.Step(a, op, int(b), c))
-    a = c
-  return chain.solution_text(steps).split("\n")
+def solution_lines(problem: Problem) -> list[str] | None:
+  """The lines of the problem's worked solution (the toys' held-out problems carry the
+  generator's, one right line per step); None when it has none."""
+  return problem.solution.split("\n") if problem.solution else None
 
 
 def deviates(text: str, gold_lines: Sequence[str]) -> bool:

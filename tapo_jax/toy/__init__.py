@@ -59,5 +59,6 @@ def eval_problems(name: str, seed: int, n: int = EVAL_PROBLEMS) -> list[Problem]
   else:
     toy = _module(name).make_split("heldout", n, seed=0)  # one fixed held-out set for every run
   return [
-    Problem(id=f"{name}-eval-{i}", problem=p.problem, answer=p.answer) for i, p in enumerate(toy)
-  ]
+    Problem(id=f"{name}-eval-{i}", problem=p.problem, answer=p.answer, solution=p.solution)
+    for i, p in enumerate(toy)
+  ]  # the worked solution: the chain toy's step reference (eval/reflection.py)
