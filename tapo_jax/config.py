@@ -179,6 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # 0 = no periodic eval during RL
   c.train.eval_at_start = False  # also evaluate before the first step (logged as step 0)
   c.train.dump_rollouts_every = 0  # write every N-th step's rollouts to WORKDIR/rollouts/ (0 = off)
+  c.train.curves = True  # draw WORKDIR/curves.png from metrics.jsonl at the end (RL and SFT)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.path = ""  # jsonl of {prompt, response} or {messages}

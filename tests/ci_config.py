@@ -22,4 +22,5 @@ def get_config():
   c.tapo.n_pos, c.tapo.n_neg, c.tapo.m_max = 1, 1, 2
   c.optim.micro_batch = 4
   c.train.checkpoint_every = 1
+  c.train.curves = False  # matplotlib: ~1 s of CPU a run (tests that read curves.png set it)
   return c

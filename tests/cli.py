@@ -36,10 +36,18 @@ def config(name: str = "smoke", **overrides):
   return cfg
 
 
-def env(devices: int = 1, **extra: str) -> dict:
+# A directory whose sitecustomize.py hides torch from the Python that starts with it on its path.
+WITHOUT_TORCH = str(ROOT / "tests" / "without_torch")
+
+
+def env(devices: int = 1, *, torch: bool = False, **extra: str) -> dict:
   """os.environ (and `extra`) for a child on `devices` fake CPU devices (1: like a user's
-  laptop), with this process's other XLA flags (conftest's FAST_COMPILE)."""
+  laptop), with this process's other XLA flags (conftest's FAST_COMPILE); without torch unless
+  `torch` (tests/without_torch: torch is installed for the tests' references only, a user's
+  install has none, and transformers imports it whenever it can: ~1.2 s of CPU a process)."""
   out = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+  if not torch:
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (WITHOUT_TORCH, out.get("PYTHONPATH")) if p)
   count = "--xla_force_host_platform_device_count"
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
   flags += [f"{count}={devices}"] if devices > 1 else []

@@ -288,6 +288,7 @@ def test_run_resume_and_kill9_are_bit_identical(tmp_path):
   )
   assert change in out.stderr
   assert any(pathlib.Path(straight, "tb").iterdir())  # a TensorBoard event file
+  assert not (straight / "curves.png").exists()  # train.curves=False (the CI config)
 
   def start():
     return subprocess.Popen(
@@ -404,7 +405,7 @@ def test_sft_mode_trains_and_exports_a_loadable_model(tmp_path):
   out = cli.main_in_process(
     f"--config={cli.CI}", f"--workdir={workdir}", "--config.mode=sft", f"--config.sft.path={data}",
     "--config.sft.steps=3", "--config.sft.stop_at=2", "--config.sft.batch_size=4",
-    "--config.optim.micro_batch=2", "--config.sft.max_len=64",
+    "--config.optim.micro_batch=2", "--config.sft.max_len=64", "--config.train.curves=True",
   )  # fmt: skip
   assert out.returncode == 0, out.stderr[-3000:]
   assert signal.getsignal(signal.SIGINT) is before

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The CI config (tests/ci_config.py) and:
 FAST = [
   "--config.optim.micro_batch=16",  # one micro-batch: each is a round of gloo collectives
-  "--config.train.steps=3",
+  "--config.train.steps=2",  # each step of 2 processes decodes over gloo: ~10 s
   "--config.eval.k=2",
   "--config.eval.pass_ks=(1, 2)",
   "--config.eval.max_new_tokens=32",
@@ -88,18 +88,18 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
   codes, logs = _finish(_start(two, 2), two)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   m1, m2 = _metrics(one), _metrics(two)
-  assert [m["step"] for m in m2] == [1, 2, 3]  # written once, by process 0
+  assert [m["step"] for m in m2] == [1, 2]  # written once, by process 0
   for a, b in zip(m1, m2, strict=True):
     for key in ("loss", "loss/orig", "loss/ref", "reward/accuracy"):
       assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
   for log in logs:  # every engine decodes over both processes' devices: 4 replicas x 2 kv heads
     assert "decode layout data=4 x tensor=2" in log  # (tensor groups inside one process)
-  assert [m["perf/weight_syncs"] for m in m2] == [1.0, 1.0, 1.0]
+  assert [m["perf/weight_syncs"] for m in m2] == [1.0, 1.0]
 
-  # kill -9 one process once checkpoint 2 exists: the other stops by itself, with the error
+  # kill -9 one process once checkpoint 1 exists: the other stops by itself, with the error
   procs = _start(killed, 2)
   deadline = time.time() + 900
-  while not (killed / "checkpoints" / "2").exists():
+  while not (killed / "checkpoints" / "1").exists():
     assert all(p.poll() is None for p in procs) and time.time() < deadline
     time.sleep(0.1)
   procs[1].send_signal(signal.SIGKILL)
@@ -113,8 +113,8 @@ def test_two_processes_train_like_one_and_resume_after_kill9_bit_identically(tmp
   # both restart and resume from the last complete checkpoint
   codes, logs = _finish(_start(killed, 2), killed)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-  assert "at step 2" in logs[0] or "at step 3" in logs[0]
-  final, want = _params(killed, 3), _params(two, 3)
+  assert "at step 1" in logs[0] or "at step 2" in logs[0]
+  final, want = _params(killed, 2), _params(two, 2)
   assert final.keys() == want.keys()
   for key in want:
     np.testing.assert_array_equal(final[key], want[key], err_msg=key)

@@ -323,7 +323,9 @@ def test_quick_study_end_to_end(tmp_path, monkeypatch, capsys):
   import jax
 
   jax.device_count()  # this process's 8 devices initialized before XLA_FLAGS changes
-  monkeypatch.setenv("XLA_FLAGS", cli.env()["XLA_FLAGS"])  # children on one device, like a user's
+  child = cli.env()  # the children on one device and without torch, like a user's
+  for key in ("XLA_FLAGS", "PYTHONPATH"):
+    monkeypatch.setenv(key, child[key])
   out = tmp_path / "study"
   assert study.main(["--quick", f"--out={out}", "--jobs=2"]) == 0, capsys.readouterr().err
   summary = json.loads((out / "summary.json").read_text())

@@ -448,7 +448,8 @@ def run(cfg, workdir: str) -> None:
     hf_dir = os.path.join(workdir, "hf")
     export.export_model(policy, run.tokenizer, hf_dir, source_dir=policy_lib.model_dir(cfg))
     if distributed.is_main():
-      plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
+      if cfg.train.curves:
+        plot.plot_if_logged(workdir)  # none with train.steps=0 or metrics.jsonl removed
       if len(evals) > 1:
         print(eval_lib.describe_change(evals), file=sys.stderr)
   finally:

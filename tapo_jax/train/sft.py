@@ -145,5 +145,5 @@ def run(cfg, workdir: str) -> None:
     os.path.join(workdir, "hf"),
     source_dir=policy_lib.model_dir(cfg),
   )
-  if distributed.is_main():
+  if distributed.is_main() and cfg.train.curves:
     plot.plot_if_logged(workdir)  # WORKDIR/curves.png
