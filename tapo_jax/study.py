@@ -13,7 +13,9 @@ and an interrupted one resumes from its last checkpoint (the study resumes what 
 run in OUT that recorded another config (another profile or --set) stops the study before any
 run (exit 2), so one --out holds one study.
 --jobs=N runs N at a time; a run that fails is reported with its log and stops new launches (the
-running ones finish), and the study exits 1. The config must evaluate at the start and at the end
+running ones finish), and the study exits 1. Ctrl-C stops it: the running runs checkpoint after
+their current step (a second Ctrl-C stops them at once), the study exits 130, and the same
+command resumes them. The config must evaluate at the start and at the end
 (train.eval_at_start, train.eval_every dividing train.steps); configs/tiny.py does.
 
 Profiles (PROFILES; --seeds / --variants replace the profile's, --set adds to its overrides):
@@ -60,6 +62,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -260,6 +263,26 @@ def table(results: dict[str, dict[int, dict]]) -> str:
   for name, runs in results.items():
     cells = [_fmt([r.get(c) for r in runs.values()]) for c in COLUMNS]
     lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def runs_table(results: dict[str, dict[int, dict]]) -> str:
+  """A markdown table: one row per run, its held-out avg@k and greedy at every eval
+  (`before -> ... -> after`), its training seconds and its median seconds per step."""
+  lines = [
+    "| variant | seed | avg@k at the evals | greedy at the evals | train s | s / step |",
+    "|---|---|---|---|---|---|",
+  ]
+
+  def steps(curve, key):
+    return " → ".join("–" if c[key] is None else f"{c[key]:.3f}" for c in curve)
+
+  for name, runs in results.items():
+    for seed, r in sorted(runs.items()):
+      lines.append(
+        f"| {name} | {seed} | {steps(r['curve'], 'avg@k')} | {steps(r['curve'], 'greedy')} | "
+        f"{r['train s']:.0f} | {r['s / step']:.2f} |"
+      )
   return "\n".join(lines)
 
 
@@ -493,19 +516,33 @@ def load_config(config: str, overrides):
   return fv.config
 
 
+def device_count() -> int:
+  """The devices a run will see. Asked of a child Python unless JAX_PLATFORMS=cpu: this process
+  must not initialize an accelerator (on a TPU VM it would hold the chips its runs need)."""
+  if os.environ.get("JAX_PLATFORMS") == "cpu":
+    import jax
+
+    return jax.device_count()
+  code = "import jax; print(jax.device_count())"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+  if out.returncode != 0:
+    lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+    _fail(f"JAX does not start here: {lines[-1] if lines else f'exit {out.returncode}'}")
+  return int(out.stdout.split()[-1])
+
+
 def check_runs(a) -> None:
   """Every variant's config, validated as main validates it, and evaluated before and after
   training (else the study would train its first run and then stop); exits 2 naming the problem."""
-  import jax
-
   from tapo_jax import validate as validate_lib
 
   if not os.path.isfile(a.config):
     _fail(f"--config={a.config}: no such file")
+  devices = device_count()
   for variant in a.variants:
     try:
       cfg = load_config(a.config, run_overrides(a, variant))
-      validate_lib.validate(cfg, jax.device_count())
+      validate_lib.validate(cfg, devices)
     except (KeyError, AttributeError) as e:  # config_flags: an override of no key
       _fail(f"{variant}: unknown config key {str(e).strip(chr(34) + chr(39))!r} in --set")
     except Exception as e:  # noqa: BLE001 - a bad config file, --set or value: one line
@@ -583,12 +620,45 @@ class _Job:
 def run_missing(a, todo: list[tuple[str, int]]) -> list[str]:
   """Runs the (variant, seed) pairs of `todo` whose workdir has no final eval, `a.jobs` at a time,
   each `command` a subprocess writing to WORKDIR.log; returns one error line per failed run. After
-  a failure no new run starts; the running ones finish."""
+  a failure no new run starts; the running ones finish. Ctrl-C (KeyboardInterrupt, raised again
+  once they stopped) passes to the running runs: each checkpoints after its current step and
+  exits, and the same command resumes them; a second Ctrl-C stops them at once."""
   missing = [
     (v, s) for v, s in todo if run_summary(os.path.join(a.out, v, f"seed_{s}")) is None
   ]  # fmt: skip
   running: list[_Job] = []
   failures: list[str] = []
+  try:
+    _run_jobs(a, missing, running, failures)
+  except KeyboardInterrupt:
+    _interrupt(running)
+    raise
+  return failures
+
+
+def _interrupt(running: list[_Job]) -> None:
+  """Ctrl-C to every running run (each started in its own session, so a terminal's Ctrl-C
+  reached only the study); waits for them; a second Ctrl-C passes on as a second one."""
+  print(
+    f"study: Ctrl-C: {len(running)} running run(s) checkpoint after their current step "
+    "(Ctrl-C again to stop them now)",
+    file=sys.stderr,
+    flush=True,
+  )
+  for job in running:
+    job.proc.send_signal(signal.SIGINT)
+  for job in running:
+    try:
+      job.proc.wait()
+    except KeyboardInterrupt:
+      for other in running:
+        if other.proc.poll() is None:
+          other.proc.send_signal(signal.SIGINT)
+      job.proc.wait()
+    job.log.close()
+
+
+def _run_jobs(a, missing: list, running: list[_Job], failures: list[str]) -> None:
   started = 0
   while (missing and not failures) or running:
     while missing and not failures and len(running) < a.jobs:
@@ -603,7 +673,7 @@ def run_missing(a, todo: list[tuple[str, int]]) -> list[str]:
       )
       os.makedirs(os.path.dirname(workdir), exist_ok=True)
       log = open(f"{workdir}.log", "w")  # noqa: SIM115 - closed when the run ends
-      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+      proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
       running.append(_Job(variant, seed, workdir, proc, log, time.time()))
     time.sleep(0.2)
     for job in [j for j in running if j.proc.poll() is not None]:
@@ -623,7 +693,6 @@ def run_missing(a, todo: list[tuple[str, int]]) -> list[str]:
           f"{summary['avg@k after']:.3f}",
           flush=True,
         )
-  return failures
 
 
 def report(a, results: dict[str, dict[int, dict]]) -> str:
@@ -644,6 +713,8 @@ def report(a, results: dict[str, dict[int, dict]]) -> str:
       "the same way (a seed counts for fix_rate only where both runs wrote a correction after a "
       "wrong first pass):",
       paired_table(pairs, PAIRED[2:]),
+      "Every run (evals at the steps of the curve: " + ", ".join(_eval_steps(results)) + "):",
+      runs_table(results),
     ]
   )
   with open(os.path.join(a.out, "study.md"), "w") as f:
@@ -652,13 +723,24 @@ def report(a, results: dict[str, dict[int, dict]]) -> str:
   return text
 
 
+def _eval_steps(results: dict[str, dict[int, dict]]) -> list[str]:
+  return [str(s) for s in sorted({c["step"] for r in results.values() for x in r.values()
+                                    for c in x["curve"]})]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
   a = _flags(sys.argv[1:] if argv is None else argv)
   check_runs(a)
   os.makedirs(a.out, exist_ok=True)
   todo = [(v, s) for s in a.seeds for v in a.variants]  # variants side by side in time
   check_existing(a, todo)
-  failures = run_missing(a, todo)
+  try:
+    failures = run_missing(a, todo)
+  except KeyboardInterrupt:
+    print(
+      f"study: interrupted; the same command resumes it (runs so far in {a.out})", file=sys.stderr
+    )
+    return 130
   results: dict[str, dict[int, dict]] = {}
   for variant, seed in todo:
     summary = run_summary(os.path.join(a.out, variant, f"seed_{seed}"))

@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 
 import cli
 import numpy as np
@@ -91,11 +94,29 @@ def test_finished_runs_are_not_run_again(tmp_path, capsys):
   assert "study 1/" not in out  # nothing was launched
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary["runs"]) == {"grpo", "tapo-divergence"}
-  table, legend, paired, _, analyses = (tmp_path / "study.md").read_text().split("\n\n")
+  parts = (tmp_path / "study.md").read_text().strip().split("\n\n")
+  table, legend, paired, _, analyses, runs_legend, runs = parts
   assert table.count("\n") == 3 and "Paired with grpo" in legend
   assert analyses.splitlines()[2] == "| tapo-divergence | – | – | – | – | – |"  # none logged
   assert paired.splitlines()[2].startswith("| tapo-divergence | 0 | +0.000 (0: +0.000) |")
+  assert runs_legend == "Every run (evals at the steps of the curve: " + ", ".join(
+    str(c["step"]) for c in summary["runs"]["grpo"]["0"]["curve"]) + "):"  # fmt: skip
+  assert runs.splitlines()[2].startswith("| grpo | 0 | ")  # a row per run
+  assert len(runs.splitlines()) == 4
   assert (tmp_path / "study.png").exists()
+
+
+def test_the_device_count_is_asked_of_a_child_unless_on_cpu(monkeypatch, capsys):
+  """On a TPU VM the study's own process must not take the chips its runs need."""
+  monkeypatch.setenv("JAX_PLATFORMS", "")  # any platform: a child answers (8 CPU devices here)
+  assert study.device_count() == 8  # (the child inherits XLA_FLAGS; no TPU here: it falls back)
+  monkeypatch.setenv("JAX_PLATFORMS", "no-such-platform")
+  with pytest.raises(SystemExit) as e:
+    study.device_count()
+  err = capsys.readouterr().err.strip().splitlines()
+  assert (
+    e.value.code == 2 and len(err) == 1 and err[0].startswith("error: JAX does not start here: ")
+  )
 
 
 def test_bad_flags_exit_2(capsys):
@@ -319,15 +340,38 @@ def test_a_failed_run_names_its_log_exits_1_and_does_not_stop_the_other(
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path, monkeypatch, capsys):
   """--quick: real `python -m tapo_jax.main` runs (2 variants x 2 seeds x 2 steps, two at a time)
-  and the whole report; keeps the machinery working, concludes nothing."""
+  and the whole report; keeps the machinery working, concludes nothing. First `python -m
+  tapo_jax.study` itself, stopped by Ctrl-C once its first two runs train: they checkpoint, it
+  exits 130, and the same study resumes them."""
   import jax
 
   jax.device_count()  # this process's 8 devices initialized before XLA_FLAGS changes
   child = cli.env()  # the children on one device and without torch, like a user's
+  out = tmp_path / "study"
+  flags = ["--quick", f"--out={out}", "--jobs=2"]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "tapo_jax.study", *flags], cwd=cli.ROOT, env=child,
+    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  logs = [out / "grpo" / "seed_0.log", out / "tapo-divergence" / "seed_0.log"]
+  deadline = time.time() + 600
+  while not all(log.exists() and "train:" in log.read_text() for log in logs):
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(proc.communicate()[1][-3000:])
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+  assert "the same command resumes it" in err.splitlines()[-1]
+  for log in logs:  # (the runs are in sessions of their own: the study passed Ctrl-C on)
+    assert "checkpointed step" in log.read_text(), log.read_text()[-2000:]
+  assert not (out / "grpo" / "seed_1").exists()
+
   for key in ("XLA_FLAGS", "PYTHONPATH"):
     monkeypatch.setenv(key, child[key])
-  out = tmp_path / "study"
-  assert study.main(["--quick", f"--out={out}", "--jobs=2"]) == 0, capsys.readouterr().err
+  assert study.main(flags) == 0, capsys.readouterr().err
+  assert "resumed from" in (out / "grpo" / "seed_0.log").read_text()
   summary = json.loads((out / "summary.json").read_text())
   assert {v: sorted(r) for v, r in summary["runs"].items()} == {
     "grpo": ["0", "1"], "tapo-divergence": ["0", "1"]}  # fmt: skip
