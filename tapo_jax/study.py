@@ -578,7 +578,12 @@ def _flat(tree, prefix: str = "") -> dict:
 def check_existing(a, todo) -> None:
   """A run already in OUT (its WORKDIR/config.json, written by main) must have this study's
   config: a finished run is reused as is, and main resumes an unfinished one with a new step
-  budget or eval cadence without a word. Exits 2 naming the run and its changed keys."""
+  budget or eval cadence without a word. Exits 2 naming the run and its changed keys. A key the
+  run's config has not got (added to the code since) counts as its default value then, as a new
+  key's default keeps the old behaviour."""
+  from tapo_jax import config as config_lib
+
+  defaults = _flat(json.loads(json.dumps(config_lib.base_config().to_dict(), default=list)))
   for variant, seed in todo:
     workdir = os.path.join(a.out, variant, f"seed_{seed}")
     path = os.path.join(workdir, "config.json")
@@ -591,6 +596,9 @@ def check_existing(a, todo) -> None:
       _fail(f"{path}: unreadable ({e}); remove {workdir} to run it again")
     cfg = load_config(a.config, [f"seed={seed}", *run_overrides(a, variant)])
     expected = _flat(json.loads(json.dumps(cfg.to_dict(), default=list)))
+    for k in set(expected) - set(recorded):
+      if k in defaults:
+        recorded[k] = defaults[k]
     changed = [
       f"{k} {recorded.get(k)!r} -> {expected.get(k)!r}"
       for k in sorted(set(recorded) | set(expected))

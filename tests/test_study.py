@@ -405,3 +405,11 @@ def test_a_run_of_another_config_in_out_stops_the_study(tmp_path, fake_runs, cap
   assert err[0].startswith(f"error: {out / 'grpo' / 'seed_0'}: ran another config than this")
   assert "eval.k 4 -> 8" in err[0] and "use another --out" in err[0]
   assert not list(fake_runs.iterdir())
+  # a run from before a key existed: it ran with the key's default
+  older = cfg.to_dict()
+  del older["train"]["curves"]
+  (out / "grpo" / "seed_0" / "config.json").write_text(json.dumps({"config": older}))
+  assert study.main(flags) == 0 and not list(fake_runs.iterdir())
+  with pytest.raises(SystemExit) as e:
+    study.main([*flags, "--set=train.curves=False"])
+  assert "train.curves True -> False" in capsys.readouterr().err
