@@ -35,8 +35,9 @@ Report (OUT/study.md, OUT/summary.json, OUT/study.png):
   - per variant, mean ± sample std over seeds: held-out avg@k, greedy and pass@k before and after
     training, DSR / ERR, first-pass accuracy and the correction-fix rate (tapo_jax/eval/
     reflection.py), the construction statistics (DCS-eligible share, parse rate and accuracy per
-    attempted construction, anchored fraction), OPSD's divergence and agreement, and the compute
-    per step (median seconds, trained tokens per second);
+    attempted construction, the anchored prefix's share of the construction and of y⁻), OPSD's
+    divergence and agreement, and the compute per step (median seconds, trained tokens per
+    second); and one row per run: its eval curve, training seconds and seconds per step;
   - per variant, the paired difference to grpo on each seed (same seed: same checkpoint, data
     order and eval sampling seed) of held-out avg@k and greedy, d_s = v_s - grpo_s, and their mean
     with a 95% percentile bootstrap interval over seeds (scipy.stats.bootstrap, 9999 resamples;
@@ -147,6 +148,7 @@ COLUMNS = (
   "parse rate",
   "construction acc",
   "anchored fraction",
+  "kept fraction",
   "opsd divergence",
   "opsd agreement",
   "s / step",
@@ -234,7 +236,8 @@ def run_summary(workdir: str) -> dict | None:
     "construction acc": sum(per_step("tapo/constructions_correct")) / attempted
     if attempted
     else None,
-    "anchored fraction": _mean(per_step("tapo/anchored_fraction")),
+    "anchored fraction": _mean(per_step("tapo/anchored_fraction")),  # of the construction
+    "kept fraction": _mean(per_step("tapo/kept_fraction")),  # of y⁻ (policy: 0 when not built)
     "opsd divergence": _mean(per_step("opsd/divergence")),  # per distilled token, step mean
     "opsd agreement": _mean(per_step("opsd/agreement")),  # teacher/student top-1 tokens equal
     "s / step": statistics.median(per_step("time/step")),
