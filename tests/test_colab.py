@@ -87,7 +87,7 @@ def test_notebook_code_cells_run_against_the_checkout(tmp_path):
   script = PRELUDE + "\n".join(translate(c) for c in cells if not is_setup(c))
   (tmp_path / "configs").symlink_to(ROOT / "configs")  # the notebook runs from the repo root
   path = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-  env = cli.env(PYTHONPATH=str(ROOT), PATH=path)  # `python` is ours
+  env = cli.env(torch=True, PYTHONPATH=str(ROOT), PATH=path)  # `python` is ours; Colab has torch
   out = subprocess.run(
     [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
     timeout=900,
