@@ -12,6 +12,7 @@ import importlib.util
 import io
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -53,6 +54,14 @@ def env(devices: int = 1, *, torch: bool = False, **extra: str) -> dict:
   flags += [f"{count}={devices}"] if devices > 1 else []
   out["XLA_FLAGS"] = " ".join(flags)
   return out
+
+
+def ctrl_c_as_in_a_shell() -> None:
+  """Popen's preexec_fn: the child gets SIGINT unblocked and at its default (so Python installs
+  its KeyboardInterrupt handler), as a shell starts a foreground command. A test worker late in
+  the suite hands its children SIGINT blocked or ignored (tests/test_teachers.py)."""
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def command(workdir, *flags, config: str = CI) -> list[str]:
