@@ -12,7 +12,6 @@ import importlib.util
 import io
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -56,12 +55,16 @@ def env(devices: int = 1, *, torch: bool = False, **extra: str) -> dict:
   return out
 
 
-def ctrl_c_as_in_a_shell() -> None:
-  """Popen's preexec_fn: the child gets SIGINT unblocked and at its default (so Python installs
-  its KeyboardInterrupt handler), as a shell starts a foreground command. A test worker late in
-  the suite hands its children SIGINT blocked or ignored (tests/test_teachers.py)."""
-  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+def with_ctrl_c(module: str, *args: str) -> list[str]:
+  """`python -m MODULE ARGS` with Ctrl-C set up as a shell starts a foreground command: SIGINT
+  unblocked and Python's KeyboardInterrupt handler. A test worker late in the suite hands its
+  children SIGINT blocked or ignored (tests/test_teachers.py), and Python keeps an ignored one."""
+  code = (
+    "import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    f"sys.argv = [{module!r}, *sys.argv[1:]]; runpy.run_module({module!r}, run_name='__main__')"
+  )
+  return [sys.executable, "-c", code, *args]
 
 
 def command(workdir, *flags, config: str = CI) -> list[str]:

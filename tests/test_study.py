@@ -350,9 +350,8 @@ def test_quick_study_end_to_end(tmp_path, monkeypatch, capsys):
   out = tmp_path / "study"
   flags = ["--quick", f"--out={out}", "--jobs=2"]
   proc = subprocess.Popen(
-    [sys.executable, "-m", "tapo_jax.study", *flags], cwd=cli.ROOT, env=child,
+    cli.with_ctrl_c("tapo_jax.study", *flags), cwd=cli.ROOT, env=child,
     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    preexec_fn=cli.ctrl_c_as_in_a_shell,
   )  # fmt: skip
   logs = [out / "grpo" / "seed_0.log", out / "tapo-divergence" / "seed_0.log"]
   deadline = time.time() + 600
