@@ -586,7 +586,7 @@ def check_existing(a, todo) -> None:
   key's default keeps the old behaviour."""
   from tapo_jax import config as config_lib
 
-  defaults = _flat(json.loads(json.dumps(config_lib.base_config().to_dict(), default=list)))
+  defaults = _flat(config_lib.base_config().to_dict())
   for variant, seed in todo:
     workdir = os.path.join(a.out, variant, f"seed_{seed}")
     path = os.path.join(workdir, "config.json")
@@ -598,7 +598,7 @@ def check_existing(a, todo) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
       _fail(f"{path}: unreadable ({e}); remove {workdir} to run it again")
     cfg = load_config(a.config, [f"seed={seed}", *run_overrides(a, variant)])
-    expected = _flat(json.loads(json.dumps(cfg.to_dict(), default=list)))
+    expected = _flat(cfg.to_dict())  # (_flat reads every value back as JSON)
     for k in set(expected) - set(recorded):
       if k in defaults:
         recorded[k] = defaults[k]
